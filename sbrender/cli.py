@@ -1,0 +1,295 @@
+"""The command line: parse options, call the core, print the result.
+
+Only ``run`` imports torch and diffusers (lazily); every other command stays
+light, because Django hosts and shells call them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import yaml
+
+from . import __version__, samplers
+from .client import Client, WaitTimeout, validate_file
+from .config import SETTINGS, Settings, load_settings
+from .errors import ConfigError, JobError, SbrenderError
+from .jobs import BadJob, Job, Rules
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_FAILED = 1  # a job failed, a file is invalid, something is not found
+EXIT_CONFIG = 2  # bad configuration or usage (click uses 2 for usage too)
+
+
+def folder_options(func: F) -> F:
+    """``--config``, ``--inbox``, ``--outbox`` and ``--state``, for every command."""
+    options = [
+        click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                     help="Config file (default: $SBRENDER_CONFIG, else ./config/sbrender.yaml if present)."),
+        click.option("--inbox", type=click.Path(file_okay=False), help="Inbox folder [SBRENDER_INBOX]."),
+        click.option("--outbox", type=click.Path(file_okay=False), help="Outbox folder [SBRENDER_OUTBOX]."),
+        click.option("--state", type=click.Path(file_okay=False), help="State folder [SBRENDER_STATE]."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _settings(config_file: str | None, **flags: Any) -> Settings:
+    try:
+        return load_settings(config_file, overrides=flags)
+    except ConfigError as err:
+        _fail(str(err), EXIT_CONFIG)
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> Any:
+    click.echo(f"sbrender: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _errors_exit(func: F) -> F:
+    """Turn our errors into a one-line message and an exit status, not a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ConfigError as err:
+            _fail(str(err), EXIT_CONFIG)
+        except SbrenderError as err:
+            _fail(str(err))
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="sbrender")
+def main() -> None:
+    """sbrender: a Stable Diffusion batch renderer fed by a spool folder.
+
+    Drop YAML/JSON job files into the inbox (or use `sbrender submit`); the
+    daemon (`sbrender run`) renders them in order and publishes PNGs and a
+    <id>.json result to the outbox.
+    """
+
+
+@main.command()
+@folder_options
+@click.option("--model", help="HF repo id, diffusers folder, or 'tiny-random' (random weights: noise, "
+                              "for tests) [SBRENDER_MODEL].")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu", "mps"]), help="[SBRENDER_DEVICE]")
+@click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]), help="[SBRENDER_DTYPE]")
+@click.option("--offline/--online", default=None, help="Load only local files [SBRENDER_OFFLINE].")
+@click.option("--watch", "watch_mode", type=click.Choice(["auto", "inotify", "polling"]),
+              help="How to notice new files [SBRENDER_WATCH_MODE].")
+@click.option("--log-format", type=click.Choice(["auto", "console", "json"]), help="[SBRENDER_LOG_FORMAT]")
+@click.option("--once", is_flag=True, help="Render what is in the inbox, then exit.")
+@_errors_exit
+def run(config_file: str | None, once: bool, **flags: Any) -> None:
+    """Run the daemon in the foreground (what systemd starts)."""
+    keys = {"watch_mode": "watch.mode", "log_format": "log.format"}
+    settings = _settings(config_file, **{keys.get(k, k): v for k, v in flags.items()})
+    from . import logs
+
+    logs.configure(settings["log.format"], settings["log.level"])
+    from .daemon import Daemon
+    from .pipeline import DiffusersRenderer
+
+    sys.exit(Daemon(settings, DiffusersRenderer(settings)).run(once=once))
+
+
+def _parse_size(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        width, height = (int(part) for part in value.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not WIDTHxHEIGHT, e.g. 512x512") from None
+    return width, height
+
+
+def _parse_meta(items: tuple[str, ...]) -> dict[str, str] | None:
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE")
+        out[key] = value
+    return out
+
+
+@main.command()
+@folder_options
+@click.argument("prompt")
+@click.option("--negative", help="Negative prompt.")
+@click.option("--steps", type=int, help="Denoising steps.")
+@click.option("--guidance", type=float, help="CFG scale.")
+@click.option("--size", help="WIDTHxHEIGHT, multiples of 8, e.g. 512x512.")
+@click.option("--seed", type=int, help="Seed (default: random, recorded in the result).")
+@click.option("--count", type=int, help="Images for this job (seeds seed, seed+1, ...).")
+@click.option("--sampler", help=f"Sampler, e.g. {', '.join(samplers.names()[:4])} ...")
+@click.option("--priority", type=int, help="Higher renders first (default 0).")
+@click.option("--id", "job_id", help="Job id (default: a new unique one).")
+@click.option("--meta", multiple=True, metavar="KEY=VALUE", help="Add to the job's metadata (repeatable).")
+@click.option("--wait", is_flag=True, help="Wait for the result and print the image paths.")
+@click.option("--timeout", type=float, help="With --wait: give up after this many seconds (exit 3).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@_errors_exit
+def submit(config_file: str | None, inbox: str | None, outbox: str | None, state: str | None, prompt: str,
+           negative: str | None, steps: int | None, guidance: float | None, size: str | None, seed: int | None,
+           count: int | None, sampler: str | None, priority: int | None, job_id: str | None,
+           meta: tuple[str, ...], wait: bool, timeout: float | None, as_json: bool) -> None:
+    """Queue PROMPT as a job and print its id."""
+    settings = _settings(config_file, inbox=inbox, outbox=outbox, state=state)
+    client = Client.from_settings(settings)
+    width, height = _parse_size(size) or (None, None)
+    try:
+        job_id = client.submit(prompt, job_id=job_id, negative_prompt=negative, steps=steps,
+                               guidance_scale=guidance, width=width, height=height, seed=seed, count=count,
+                               sampler=sampler, priority=priority, metadata=_parse_meta(meta))
+    except JobError as err:
+        _fail(f"job not submitted: {err}")
+    if not wait:
+        click.echo(json.dumps({"id": job_id}) if as_json else job_id)
+        return
+    try:
+        result = client.wait(job_id, timeout=timeout)
+    except WaitTimeout as err:
+        _fail(str(err), 3)
+    _print_result(client, result, as_json)
+
+
+def _print_result(client: Client, result: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    elif result.get("status") == "succeeded":
+        for path in client.image_paths(result):
+            click.echo(str(path))
+    if result.get("status") != "succeeded":
+        if not as_json:
+            click.echo(f"{result.get('id')}: failed: {(result.get('error') or {}).get('message')}", err=True)
+        sys.exit(EXIT_FAILED)
+
+
+@main.command()
+@folder_options
+@click.argument("job_id")
+@click.option("--timeout", type=float, help="Give up after this many seconds (exit 3).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result JSON.")
+@_errors_exit
+def wait(config_file: str | None, inbox: str | None, outbox: str | None, state: str | None, job_id: str,
+         timeout: float | None, as_json: bool) -> None:
+    """Wait for JOB_ID to finish; print its image paths (exit 1 if it failed)."""
+    client = Client.from_settings(_settings(config_file, inbox=inbox, outbox=outbox, state=state))
+    if client.result(job_id) is None and not client.is_known(job_id):
+        _fail(f"no job {job_id} in the inbox, the work folder or the outbox")
+    try:
+        result = client.wait(job_id, timeout=timeout)
+    except WaitTimeout as err:
+        _fail(str(err), 3)
+    _print_result(client, result, as_json)
+
+
+def _age(since: float) -> str:
+    seconds = max(0, int(time.time() - since))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+@main.command()
+@folder_options
+@click.option("--only", type=click.Choice(["pending", "running", "succeeded", "failed"]),
+              help="Show only jobs in this state.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@_errors_exit
+def jobs(config_file: str | None, inbox: str | None, outbox: str | None, state: str | None, only: str | None,
+         as_json: bool) -> None:
+    """List jobs: pending, running, succeeded and failed."""
+    client = Client.from_settings(_settings(config_file, inbox=inbox, outbox=outbox, state=state))
+    listed = [j for j in client.jobs() if only is None or j.state == only]
+    if as_json:
+        click.echo(json.dumps([j.to_dict() for j in listed], indent=2))
+        return
+    if not listed:
+        click.echo("no jobs")
+        return
+    width = max(len(j.id) for j in listed)
+    click.echo(f"{'ID':<{width}}  {'STATE':<9}  {'AGE':>4}  PROMPT")
+    for j in listed:
+        text = j.prompt if j.state != "failed" else f"{j.prompt}  [{j.error}]"
+        click.echo(f"{j.id:<{width}}  {j.state:<9}  {_age(j.since):>4}  {text[:80]}")
+
+
+@main.command()
+@folder_options
+@click.argument("job_id")
+@_errors_exit
+def show(config_file: str | None, inbox: str | None, outbox: str | None, state: str | None, job_id: str) -> None:
+    """Print JOB_ID's result JSON, or the pending job."""
+    client = Client.from_settings(_settings(config_file, inbox=inbox, outbox=outbox, state=state))
+    found = client.show(job_id)
+    if found is None:
+        _fail(f"no job {job_id} in the inbox, the work folder or the outbox")
+    click.echo(json.dumps(found, indent=2, ensure_ascii=False))
+
+
+@main.command()
+@folder_options
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@_errors_exit
+def validate(config_file: str | None, inbox: str | None, outbox: str | None, state: str | None,
+             files: tuple[str, ...], as_json: bool) -> None:
+    """Check job FILES as the daemon would, without submitting them."""
+    rules = Rules.from_settings(_settings(config_file, inbox=inbox, outbox=outbox, state=state))
+    report = []
+    for name in files:
+        for entry in validate_file(Path(name), rules):
+            ok = isinstance(entry, Job)
+            report.append({"file": name, "id": entry.id, "valid": ok,
+                           **({"params": entry.params()} if ok else {"error": entry.error.to_dict()})})
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for item in report:
+            mark = "ok" if item["valid"] else f"invalid: {item['error']['message']}"
+            click.echo(f"{item['file']}: {item['id']}: {mark}")
+    if not all(item["valid"] for item in report):
+        sys.exit(EXIT_FAILED)
+
+
+@main.command("config")
+@folder_options
+@click.option("--model", help="As for `run`.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--sources", is_flag=True, help="Show where each value comes from.")
+@_errors_exit
+def show_config(config_file: str | None, as_json: bool, sources: bool, **flags: Any) -> None:
+    """Print the effective configuration."""
+    settings = _settings(config_file, **flags)
+    if as_json:
+        click.echo(json.dumps({"config_file": str(settings.config_file) if settings.config_file else None,
+                               "settings": settings.nested(), "sources": dict(settings.sources)}, indent=2))
+        return
+    click.echo(f"# config file: {settings.config_file or 'none (built-in defaults)'}")
+    if sources:
+        for s in SETTINGS:
+            click.echo(f"{s.key} = {settings[s.key]!r}  # {settings.sources[s.key]}")
+    else:
+        click.echo(yaml.safe_dump(settings.nested(), sort_keys=False, allow_unicode=True), nl=False)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,230 @@
+"""A torch-free client of the spool contract, for the CLI, Django and scripts.
+
+    from sbrender.client import Client
+    client = Client("/srv/spool/inbox", "/srv/spool/outbox", "/srv/spool/state")
+    job_id = client.submit("a cat on a mat", steps=20, metadata={"row": 42})
+    result = client.wait(job_id, timeout=300)   # the outbox JSON, as a dict
+
+``submit`` validates the job with the daemon's rules, then writes it
+atomically (a hidden temp file in the inbox, fsync, rename), so it works from
+any process that can write the inbox.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import ids
+from .errors import JobError, SbrenderError
+from .jobfile import read_bytes
+from .jobs import BadJob, Entry, Job, Rules, build_job, parse_job_bytes
+from .outputs import fsync_dir, read_json
+
+PENDING, RUNNING, SUCCEEDED, FAILED = "pending", "running", "succeeded", "failed"
+
+
+class WaitTimeout(SbrenderError):
+    """``wait`` gave up before the result appeared."""
+
+    kind = "timeout"
+
+
+@dataclass(frozen=True)
+class JobState:
+    """A job as ``sbrender jobs`` shows it."""
+
+    id: str
+    state: str
+    prompt: str
+    since: float  # when it was queued (pending, running) or finished
+    file: str = ""
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "state": self.state, "prompt": self.prompt, "since": self.since,
+                "file": self.file, "error": self.error}
+
+
+class Client:
+    """The spool's three folders, and what a producer or consumer does with them."""
+
+    def __init__(self, inbox: str | os.PathLike[str], outbox: str | os.PathLike[str],
+                 state: str | os.PathLike[str] | None = None, rules: Rules | None = None) -> None:
+        self.inbox = Path(inbox)
+        self.outbox = Path(outbox)
+        self.state = Path(state) if state is not None else self.inbox.parent / "state"
+        self.rules = rules or Rules()
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Client:
+        return cls(settings.inbox, settings.outbox, settings.state, Rules.from_settings(settings))
+
+    # --- producing ---------------------------------------------------------------------
+
+    def submit(self, prompt: str | None = None, *, job_id: str | None = None, **fields: Any) -> str:
+        """Validate and enqueue one job; returns its id. Raises ``JobError``."""
+        job = {k: v for k, v in fields.items() if v is not None}
+        if prompt is not None:
+            job["prompt"] = prompt
+        if job_id is None:
+            job_id = ids.new_id()
+        problem = ids.id_problem(job_id)
+        if problem:
+            raise JobError(f"bad job id {job_id!r}: {problem}")
+        build_job(job_id, job, self.rules)  # the daemon's own checks, before anything is written
+        if self.is_known(job_id):
+            raise JobError(f"job id {job_id} is already in use", hint="choose another id")
+        if not self.inbox.is_dir():
+            raise SbrenderError(f"inbox {self.inbox} does not exist",
+                                hint="start the daemon once or create the folder")
+        data = (json.dumps(job, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        temp = self.inbox / f".{job_id}.{secrets.token_hex(4)}.json.tmp"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temp, self.inbox / f"{job_id}.json")
+        fsync_dir(self.inbox)
+        return job_id
+
+    def is_known(self, job_id: str) -> bool:
+        """Whether an id is pending, claimed or finished."""
+        if (self.outbox / f"{job_id}.json").exists():
+            return True
+        return any((folder / f"{job_id}{suffix}").exists()
+                   for folder in (self.inbox, self.state / "work") for suffix in ids.JOB_SUFFIXES)
+
+    # --- consuming ---------------------------------------------------------------------
+
+    def result(self, job_id: str) -> dict[str, Any] | None:
+        """The finished job's outbox JSON, or None while it is not finished."""
+        return read_json(self.outbox / f"{job_id}.json")
+
+    def image_paths(self, result: Mapping[str, Any]) -> list[Path]:
+        return [self.outbox / image["file"] for image in result.get("images", [])]
+
+    def wait(self, job_id: str, timeout: float | None = None, poll_s: float = 0.1) -> dict[str, Any]:
+        """Block until the job's result exists; raises ``WaitTimeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            result = self.result(job_id)
+            if result is not None:
+                return result
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeout(f"job {job_id} has no result after {timeout:g} s",
+                                  hint="is the daemon running? see `sbrender jobs`")
+            time.sleep(poll_s)
+
+    def daemon(self) -> dict[str, Any] | None:
+        """The daemon's status file (``state/daemon.json``), if any."""
+        return read_json(self.state / "daemon.json")
+
+    def status(self, job_id: str) -> JobState | None:
+        for job in self.jobs():
+            if job.id == job_id:
+                return job
+        return None
+
+    def jobs(self) -> list[JobState]:
+        """Every job the spool knows: pending, running, then finished, oldest first."""
+        daemon = self.daemon() or {}
+        current = (daemon.get("current") or {}).get("job") if daemon.get("state") == "rendering" else None
+        seen: set[str] = set()
+        out: list[JobState] = []
+        for folder in (self.state / "work", self.inbox):
+            for path, mtime, entries in _job_files(folder, self.rules):
+                for entry in entries:
+                    if entry.id in seen or (self.outbox / f"{entry.id}.json").exists():
+                        continue
+                    seen.add(entry.id)
+                    state = RUNNING if entry.id == current else PENDING
+                    prompt = entry.prompt if isinstance(entry, Job) else ""
+                    error = str(entry.error) if isinstance(entry, BadJob) else None
+                    out.append(JobState(entry.id, state, prompt, mtime, path.name, error))
+        for path in _scandir(self.outbox, ".json"):
+            result = read_json(path)
+            if result is None or "status" not in result:
+                continue
+            out.append(JobState(str(result.get("id", path.stem)), str(result["status"]),
+                                str(result.get("params", {}).get("prompt", "")),
+                                _parse_time(result.get("timings", {}).get("finished_at")) or path.stat().st_mtime,
+                                str(result.get("input", {}).get("file", "")),
+                                (result.get("error") or {}).get("message")))
+        order = {RUNNING: 0, PENDING: 1}
+        out.sort(key=lambda j: (order.get(j.state, 2), j.since, j.id))
+        return out
+
+    def show(self, job_id: str) -> dict[str, Any] | None:
+        """The result JSON, or for a job not finished yet its state and parameters."""
+        result = self.result(job_id)
+        if result is not None:
+            return result
+        for folder in (self.state / "work", self.inbox):
+            for path, _, entries in _job_files(folder, self.rules):
+                for entry in entries:
+                    if entry.id == job_id:
+                        state = self.status(job_id)
+                        out: dict[str, Any] = {"id": job_id, "status": state.state if state else PENDING,
+                                               "file": str(path)}
+                        if isinstance(entry, Job):
+                            out["params"] = entry.params()
+                            out["metadata"] = entry.metadata
+                        else:
+                            out["error"] = entry.error.to_dict()
+                        return out
+        return None
+
+
+def validate_file(path: Path, rules: Rules) -> list[Entry]:
+    """The entries a job file would yield, checked exactly as the daemon checks them."""
+    try:
+        data = read_bytes(path, rules.max_file_bytes)
+    except SbrenderError as err:
+        return [BadJob(ids.stem(path.name), err if isinstance(err, JobError) else JobError(str(err)), 0, path.name)]
+    return parse_job_bytes(path.name, data, rules)
+
+
+def _scandir(folder: Path, suffix: str) -> Iterator[Path]:
+    try:
+        with os.scandir(folder) as it:
+            for entry in it:
+                if entry.name.endswith(suffix) and not entry.name.startswith("."):
+                    yield Path(entry.path)
+    except FileNotFoundError:
+        return
+
+
+def _job_files(folder: Path, rules: Rules) -> Iterator[tuple[Path, float, list[Entry]]]:
+    try:
+        names = sorted(os.listdir(folder))
+    except FileNotFoundError:
+        return
+    for name in names:
+        if not ids.is_job_file_name(name):
+            continue
+        path = folder / name
+        try:
+            mtime = os.lstat(path).st_mtime
+        except FileNotFoundError:
+            continue
+        yield path, mtime, validate_file(path, rules)
+
+
+def _parse_time(text: Any) -> float | None:
+    if not isinstance(text, str):
+        return None
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None

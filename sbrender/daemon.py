@@ -1,0 +1,288 @@
+"""The daemon loop: watch, pick, claim, render, publish, archive.
+
+Start-up order matters: load the model (a bad model stops the start), recover
+files left claimed by a previous run, start the observer, *then* scan the
+inbox (watch-then-list, so no file is missed; the queue removes duplicates).
+Signals only set a flag; a render in progress stops at its next denoising step
+and its file goes back to the inbox to be rendered again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
+
+import structlog
+
+from . import results
+from .config import Settings
+from .errors import DuplicateJobError, RenderError, SbrenderError, ShutdownRequested, SpoolError
+from .jobs import SEED_MAX, BadJob, Entry, Job, Rules
+from .outputs import encode_png, infotext, publish_images, read_json, write_json
+from .queue import Candidate, JobQueue, Pick
+from .renderer import Renderer
+from .spool import FileInfo, Spool, hostname
+from .watcher import InboxWatcher
+
+log = structlog.get_logger("sbrender")
+
+STATUS_INTERVAL_S = 1.0
+
+
+class Daemon:
+    """One renderer, one spool, one loop."""
+
+    def __init__(self, settings: Settings, renderer: Renderer) -> None:
+        self.settings = settings
+        self.renderer = renderer
+        self.spool = Spool(settings.inbox, settings.outbox, settings.state)
+        self.rules = Rules.from_settings(settings)
+        self.wake = threading.Event()
+        self.should_exit = threading.Event()
+        self.watcher = InboxWatcher(settings.inbox, settings["watch.mode"], self.wake)
+        self.queue = JobQueue(self.spool, self.rules, settings["watch.settle_seconds"], self.watcher.hint)
+        self.counts = {results.SUCCEEDED: 0, results.FAILED: 0}
+        self.description: dict[str, Any] = {}
+        self.model_load_s = 0.0
+        self.started_at = time.time()
+        self._status: dict[str, Any] = {}
+        self._status_written = 0.0
+        self._signals = 0
+
+    # --- life cycle ------------------------------------------------------------------
+
+    def run(self, once: bool = False) -> int:
+        """Serve until stopped (or, with ``once``, until the inbox is empty). Returns
+        the exit status; raises ``SbrenderError`` when it cannot start."""
+        with self._signal_handlers():
+            self.spool.prepare()
+            self._set_status("loading", force=True)
+            log.info("loading model", model=self.settings.model, device=self.settings["device"])
+            self.model_load_s = self.renderer.load()
+            self.description = self.renderer.describe()
+            log.info("model loaded", seconds=round(self.model_load_s, 3), **_flat(self.description))
+            for path in self.spool.remove_stale_temps():
+                log.info("removed stale temp file", file=str(path))
+            for info in self.spool.claimed_files():
+                log.info("recovering claimed file", file=info.name)
+                self.queue.add_claimed(info)
+            self.watcher.start()
+            self.queue.full_scan()
+            log.info("ready", inbox=str(self.spool.inbox), outbox=str(self.spool.outbox),
+                     watch=self.watcher.strategy, queued=len(self.queue))
+            try:
+                self._loop(once)
+            finally:
+                self.watcher.stop()
+                self._set_status("stopped", force=True)
+                log.info("stopped", **self.counts)
+        return 0
+
+    def _loop(self, once: bool) -> None:
+        rescan_s = self.settings["watch.rescan_seconds"]
+        next_scan = time.monotonic() + rescan_s
+        while not self.should_exit.is_set():
+            self.wake.clear()
+            if not self.watcher.alive():
+                log.error("watcher thread died; restarting it and rescanning")
+                self.watcher.restart()
+                next_scan = 0.0
+            now = time.monotonic()
+            if now >= next_scan:
+                self.queue.full_scan()
+                next_scan = now + rescan_s
+            else:
+                self.queue.refresh(self.watcher.drain())
+            pick = self.queue.pop()
+            if pick is not None:
+                self._process(pick)
+                continue
+            if once and not self.queue.waiting:
+                return
+            self._set_status("idle")
+            timeout = next_scan - time.monotonic()
+            if self.queue.waiting:
+                timeout = min(timeout, 0.1)
+            self.wake.wait(max(timeout, 0.0))
+
+    def stop(self) -> None:
+        self.should_exit.set()
+        self.wake.set()
+
+    @contextmanager
+    def _signal_handlers(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals += 1
+        if self._signals > 1:
+            # A second signal means now: a claimed file is recovered at the next start.
+            os._exit(128 + signum)
+        log.info("stopping", signal=signal.Signals(signum).name)
+        self._set_status("stopping", force=True)
+        self.stop()
+
+    # --- one job ---------------------------------------------------------------------
+
+    def _process(self, pick: Pick) -> None:
+        cand, entry = pick.candidate, pick.entry
+        picked = time.time()
+        if not cand.claimed:
+            try:
+                path = self.spool.claim(cand.name)
+            except SpoolError as err:
+                log.warning("cannot claim file yet", file=cand.name, reason=str(err))
+                return
+            info = FileInfo.of(path) if path is not None else None
+            if info is None:
+                self.queue.drop(cand)  # taken away before we got to it
+                return
+            if not self.queue.reload_claimed(cand, info):
+                log.info("file changed before it was claimed; read again", file=cand.name)
+                return
+        with structlog.contextvars.bound_contextvars(job_id=entry.id):
+            try:
+                ok = self._run_entry(cand, entry, picked)
+            except ShutdownRequested:
+                self.spool.unclaim(cand.path)
+                self.queue.drop(cand)
+                log.info("render interrupted; file returned to the inbox", file=cand.name)
+                return
+        if self.queue.finish(cand, entry, ok):
+            archived = self.spool.archive(cand.path, ok=not cand.any_failed)
+            self.queue.drop(cand)
+            log.debug("input archived", file=str(archived))
+
+    def _run_entry(self, cand: Candidate, entry: Entry, picked: float) -> bool:
+        index = next(i for i, e in enumerate(cand.entries) if e is entry)
+        input_rec = results.input_record(cand.name, cand.data, cand.info.claim_token, index, len(cand.entries))
+        result_id, entry = self._result_id(cand, entry)
+        if result_id is None:
+            return True  # published by an earlier run of this very file (a restart after a crash)
+        started = time.time()
+        queued = cand.info.mtime_ns / 1e9
+        try:
+            if isinstance(entry, BadJob):
+                raise entry.error
+            result = self._render(entry, input_rec, queued, picked, started)
+        except ShutdownRequested:
+            raise
+        except SbrenderError as err:
+            result = self._failure(entry, err, input_rec, queued, started, result_id)
+        except Exception as err:  # noqa: BLE001 - a bug must fail one job, not the daemon
+            log.exception("unexpected error while rendering")
+            error = RenderError(f"unexpected {type(err).__name__}: {err}",
+                                hint="this is a bug in sbrender or a library; please report it")
+            result = self._failure(entry, error, input_rec, queued, started, result_id)
+        try:
+            write_json(self.spool.outbox, f"{result_id}.json", result)
+        except SpoolError as err:
+            log.error("cannot publish result", error=str(err))
+            return False
+        ok = result["status"] == results.SUCCEEDED
+        self.counts[result["status"]] += 1
+        t = result["timings"]
+        error = {"error": result["error"]["message"]} if "error" in result else {}
+        log.info("job finished", status=result["status"], file=cand.name, images=len(result["images"]),
+                 **error, **{k: v for k, v in t.items() if k.endswith("_s")})
+        return ok
+
+    def _result_id(self, cand: Candidate, entry: Entry) -> tuple[str | None, Entry]:
+        """Where this entry's result goes: its own id, or, when that id already has
+        a result from another file, a failure under ``<id>.dupN``. None when this
+        file's own result is already there."""
+        token = cand.info.claim_token
+        existing = read_json(self.spool.result_path(entry.id))
+        if existing is None:
+            return entry.id, entry
+        if existing.get("input", {}).get("claim") == token:
+            return None, entry
+        n = 1
+        while True:
+            dup_id = f"{entry.id}.dup{n}"
+            other = read_json(self.spool.result_path(dup_id))
+            if other is None:
+                break
+            if other.get("input", {}).get("claim") == token:
+                return None, entry
+            n += 1
+        error = DuplicateJobError(f"job id {entry.id} already has a result from {existing.get('input', {}).get('file', 'another file')}; "
+                                  "ids are never reused", hint="submit it again under a new id (rename the file)")
+        return dup_id, BadJob(entry.id, error, entry.priority, cand.name)
+
+    def _render(self, job: Job, input_rec: dict[str, Any], queued: float, picked: float,
+                started: float) -> dict[str, Any]:
+        base = job.seed if job.seed is not None else secrets.randbelow(SEED_MAX - job.count + 2)
+        seeds = [base + k for k in range(job.count)]
+        self._set_status("rendering", job=job.id, step=0, steps=job.steps, force=True)
+        out = self.renderer.render(job, seeds, on_step=lambda i, n: self._on_step(job.id, i, n))
+        write_start = time.perf_counter()
+        params = {**job.params(), "seed": base}
+        model_name = self.description.get("model", {}).get("name", "")
+        record = json.dumps({"id": job.id, **params, "model": model_name, "metadata": job.metadata})
+        pngs = []
+        for image, seed in zip(out.images, out.seeds):
+            text = {"parameters": infotext(params, seed, model_name), "sbrender": record}
+            pngs.append((encode_png(image, text), seed, image.width, image.height))
+        images = [p.to_dict() for p in publish_images(self.spool.outbox, job.id, pngs)]
+        finished = time.time()
+        parts = {"load_s": started - picked + out.timings.get("prepare_s", 0.0),
+                 "inference_s": out.timings.get("inference_s", 0.0),
+                 "write_s": time.perf_counter() - write_start,
+                 "model_load_s": self.model_load_s}
+        params_job = Job(**{**job.__dict__, "seed": base})
+        return results.succeeded(params_job, input=input_rec, images=images, sampler=out.scheduler,
+                                 renderer=self.description, times=results.timings(queued, started, finished, parts))
+
+    def _failure(self, entry: Entry, err: SbrenderError, input_rec: dict[str, Any], queued: float,
+                 started: float, result_id: str) -> dict[str, Any]:
+        times = results.timings(queued, started, time.time(), {})
+        return results.failed(entry, err, input=input_rec, renderer=self.description, times=times,
+                              job_id=result_id)
+
+    # --- status ------------------------------------------------------------------------
+
+    def _on_step(self, job_id: str, step: int, steps: int) -> bool:
+        self._set_status("rendering", job=job_id, step=step, steps=steps)
+        return self.should_exit.is_set()
+
+    def _set_status(self, state: str, *, force: bool = False, **current: Any) -> None:
+        """Keep ``state/daemon.json`` current: on every change of state, else at most
+        once a second."""
+        now = time.time()
+        changed = state != self._status.get("state") or current.get("job") != (self._status.get("current") or {}).get("job")
+        if not (force or changed or now - self._status_written >= STATUS_INTERVAL_S):
+            return
+        self._status = {
+            "pid": os.getpid(), "host": hostname(), "state": state, "model": self.settings.model,
+            "device": self.description.get("device"), "started_at": results.iso(self.started_at),
+            "heartbeat": results.iso(now), "current": current or None, "queued": len(self.queue),
+            "succeeded": self.counts[results.SUCCEEDED], "failed": self.counts[results.FAILED],
+        }
+        try:
+            write_json(self.spool.state, self.spool.status_path.name, self._status)
+            self._status_written = now
+        except SpoolError as err:
+            log.warning("cannot write status file", error=str(err))
+
+
+def _flat(description: dict[str, Any]) -> dict[str, Any]:
+    model = description.get("model", {})
+    return {"model": model.get("name"), "source": model.get("source"), "random_weights": model.get("random_weights"),
+            "device": description.get("device"), "dtype": description.get("dtype")}

@@ -1,0 +1,84 @@
+"""One root for every error sbrender raises on purpose.
+
+Each error knows how to describe itself for a person (``str``) and for a
+result file (``to_dict``). A request to stop is not an error: ``ShutdownRequested``
+derives from ``BaseException`` so that ``except Exception`` never swallows it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SbrenderError(Exception):
+    """Root of sbrender's errors; ``str(err)`` is a message a person can act on."""
+
+    kind = "error"
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.kind, "message": str(self)}
+        return out
+
+
+class ConfigError(SbrenderError):
+    """The configuration (file, environment or flags) holds a bad value."""
+
+    kind = "config"
+
+
+class JobError(SbrenderError):
+    """A job file or one of its jobs is not valid; the job fails, the daemon goes on."""
+
+    kind = "invalid_job"
+
+    def __init__(self, message: str, *, field: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.field = field
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if self.field is not None:
+            out["field"] = self.field
+        return out
+
+
+class DuplicateJobError(JobError):
+    """A job id that already has a result; ids are never silently reused."""
+
+    kind = "duplicate_id"
+
+
+class UnsafeFileError(JobError):
+    """A job file that is not a plain regular file (symlink, FIFO, hard link, too large)."""
+
+    kind = "unsafe_file"
+
+
+class RenderError(SbrenderError):
+    """The renderer failed on a job (bad model output, a library exception)."""
+
+    kind = "render"
+
+
+class ModelError(SbrenderError):
+    """The model cannot be found or loaded; the daemon does not start."""
+
+    kind = "model"
+
+
+class SpoolError(SbrenderError):
+    """The spool folders are missing, unwritable or inconsistent."""
+
+    kind = "spool"
+
+
+class ShutdownRequested(BaseException):
+    """Raised inside a render to stop it; deliberately not an ``Exception``."""

@@ -1,0 +1,334 @@
+"""The job schema: what a job file may say, checked field by field.
+
+One table, ``FIELDS``, drives validation, the error messages and the help
+text. A file holds one job (a mapping with a ``prompt``) or a batch: a list
+of jobs, or a mapping ``{defaults: {...}, jobs: [...]}``. Batch jobs get the
+ids ``<stem>-001``, ``<stem>-002``, ...
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import ids, samplers
+from .config import Settings
+from .errors import JobError
+from .jobfile import parse_document
+
+SEED_MAX = 2**32 - 1
+GUIDANCE_MAX = 30.0
+PRIORITY_LIMIT = 1_000_000
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Defaults and limits a job is checked against (from the settings)."""
+
+    negative_prompt: str = ""
+    steps: int = 28
+    guidance_scale: float = 7.0
+    width: int = 512
+    height: int = 512
+    sampler: str = "DPM++ 2M Karras"
+    max_steps: int = 150
+    min_side: int = 64
+    max_side: int = 2048
+    max_count: int = 16
+    max_prompt_chars: int = 4000
+    max_file_bytes: int = 1_048_576
+    max_batch_jobs: int = 1000
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Rules:
+        return cls(**settings.section("defaults"), **settings.section("limits"))
+
+
+@dataclass(frozen=True)
+class Job:
+    """One validated job: everything the renderer needs, nothing from the file left unchecked."""
+
+    id: str
+    prompt: str
+    negative_prompt: str
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    seed: int | None  # None: pick a random one when rendering, and record it
+    count: int
+    sampler: str
+    priority: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def params(self) -> dict[str, Any]:
+        """The resolved parameters, as written into the result."""
+        return {
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+            "width": self.width,
+            "height": self.height,
+            "seed": self.seed,
+            "count": self.count,
+            "sampler": self.sampler,
+            "priority": self.priority,
+        }
+
+
+@dataclass(frozen=True)
+class BadJob:
+    """A job that could not be validated; it yields a failed result under ``id``."""
+
+    id: str
+    error: JobError
+    priority: int = 0
+    source: str = ""
+
+
+Entry = Job | BadJob
+
+
+# --- field checks -------------------------------------------------------------
+
+Check = Callable[[Any, Rules], Any]
+
+
+def _integer(value: Any, name: str) -> int:
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise JobError(f"{name} must be an integer, not {_describe(value)}", field=name)
+    return value
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise JobError(f"{name} must be a number, not {_describe(value)}", field=name)
+    if not math.isfinite(value):
+        raise JobError(f"{name} must be a finite number, not {value}", field=name)
+    return float(value)
+
+
+def _in_range(value: float, name: str, low: float, high: float, why: str = "") -> None:
+    if not low <= value <= high:
+        raise JobError(f"{name} is {value:g}, outside the allowed range {low:g} to {high:g}{why}", field=name)
+
+
+def _describe(value: Any) -> str:
+    kinds = {str: "a string", bool: "a boolean", int: "an integer", float: "a number",
+             list: "a list", dict: "a mapping", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _text(name: str, limit_attr: str, required: bool) -> Check:
+    def check(value: Any, rules: Rules) -> str:
+        if value is None and not required:
+            return ""
+        if not isinstance(value, str):
+            raise JobError(f"{name} must be a string, not {_describe(value)}", field=name)
+        if "\x00" in value:
+            raise JobError(f"{name} must not contain NUL characters", field=name)
+        if required and not value.strip():
+            raise JobError(f"{name} must not be empty", field=name)
+        limit = getattr(rules, limit_attr)
+        if len(value) > limit:
+            raise JobError(f"{name} has {len(value)} characters, more than the limit of {limit}",
+                           field=name, hint="shorten it or raise limits.max_prompt_chars")
+        return value
+
+    return check
+
+
+def _steps(value: Any, rules: Rules) -> int:
+    steps = _integer(value, "steps")
+    _in_range(steps, "steps", 1, rules.max_steps, " (limits.max_steps)")
+    return steps
+
+
+def _guidance(value: Any, rules: Rules) -> float:
+    scale = _number(value, "guidance_scale")
+    _in_range(scale, "guidance_scale", 0.0, GUIDANCE_MAX)
+    return scale
+
+
+def _side(name: str) -> Check:
+    def check(value: Any, rules: Rules) -> int:
+        side = _integer(value, name)
+        _in_range(side, name, rules.min_side, rules.max_side, " (limits.min_side, limits.max_side)")
+        if side % 8:
+            lower = max(rules.min_side, side - side % 8)
+            raise JobError(f"{name} must be a multiple of 8, not {side} (try {lower})", field=name)
+        return side
+
+    return check
+
+
+def _seed(value: Any, rules: Rules) -> int | None:
+    if value is None or value == -1:
+        return None
+    seed = _integer(value, "seed")
+    _in_range(seed, "seed", 0, SEED_MAX, " (or -1/null for a random seed)")
+    return seed
+
+
+def _count(value: Any, rules: Rules) -> int:
+    count = _integer(value, "count")
+    _in_range(count, "count", 1, rules.max_count, " (limits.max_count)")
+    return count
+
+
+def _sampler(value: Any, rules: Rules) -> str:
+    if not isinstance(value, str):
+        raise JobError(f"sampler must be a string, not {_describe(value)}", field="sampler")
+    try:
+        return samplers.lookup(value).name
+    except KeyError as err:
+        raise JobError(err.args[0], field="sampler") from None
+
+
+def _priority(value: Any, rules: Rules) -> int:
+    priority = _integer(value, "priority")
+    _in_range(priority, "priority", -PRIORITY_LIMIT, PRIORITY_LIMIT)
+    return priority
+
+
+def _metadata(value: Any, rules: Rules) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise JobError(f"metadata must be a mapping, not {_describe(value)}", field="metadata")
+    try:
+        # Copied untouched into the result JSON, so it must survive a JSON round trip.
+        return dict(json.loads(json.dumps(value, allow_nan=False)))
+    except (TypeError, ValueError) as err:
+        raise JobError(f"metadata must hold only strings, numbers, booleans, null, lists and "
+                       f"mappings with string keys ({err})", field="metadata") from None
+
+
+@dataclass(frozen=True)
+class Field:
+    """A row of the schema: the field, its check, the default's name in ``Rules``, its help."""
+
+    name: str
+    check: Check
+    default: str | None
+    help: str
+    aliases: tuple[str, ...] = ()
+
+
+FIELDS: tuple[Field, ...] = (
+    Field("prompt", _text("prompt", "max_prompt_chars", True), None, "what to draw (required)"),
+    Field("negative_prompt", _text("negative_prompt", "max_prompt_chars", False), "negative_prompt",
+          "what to avoid"),
+    Field("steps", _steps, "steps", "denoising steps"),
+    Field("guidance_scale", _guidance, "guidance_scale", "classifier-free guidance", ("cfg_scale",)),
+    Field("width", _side("width"), "width", "image width in pixels, a multiple of 8"),
+    Field("height", _side("height"), "height", "image height in pixels, a multiple of 8"),
+    Field("seed", _seed, None, "random seed; omitted, null or -1: random (recorded in the result)"),
+    Field("count", _count, None, "images for this job, seeds seed, seed+1, ..."),
+    Field("sampler", _sampler, "sampler", "A1111 sampler name or diffusers scheduler class"),
+    Field("priority", _priority, None, "higher renders first; default 0"),
+    Field("metadata", _metadata, None, "free mapping copied untouched into the result"),
+)
+_BY_NAME = {f.name: f for f in FIELDS}
+_ALIASES = {alias: f.name for f in FIELDS for alias in f.aliases}
+_CONSTANT_DEFAULTS: dict[str, Any] = {"seed": None, "count": 1, "priority": 0, "metadata": {}}
+
+
+def _canonical_keys(data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    unknown = []
+    for key, value in data.items():
+        if not isinstance(key, str):
+            raise JobError(f"{where}field names must be strings, not {_describe(key)} {key!r}")
+        name = _ALIASES.get(key, key)
+        if name not in _BY_NAME:
+            unknown.append(key)
+        elif name in out:
+            raise JobError(f"{where}both {name} and its alias {key} are given; keep one", field=name)
+        else:
+            out[name] = value
+    if unknown:
+        allowed = ", ".join(f.name for f in FIELDS)
+        raise JobError(f"{where}unknown field{'s' if len(unknown) > 1 else ''}: {', '.join(map(str, unknown))}",
+                       field=str(unknown[0]), hint=f"allowed fields: {allowed} (cfg_scale = guidance_scale)")
+    return out
+
+
+def build_job(job_id: str, data: Any, rules: Rules, shared: Mapping[str, Any] | None = None,
+              source: str = "") -> Job:
+    """Validate one job's mapping (over the batch's shared defaults) into a ``Job``."""
+    if not isinstance(data, Mapping):
+        raise JobError(f"a job must be a mapping of fields, not {_describe(data)}",
+                       hint="write at least: prompt: \"a cat on a mat\"")
+    merged = {**(shared or {}), **_canonical_keys(data, "")}
+    if "prompt" not in merged:
+        raise JobError("prompt is missing", field="prompt", hint="add: prompt: \"a cat on a mat\"")
+    values: dict[str, Any] = {}
+    for f in FIELDS:
+        if f.name in merged:
+            raw = merged[f.name]
+        elif f.default is not None:
+            raw = getattr(rules, f.default)
+        else:
+            raw = _CONSTANT_DEFAULTS[f.name]
+        values[f.name] = f.check(raw, rules)
+    if values["seed"] is not None and values["seed"] + values["count"] - 1 > SEED_MAX:
+        raise JobError(f"seed + count - 1 must not exceed {SEED_MAX}", field="seed")
+    return Job(id=job_id, source=source, **values)
+
+
+def parse_entries(name: str, document: Any, rules: Rules) -> list[Entry]:
+    """The jobs a parsed job file holds; a bad job in a batch fails alone."""
+    file_id = ids.stem(name)
+    if isinstance(document, Mapping) and "jobs" in document:
+        extra = sorted(str(k) for k in document if k not in ("jobs", "defaults"))
+        if extra:
+            raise JobError(f"a batch file holds only 'defaults' and 'jobs', not: {', '.join(extra)}",
+                           field=extra[0])
+        items, shared_raw = document["jobs"], document.get("defaults") or {}
+        if not isinstance(shared_raw, Mapping):
+            raise JobError(f"defaults must be a mapping, not {_describe(shared_raw)}", field="defaults")
+        shared = _canonical_keys(shared_raw, "defaults: ")
+        for f in FIELDS:  # a bad shared value is reported once, for the whole file
+            if f.name in shared:
+                f.check(shared[f.name], rules)
+    elif isinstance(document, list):
+        items, shared = document, {}
+    else:
+        return [build_job(file_id, document, rules, source=name)]
+    if not isinstance(items, list) or not items:
+        raise JobError("jobs must be a non-empty list of jobs", field="jobs")
+    if len(items) > rules.max_batch_jobs:
+        raise JobError(f"a batch holds {len(items)} jobs, more than the limit of {rules.max_batch_jobs}",
+                       field="jobs", hint="split it or raise limits.max_batch_jobs")
+    entries: list[Entry] = []
+    for index, item in enumerate(items):
+        job_id = ids.batch_id(file_id, index, len(items))
+        try:
+            entries.append(build_job(job_id, item, rules, shared, source=name))
+        except JobError as err:
+            err.message = f"job {index + 1} of the batch: {err.message}"
+            priority = item.get("priority", 0) if isinstance(item, Mapping) else 0
+            entries.append(BadJob(job_id, err, priority if isinstance(priority, int) else 0, name))
+    return entries
+
+
+def parse_job_bytes(name: str, data: bytes, rules: Rules) -> list[Entry]:
+    """Everything from a file's bytes to its entries; a file-level problem is one ``BadJob``."""
+    file_id = ids.stem(name)
+    problem = ids.id_problem(file_id)
+    if problem:
+        safe = ids.safe_id_for(name)
+        return [BadJob(safe, JobError(f"file name {name!r} is not a usable job id: {problem}",
+                                      hint="rename it, e.g. cat-42.yaml"), 0, name)]
+    try:
+        return parse_entries(name, parse_document(name, data), rules)
+    except JobError as err:
+        return [BadJob(file_id, err, 0, name)]

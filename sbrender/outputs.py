@@ -1,0 +1,159 @@
+"""Publishing results: PNGs first, ``<id>.json`` last, each atomically and durably.
+
+Every file is written to a hidden temp file in the destination folder, flushed
+with fsync, renamed into place, and the folder is fsynced. A consumer that waits
+for ``<id>.json`` therefore never sees a partial PNG, and a crash never leaves a
+half-written file under a final name. A failed write or fsync fails the job; it
+is never retried as if it had worked (a failed fsync may have dropped the data).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, PngImagePlugin
+
+from .errors import SpoolError
+
+TEMP_PREFIX = "."
+TEMP_SUFFIX = ".tmp"
+
+
+def fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(folder: Path, name: str, data: bytes, *, sync_dir: bool = True) -> Path:
+    """Write ``data`` to ``folder/name`` so that the name only ever shows the whole file.
+
+    ``name`` must be a plain file name (it comes from a validated job id).
+    """
+    if os.sep in name or name.startswith(".") or "\x00" in name:
+        raise SpoolError(f"refusing to write unsafe file name {name!r}")
+    final = folder / name
+    temp = folder / f"{TEMP_PREFIX}{name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
+                     0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        # os.replace renames over a planted symlink rather than writing through it.
+        os.replace(temp, final)
+        if sync_dir:
+            fsync_dir(folder)
+    except OSError as err:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+        raise SpoolError(f"cannot write {final}: {err.strerror or err}",
+                         hint="check free space and permissions of the folder") from None
+    return final
+
+
+def write_json(folder: Path, name: str, data: dict[str, Any]) -> Path:
+    text = json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    return atomic_write(folder, name, text.encode("utf-8"))
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A result or status JSON, or None when it is missing or unreadable."""
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# --- PNGs ---------------------------------------------------------------------
+
+def infotext(params: dict[str, Any], seed: int, model: str) -> str:
+    """AUTOMATIC1111's ``parameters`` text, which PNG Info, civitai and image
+    browsers read: prompt, ``Negative prompt: ...``, then ``Key: value`` pairs in
+    A1111's field order."""
+
+    def value(v: Any) -> str:
+        text = str(v)
+        return json.dumps(text) if any(c in text for c in ",:\n") else text
+
+    cfg = params["guidance_scale"]
+    fields = [
+        ("Steps", params["steps"]),
+        ("Sampler", params["sampler"]),
+        ("CFG scale", int(cfg) if float(cfg).is_integer() else cfg),
+        ("Seed", seed),
+        ("Size", f"{params['width']}x{params['height']}"),
+        ("Model", model),
+    ]
+    lines = [params["prompt"]]
+    if params.get("negative_prompt"):
+        lines.append(f"Negative prompt: {params['negative_prompt']}")
+    lines.append(", ".join(f"{k}: {value(v)}" for k, v in fields))
+    return "\n".join(lines)
+
+
+def encode_png(image: Image.Image, text: dict[str, str]) -> bytes:
+    info = PngImagePlugin.PngInfo()
+    for key, val in text.items():
+        info.add_itxt(key, val) if not val.isascii() else info.add_text(key, val)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def image_names(job_id: str, count: int) -> list[str]:
+    """``<id>.png`` for one image, ``<id>-1.png`` ... ``<id>-N.png`` for several."""
+    if count == 1:
+        return [f"{job_id}.png"]
+    return [f"{job_id}-{k}.png" for k in range(1, count + 1)]
+
+
+@dataclass(frozen=True)
+class PublishedImage:
+    file: str
+    seed: int
+    width: int
+    height: int
+    sha256: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "seed": self.seed, "width": self.width, "height": self.height,
+                "sha256": self.sha256}
+
+
+def publish_images(folder: Path, job_id: str, pngs: Iterable[tuple[bytes, int, int, int]]) -> list[PublishedImage]:
+    """Write encoded PNGs (data, seed, width, height) under the job's names, one
+    directory fsync at the end."""
+    items = list(pngs)
+    published = []
+    for name, (data, seed, width, height) in zip(image_names(job_id, len(items)), items):
+        atomic_write(folder, name, data, sync_dir=False)
+        published.append(PublishedImage(name, seed, width, height, hashlib.sha256(data).hexdigest()))
+    if items:
+        try:
+            fsync_dir(folder)
+        except OSError as err:
+            raise SpoolError(f"cannot sync {folder}: {err.strerror}") from None
+    return published
+
+
+def result_name(job_id: str) -> str:
+    return f"{job_id}.json"

@@ -1,0 +1,134 @@
+"""The real renderer: a diffusers Stable Diffusion pipeline kept warm.
+
+Torch and diffusers are imported here and only here (and in ``models``), so the
+CLI's light commands never pay for them.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from typing import Any
+
+# Quiet the libraries' own console output (progress bars, import notices); our
+# log says what happens. SBRENDER log.level debug turns them back on.
+for _name, _value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
+                      ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
+    os.environ.setdefault(_name, _value)
+
+import torch  # noqa: E402
+
+from . import __version__, models, samplers
+from .config import Settings
+from .errors import RenderError, ShutdownRequested
+from .jobs import Job
+from .renderer import RenderOutput, StepCallback
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def pick_device(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(setting: str, device: str) -> torch.dtype:
+    if setting != "auto":
+        return DTYPES[setting]
+    return torch.float16 if device in ("cuda", "mps") else torch.float32
+
+
+def library_versions() -> dict[str, str]:
+    import diffusers
+    import transformers
+
+    return {"sbrender": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+
+
+class DiffusersRenderer:
+    """``Renderer`` over ``StableDiffusionPipeline``; samplers are swapped per job
+    with ``from_config``, never by reloading the model."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.device = pick_device(settings["device"])
+        self.dtype = pick_dtype(settings["dtype"], self.device)
+        self.ref: models.ModelRef | None = None
+        self.pipe: Any = None
+        self._schedulers: dict[str, Any] = {}
+
+    def load(self) -> float:
+        start = time.perf_counter()
+        if self.device == "cuda" and not torch.cuda.is_available():
+            from .errors import ModelError
+
+            raise ModelError("device is cuda but torch sees no CUDA GPU",
+                             hint="set device: auto or cpu, or install a CUDA build of torch")
+        self.ref = models.resolve(self.settings.model, self.settings.cache)
+        pipe = models.load_pipeline(self.ref, dtype=self.dtype, offline=self.settings["offline"],
+                                    safety_checker=self.settings["safety_checker"])
+        pipe.set_progress_bar_config(disable=True)
+        self.pipe = pipe.to(self.device)
+        return time.perf_counter() - start
+
+    def describe(self) -> dict[str, Any]:
+        assert self.ref is not None, "load() first"
+        return {"model": self.ref.to_dict(), "device": self.device, "dtype": str(self.dtype).removeprefix("torch."),
+                "versions": library_versions()}
+
+    def _use_sampler(self, name: str) -> dict[str, Any]:
+        row = samplers.lookup(name)
+        if row.name not in self._schedulers:
+            import diffusers
+
+            cls = getattr(diffusers, row.scheduler)
+            self._schedulers[row.name] = cls.from_config(self.pipe.scheduler.config, **row.options)
+        self.pipe.scheduler = self._schedulers[row.name]
+        return {"name": row.name, "class": row.scheduler, "options": dict(row.options)}
+
+    def render(self, job: Job, seeds: list[int], on_step: StepCallback | None = None) -> RenderOutput:
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+        scheduler = self._use_sampler(job.sampler)
+        # One CPU generator per image: the same seed gives the same image on any device.
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        stopped = False
+
+        def step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            nonlocal stopped
+            if on_step is not None and on_step(step + 1, job.steps):
+                stopped = True
+                pipe._interrupt = True
+            return kwargs
+
+        timings["prepare_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                result = self.pipe(
+                    prompt=job.prompt, negative_prompt=job.negative_prompt or None,
+                    num_inference_steps=job.steps, guidance_scale=job.guidance_scale,
+                    width=job.width, height=job.height, num_images_per_prompt=job.count,
+                    generator=generators, callback_on_step_end=step_end)
+        except torch.cuda.OutOfMemoryError as err:
+            self._free_memory()
+            raise RenderError(f"out of GPU memory rendering {job.count} image(s) of {job.width}x{job.height}",
+                              hint="use a smaller size or count") from err
+        except (RuntimeError, ValueError, TypeError, IndexError) as err:
+            raise RenderError(f"the pipeline failed: {type(err).__name__}: {err}") from err
+        if stopped:
+            raise ShutdownRequested()
+        timings["inference_s"] = time.perf_counter() - start
+        return RenderOutput(list(result.images), seeds, scheduler, timings)
+
+    def _free_memory(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,197 @@
+"""The queue: which job renders next.
+
+Order: highest priority first, then first come first served (the file's
+modification time, then its name, then the job's place in a batch). Files are
+parsed when they are complete, while still in the inbox, so that their
+priority counts; a file is claimed only when one of its jobs is next, which
+keeps the inbox the place where waiting work is visible.
+
+Work per job does not grow with the queue: entries sit in a heap, and only the
+names the watcher reports (or the periodic rescan) are looked at again.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import ids
+from .errors import UnsafeFileError
+from .jobfile import read_bytes
+from .jobs import BadJob, Entry, Rules, parse_job_bytes
+from .spool import FileInfo, Spool
+from .watcher import Seen, is_complete
+
+
+@dataclass
+class Candidate:
+    """A job file known to the queue, in the inbox or claimed."""
+
+    info: FileInfo
+    claimed: bool
+    entries: list[Entry] = field(default_factory=list)
+    data: bytes = b""
+    generation: int = 0
+    finished: set[str] = field(default_factory=set)
+    any_failed: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def path(self) -> Path:
+        return self.info.path
+
+    def pending(self) -> list[Entry]:
+        return [e for e in self.entries if e.id not in self.finished]
+
+
+@dataclass(frozen=True)
+class Pick:
+    candidate: Candidate
+    entry: Entry
+
+
+def _sort_key(entry: Entry, info: FileInfo, index: int) -> tuple[int, int, str, int]:
+    return (-entry.priority, info.mtime_ns, info.name, index)
+
+
+class JobQueue:
+    """Candidates by name, plus a heap of their pending entries."""
+
+    def __init__(self, spool: Spool, rules: Rules, settle_s: float, hint: Callable[[str], Seen | None]) -> None:
+        self.spool = spool
+        self.rules = rules
+        self.settle_s = settle_s
+        self.hint = hint
+        self.candidates: dict[str, Candidate] = {}
+        self.waiting: set[str] = set()  # in the inbox, not yet complete
+        self._heap: list[tuple[tuple[int, int, str, int], int, str, int, int]] = []
+        self._seq = itertools.count()
+
+    # --- learning about files ------------------------------------------------------
+
+    def add_claimed(self, info: FileInfo) -> Candidate:
+        """A file already in the work folder (a restart after a crash or stop)."""
+        cand = Candidate(info, claimed=True)
+        self.candidates[info.name] = cand
+        self._load(cand, final=True)
+        return cand
+
+    def full_scan(self) -> None:
+        """Look at every inbox file: the folder is the truth, events are only hints."""
+        files = {f.name: f for f in self.spool.inbox_files()}
+        for name, cand in list(self.candidates.items()):
+            if not cand.claimed and name not in files:
+                self._forget(name)
+        for info in files.values():
+            self._consider(info)
+
+    def refresh(self, names: Iterable[str]) -> None:
+        """Look again at some inbox names (from events, or still settling)."""
+        for name in set(names) | set(self.waiting):
+            info = FileInfo.of(self.spool.inbox / name)
+            if info is None:
+                if name in self.candidates and not self.candidates[name].claimed:
+                    self._forget(name)
+                self.waiting.discard(name)
+            elif ids.is_job_file_name(name):
+                self._consider(info)
+
+    def _forget(self, name: str) -> None:
+        self.candidates.pop(name, None)
+        self.waiting.discard(name)
+
+    def _consider(self, info: FileInfo) -> None:
+        known = self.candidates.get(info.name)
+        if known is not None and known.claimed:
+            self.waiting.add(info.name)  # a newer file of the same name: look again once the claim ends
+            return
+        if known is not None and known.info.key == info.key:
+            return
+        if info.is_regular and not is_complete(self.hint(info.name), info.changed_ns, self.settle_s):
+            self.waiting.add(info.name)
+            return
+        cand = Candidate(info, claimed=False, generation=(known.generation + 1) if known else 0)
+        if self._load(cand, final=False):
+            self.candidates[info.name] = cand
+            self.waiting.discard(info.name)
+        else:
+            self.waiting.add(info.name)
+
+    def _load(self, cand: Candidate, final: bool) -> bool:
+        """Read and parse; False when the file looks unfinished and should be retried."""
+        try:
+            cand.data = read_bytes(cand.path, self.rules.max_file_bytes)
+        except FileNotFoundError:
+            return False
+        except UnsafeFileError as err:
+            cand.entries = [BadJob(_file_id(cand.name), err, 0, cand.name)]
+        else:
+            cand.entries = parse_job_bytes(cand.name, cand.data, self.rules)
+            if not final and self._maybe_unfinished(cand):
+                return False
+        for index, entry in enumerate(cand.entries):
+            heapq.heappush(self._heap, (_sort_key(entry, cand.info, index), next(self._seq), cand.name,
+                                        cand.generation, index))
+        return True
+
+    def _maybe_unfinished(self, cand: Candidate) -> bool:
+        """A file that fails to parse and changed within the settle interval may be
+        half-written by a writer that does not rename: give it time."""
+        bad = len(cand.entries) == 1 and isinstance(cand.entries[0], BadJob)
+        young = time.time() - cand.info.changed_ns / 1e9 < max(self.settle_s, 0.5)
+        return bad and young and not isinstance(cand.entries[0].error, UnsafeFileError)
+
+    # --- taking work ---------------------------------------------------------------
+
+    def pop(self) -> Pick | None:
+        """The next entry to process, or None when nothing is ready."""
+        while self._heap:
+            _, _, name, generation, index = heapq.heappop(self._heap)
+            cand = self.candidates.get(name)
+            if cand is None or cand.generation != generation or index >= len(cand.entries):
+                continue
+            entry = cand.entries[index]
+            if entry.id in cand.finished:
+                continue
+            return Pick(cand, entry)
+        return None
+
+    def reload_claimed(self, cand: Candidate, info: FileInfo) -> bool:
+        """After the claim, read the file from the work folder. True when its content
+        is what was parsed in the inbox; otherwise its entries are queued afresh."""
+        cand.info = info
+        cand.claimed = True
+        try:
+            data = read_bytes(info.path, self.rules.max_file_bytes)
+        except (UnsafeFileError, OSError):
+            data = None
+        if data == cand.data:
+            return True
+        cand.generation += 1
+        self._load(cand, final=True)
+        return False
+
+    def finish(self, cand: Candidate, entry: Entry, ok: bool) -> bool:
+        """Mark an entry done; True when its whole file is done."""
+        cand.finished.add(entry.id)
+        cand.any_failed |= not ok
+        return not cand.pending()
+
+    def drop(self, cand: Candidate) -> None:
+        self._forget(cand.name)
+
+    def __len__(self) -> int:
+        return sum(len(c.pending()) for c in self.candidates.values())
+
+
+def _file_id(name: str) -> str:
+    stem = ids.stem(name)
+    return stem if ids.id_problem(stem) is None else ids.safe_id_for(name)
+

@@ -1,0 +1,65 @@
+"""The shape of ``outbox/<id>.json``: the contract consumers read.
+
+Its presence means the job is finished, whatever the outcome. Fields:
+``id``, ``status`` ("succeeded" | "failed"), ``input`` (the job file, its
+sha256, the batch position), ``params`` (resolved), ``images`` (file, seed,
+size, sha256), ``model``, ``sampler``, ``device``, ``dtype``, ``versions``,
+``metadata`` (the job's own, untouched), ``timings`` and, when failed, ``error``
+(``type``, ``message``, maybe ``field``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime, timezone
+from typing import Any
+
+from .errors import SbrenderError
+from .jobs import Entry, Job
+
+SCHEMA_VERSION = 1
+SUCCEEDED = "succeeded"
+FAILED = "failed"
+
+
+def iso(ts: float) -> str:
+    """ISO-8601 UTC with milliseconds, e.g. ``2026-11-25T10:54:59.123Z``."""
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def input_record(name: str, data: bytes, claim: str, entry_index: int | None, batch_size: int) -> dict[str, Any]:
+    record: dict[str, Any] = {"file": name, "sha256": hashlib.sha256(data).hexdigest(), "claim": claim}
+    if batch_size > 1 or entry_index is not None and entry_index > 0:
+        record["batch_index"] = (entry_index or 0) + 1
+        record["batch_size"] = batch_size
+    return record
+
+
+def timings(queued: float, started: float, finished: float, parts: dict[str, float]) -> dict[str, Any]:
+    out: dict[str, Any] = {"queued_at": iso(queued), "started_at": iso(started), "finished_at": iso(finished),
+                           "wait_s": round(max(0.0, started - queued), 4)}
+    out.update({k: round(v, 4) for k, v in parts.items()})
+    out["total_s"] = round(finished - started, 4)
+    return out
+
+
+def succeeded(job: Job, *, input: dict[str, Any], images: list[dict[str, Any]], sampler: dict[str, Any],
+              renderer: dict[str, Any], times: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA_VERSION, "id": job.id, "status": SUCCEEDED, "input": input,
+        "params": job.params(), "images": images, "sampler": sampler, **renderer,
+        "metadata": job.metadata, "timings": times,
+    }
+
+
+def failed(entry: Entry, error: SbrenderError, *, input: dict[str, Any], renderer: dict[str, Any],
+           times: dict[str, Any], job_id: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"schema": SCHEMA_VERSION, "id": job_id or entry.id, "status": FAILED, "input": input}
+    if isinstance(entry, Job):
+        out["params"] = entry.params()
+        out["metadata"] = entry.metadata
+    out.update(renderer)
+    out["images"] = []
+    out["timings"] = times
+    out["error"] = error.to_dict()
+    return out
