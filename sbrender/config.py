@@ -22,6 +22,7 @@ import yaml
 
 from . import samplers
 from .errors import ConfigError
+from .models import BUILTINS
 
 DEFAULT_CONFIG_FILE = Path("config") / "sbrender.yaml"
 ENV_PREFIX = "SBRENDER_"
@@ -56,6 +57,10 @@ def _bool(value: Any) -> bool:
     raise ValueError("expected true or false")
 
 
+def _plain(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
 def _number(kind: type, low: float, high: float) -> Parser:
     def parse(value: Any) -> Any:
         if isinstance(value, str):
@@ -70,7 +75,8 @@ def _number(kind: type, low: float, high: float) -> Parser:
                 raise ValueError("expected an integer")
             value = int(value)
         if not low <= value <= high:
-            raise ValueError(f"expected a value from {low:g} to {high:g}")
+            # In full: ":g" would print the file size limit as 1.07374e+09.
+            raise ValueError(f"expected a value from {_plain(low)} to {_plain(high)}")
         return kind(value)
 
     return parse
@@ -239,10 +245,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 def _pick_config_file(explicit: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path | None:
     if explicit:
-        return Path(explicit)
+        return Path(explicit).absolute()
     if env.get(CONFIG_ENV):
-        return Path(env[CONFIG_ENV])
-    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+        return Path(env[CONFIG_ENV]).absolute()
+    return DEFAULT_CONFIG_FILE.absolute() if DEFAULT_CONFIG_FILE.is_file() else None
 
 
 def load_settings(
@@ -280,7 +286,7 @@ def load_settings(
             values[key] = str(Path(values[key]).expanduser().absolute())
     # A model path given relative to the working directory must keep working
     # after the daemon is started elsewhere.
-    if Path(values["model"]).expanduser().exists():
+    if values["model"] not in BUILTINS and Path(values["model"]).expanduser().exists():
         values["model"] = str(Path(values["model"]).expanduser().absolute())
     settings = Settings(values, {k: s for k, (_, s) in raw.items()}, path)
     _check_consistency(settings)

@@ -84,6 +84,12 @@ def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode)
     seen: set[Any] = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:
+            # `? [a, b]` makes a list key; `key in seen` would raise TypeError, not a JobError.
+            raise JobError(f"a mapping key must be a plain value, not {type(key).__name__} "
+                           f"(line {key_node.start_mark.line + 1})") from None
         if key in seen:
             raise JobError(f"key {key!r} appears twice (line {key_node.start_mark.line + 1})",
                            field=str(key))
@@ -108,6 +114,9 @@ def parse_yaml(text: str) -> Any:
                        hint="job files hold plain strings, numbers, lists and mappings") from None
     except yaml.YAMLError as err:
         raise JobError(f"not valid YAML: {' '.join(str(err).split())}") from None
+    except RecursionError:
+        # Nested mappings recurse through the constructor well before libyaml's depth limit.
+        raise JobError("YAML is nested too deeply") from None
 
 
 def _reject_constant(name: str) -> Any:

@@ -115,9 +115,15 @@ def _number(value: Any, name: str) -> float:
     return float(value)
 
 
+def _num(value: float) -> str:
+    # Whole numbers in full: ":g" would print the seed limit as 4.29497e+09.
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
 def _in_range(value: float, name: str, low: float, high: float, why: str = "") -> None:
     if not low <= value <= high:
-        raise JobError(f"{name} is {value:g}, outside the allowed range {low:g} to {high:g}{why}", field=name)
+        raise JobError(f"{name} is {_num(value)}, outside the allowed range {_num(low)} to {_num(high)}{why}",
+                       field=name)
 
 
 def _describe(value: Any) -> str:
@@ -205,7 +211,10 @@ def _metadata(value: Any, rules: Rules) -> dict[str, Any]:
         raise JobError(f"metadata must be a mapping, not {_describe(value)}", field="metadata")
     try:
         # Copied untouched into the result JSON, so it must survive a JSON round trip.
-        return dict(json.loads(json.dumps(value, allow_nan=False)))
+        copy = json.loads(json.dumps(value, allow_nan=False))
+        if copy != value:  # json.dumps turns YAML's `1:` key into "1" without complaint
+            raise ValueError("it changes when written as JSON")
+        return dict(copy)
     except (TypeError, ValueError) as err:
         raise JobError(f"metadata must hold only strings, numbers, booleans, null, lists and "
                        f"mappings with string keys ({err})", field="metadata") from None

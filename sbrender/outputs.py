@@ -92,7 +92,8 @@ def infotext(params: dict[str, Any], seed: int, model: str) -> str:
 
     def value(v: Any) -> str:
         text = str(v)
-        return json.dumps(text) if any(c in text for c in ",:\n") else text
+        # A1111's quote(): JSON with non-ASCII kept as is.
+        return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
     cfg = params["guidance_scale"]
     fields = [

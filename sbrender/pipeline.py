@@ -64,6 +64,7 @@ class DiffusersRenderer:
         self.ref: models.ModelRef | None = None
         self.pipe: Any = None
         self._schedulers: dict[str, Any] = {}
+        self._base_scheduler_config: Any = None
 
     def load(self) -> float:
         start = time.perf_counter()
@@ -86,11 +87,15 @@ class DiffusersRenderer:
 
     def _use_sampler(self, name: str) -> dict[str, Any]:
         row = samplers.lookup(name)
+        if self._base_scheduler_config is None:
+            # The model's own scheduler, before any swap: building from the current one
+            # would carry a previous row's options over ("DPM++ 2M" after "... Karras").
+            self._base_scheduler_config = self.pipe.scheduler.config
         if row.name not in self._schedulers:
             import diffusers
 
             cls = getattr(diffusers, row.scheduler)
-            self._schedulers[row.name] = cls.from_config(self.pipe.scheduler.config, **row.options)
+            self._schedulers[row.name] = cls.from_config(self._base_scheduler_config, **row.options)
         self.pipe.scheduler = self._schedulers[row.name]
         return {"name": row.name, "class": row.scheduler, "options": dict(row.options)}
 

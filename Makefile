@@ -1,0 +1,34 @@
+# One command to run the daemon, one to test it. Both set up .venv first.
+#
+#   make run     # set up, then `sbrender run` with config/sbrender.yaml
+#   make test    # set up, then the whole test suite (CPU only, a few minutes)
+#
+# TORCH picks the PyTorch build. torch==2.13.0 from PyPI is the CUDA build on
+# Linux x86-64 (what a GPU box wants); machines with a local CPU wheel of it
+# (this project's CI) take that instead, in seconds.
+
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.sbrender-installed
+
+.PHONY: setup run test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[render,test]"
+	touch $@
+
+run: $(STAMP)
+	$(BIN)/sbrender run $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) state .pytest_cache

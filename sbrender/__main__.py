@@ -1,0 +1,3 @@
+from sbrender.cli import main
+
+main(prog_name="sbrender")

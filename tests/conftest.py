@@ -1,0 +1,163 @@
+"""Fixtures: the tiny-random model built once per session, spools in tmp_path,
+and real `sbrender run` daemon processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+READY_TIMEOUT_S = 180.0
+RESULT_TIMEOUT_S = 120.0
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache folder holding the built tiny-random pipeline (built once, ~0.5 s)."""
+    from sbrender.models import BUILTINS, ensure_builtin
+
+    cache = tmp_path_factory.mktemp("model-cache")
+    ensure_builtin(BUILTINS["tiny-random"], cache)
+    return cache
+
+
+class Spool:
+    """A spool in a temp folder, and the ways a producer writes into it."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.inbox = root / "inbox"
+        self.outbox = root / "outbox"
+        self.state = root / "state"
+        self.inbox.mkdir(parents=True, exist_ok=True)
+
+    def drop(self, name: str, content: str | bytes | dict[str, Any] | list[Any], mtime: float | None = None) -> Path:
+        """Write a job file the recommended way: hidden temp file, then rename."""
+        if isinstance(content, (dict, list)):
+            content = json.dumps(content)
+        data = content.encode() if isinstance(content, str) else content
+        temp = self.inbox / f".{name}.tmp"
+        temp.write_bytes(data)
+        if mtime is not None:
+            os.utime(temp, (mtime, mtime))
+        final = self.inbox / name
+        os.rename(temp, final)
+        return final
+
+    def result(self, job_id: str, timeout: float = RESULT_TIMEOUT_S) -> dict[str, Any]:
+        """Wait for outbox/<id>.json and return it."""
+        path = self.outbox / f"{job_id}.json"
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no result for {job_id} after {timeout} s; outbox: "
+                                     f"{sorted(p.name for p in self.outbox.glob('*'))}")
+            time.sleep(0.05)
+        return json.loads(path.read_text())
+
+    def cli_args(self) -> list[str]:
+        return ["--inbox", str(self.inbox), "--outbox", str(self.outbox), "--state", str(self.state)]
+
+
+def daemon_env(model_cache: Path, **extra: str) -> dict[str, str]:
+    """The environment of a test daemon: tiny model, small fast jobs, JSON logs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SBRENDER_")}
+    env.update({
+        "SBRENDER_MODEL": "tiny-random",
+        "SBRENDER_CACHE": str(model_cache),
+        "SBRENDER_OFFLINE": "true",
+        "SBRENDER_DEFAULTS_WIDTH": "64",
+        "SBRENDER_DEFAULTS_HEIGHT": "64",
+        "SBRENDER_DEFAULTS_STEPS": "3",
+        "SBRENDER_WATCH_SETTLE_SECONDS": "0.5",
+        "SBRENDER_WATCH_RESCAN_SECONDS": "0.5",
+        "SBRENDER_LOG_FORMAT": "json",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra)
+    return env
+
+
+def sbrender(*args: str, env: dict[str, str], cwd: Path, timeout: float = 300,
+             check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run the real CLI in a subprocess."""
+    proc = subprocess.run([sys.executable, "-m", "sbrender", *args], env=env, cwd=cwd, text=True,
+                          capture_output=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"sbrender {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+class DaemonProcess:
+    """A real `sbrender run` subprocess, its log parsed as JSON lines."""
+
+    def __init__(self, spool: Spool, env: dict[str, str], *args: str) -> None:
+        self.spool = spool
+        self.log_path = spool.root / f"daemon-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "sbrender", "run", *spool.cli_args(), *args],
+                                     env=env, cwd=spool.root, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def lines(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                out.append({"event": line, "raw": True})
+        return out
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [line for line in self.lines() if line.get("event") == name]
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.events("ready"):
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode} before ready:\n{self.log_path.read_text()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"daemon not ready after {timeout} s:\n{self.log_path.read_text()}")
+            time.sleep(0.05)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout=timeout)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            self._log.close()
+        return code
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Spool:
+    return Spool(tmp_path / "spool")
+
+
+@pytest.fixture
+def start_daemon(model_cache: Path) -> Iterator[Any]:
+    """Start daemons on demand; each is stopped with SIGTERM at the end and must exit 0."""
+    started: list[DaemonProcess] = []
+
+    def start(spool: Spool, *args: str, wait: bool = True, **env: str) -> DaemonProcess:
+        daemon = DaemonProcess(spool, daemon_env(model_cache, **env), *args)
+        started.append(daemon)
+        if wait:
+            daemon.wait_ready()
+        return daemon
+
+    yield start
+    codes = [(d.stop(), d) for d in started]
+    for code, daemon in codes:
+        assert code == 0, f"daemon exited {code}:\n{daemon.log_path.read_text()[-4000:]}"

@@ -1,0 +1,206 @@
+"""End to end: a real `sbrender run` process on the tiny-random model, fed through
+the inbox as a person, a script or a web app would feed it.
+
+One live daemon per watch strategy (inotify, polling) serves the tests of this
+module; each test uses its own job ids.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import DaemonProcess, Spool, daemon_env, sbrender
+
+
+@pytest.fixture(scope="module", params=["inotify", "polling"])
+def live(request: pytest.FixtureRequest, model_cache: Path,
+         tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Spool, DaemonProcess]]:
+    spool = Spool(tmp_path_factory.mktemp(f"live-{request.param}"))
+    daemon = DaemonProcess(spool, daemon_env(model_cache), "--watch", request.param)
+    daemon.wait_ready()
+    yield spool, daemon
+    code = daemon.stop()
+    assert code == 0, daemon.log_path.read_text()[-4000:]
+    assert daemon.events("stopped"), "no clean-stop log line"
+
+
+def _check_images(spool: Spool, result: dict) -> list[Image.Image]:
+    images = []
+    for item in result["images"]:
+        data = (spool.outbox / item["file"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == item["sha256"]
+        image = Image.open(spool.outbox / item["file"])
+        assert image.size == (item["width"], item["height"])
+        images.append(image)
+    return images
+
+
+def test_yaml_job_renders_png_and_metadata(live: tuple[Spool, DaemonProcess]) -> None:
+    spool, daemon = live
+    spool.drop("cat-yaml.yaml", "prompt: a cat on a mat\nnegative_prompt: blurry\nsteps: 4\n"
+                                "width: 64\nheight: 72\nseed: 42\nsampler: Euler a\n"
+                                "metadata: {django_pk: 17, tags: [a, b]}\n")
+    result = spool.result("cat-yaml")
+    assert result["status"] == "succeeded", result
+    assert result["id"] == "cat-yaml"
+    assert result["params"] == {"prompt": "a cat on a mat", "negative_prompt": "blurry", "steps": 4,
+                                "guidance_scale": 7.0, "width": 64, "height": 72, "seed": 42, "count": 1,
+                                "sampler": "Euler a", "priority": 0}
+    assert result["sampler"]["class"] == "EulerAncestralDiscreteScheduler"
+    assert result["metadata"] == {"django_pk": 17, "tags": ["a", "b"]}
+    assert result["model"]["name"] == "tiny-random" and result["model"]["random_weights"] is True
+    assert "random weights" in result["model"]["note"]
+    assert result["device"] == "cpu" and result["dtype"] == "float32"
+    assert {"torch", "diffusers", "transformers", "sbrender", "python"} <= set(result["versions"])
+    assert [i["file"] for i in result["images"]] == ["cat-yaml.png"]
+    assert result["images"][0]["seed"] == 42
+    timings = result["timings"]
+    for key in ("queued_at", "started_at", "finished_at"):
+        assert timings[key].endswith("Z")
+    for key in ("wait_s", "load_s", "inference_s", "write_s", "total_s"):
+        assert timings[key] >= 0
+    (image,) = _check_images(spool, result)
+    assert image.size == (64, 72)
+    infotext = image.text["parameters"]
+    assert infotext.startswith("a cat on a mat\nNegative prompt: blurry\nSteps: 4, Sampler: Euler a, CFG scale: 7, "
+                               "Seed: 42, Size: 64x72, Model: tiny-random")
+    # The input left the inbox and is archived with its outcome.
+    assert not (spool.inbox / "cat-yaml.yaml").exists()
+    assert (spool.state / "done" / "cat-yaml.yaml").exists()
+
+
+def test_json_job_with_several_images(live: tuple[Spool, DaemonProcess]) -> None:
+    spool, _ = live
+    spool.drop("dogs-json.json", {"prompt": "a dog", "cfg_scale": 5, "seed": 100, "count": 3, "steps": 2})
+    result = spool.result("dogs-json")
+    assert result["status"] == "succeeded", result
+    assert result["params"]["guidance_scale"] == 5.0
+    assert [(i["file"], i["seed"]) for i in result["images"]] == [
+        ("dogs-json-1.png", 100), ("dogs-json-2.png", 101), ("dogs-json-3.png", 102)]
+    images = _check_images(spool, result)
+    assert len({img.tobytes() for img in images}) == 3, "different seeds must give different images"
+
+
+def test_random_seed_is_recorded(live: tuple[Spool, DaemonProcess]) -> None:
+    spool, _ = live
+    spool.drop("noseed.yaml", "prompt: anything\n")
+    result = spool.result("noseed")
+    assert result["status"] == "succeeded"
+    seed = result["params"]["seed"]
+    assert isinstance(seed, int) and result["images"][0]["seed"] == seed
+    assert f"Seed: {seed}," in Image.open(spool.outbox / "noseed.png").text["parameters"]
+
+
+def test_batch_file_yields_one_result_per_job(live: tuple[Spool, DaemonProcess]) -> None:
+    spool, _ = live
+    spool.drop("batch-b.yaml", "defaults:\n  steps: 2\n  seed: 5\njobs:\n"
+                               "  - prompt: first\n  - prompt: second\n    seed: 9\n"
+                               "  - prompt: third\n    width: 65\n")
+    first, second, third = (spool.result(f"batch-b-00{k}") for k in (1, 2, 3))
+    assert (first["status"], second["status"], third["status"]) == ("succeeded", "succeeded", "failed")
+    assert (first["params"]["seed"], second["params"]["seed"]) == (5, 9)
+    assert first["input"]["batch_index"] == 1 and first["input"]["batch_size"] == 3
+    assert third["error"]["field"] == "width"
+    assert "multiple of 8" in third["error"]["message"] and "job 3 of the batch" in third["error"]["message"]
+    # A batch with any failure is archived as failed, whole.
+    deadline = time.monotonic() + 30
+    while not (spool.state / "failed" / "batch-b.yaml").exists():
+        assert time.monotonic() < deadline, "batch file not archived"
+        time.sleep(0.05)
+
+
+def test_bad_file_fails_and_next_job_renders(live: tuple[Spool, DaemonProcess]) -> None:
+    spool, _ = live
+    spool.drop("broken.yaml", "prompt: [unclosed\n")
+    spool.drop("unknown-field.json", {"prompt": "x", "stepz": 3})
+    spool.drop("good-after-bad.yaml", "prompt: fine\n")
+    broken = spool.result("broken")
+    assert broken["status"] == "failed" and "not valid YAML" in broken["error"]["message"]
+    assert broken["images"] == []
+    unknown = spool.result("unknown-field")
+    assert unknown["status"] == "failed"
+    assert "stepz" in unknown["error"]["message"] and "allowed fields" in unknown["error"]["message"]
+    assert spool.result("good-after-bad")["status"] == "succeeded"
+    assert not list(spool.outbox.glob("broken*.png"))
+    assert (spool.state / "failed" / "broken.yaml").exists()
+
+
+def test_finished_id_is_never_reused(live: tuple[Spool, DaemonProcess]) -> None:
+    spool, _ = live
+    spool.drop("once.yaml", "prompt: original\nseed: 1\n")
+    original = spool.result("once")
+    png = (spool.outbox / "once.png").read_bytes()
+    spool.drop("once.json", {"prompt": "impostor", "seed": 2})
+    dup = spool.result("once.dup1")
+    assert dup["status"] == "failed" and dup["error"]["type"] == "duplicate_id"
+    assert "once" in dup["error"]["message"]
+    assert spool.result("once") == original
+    assert (spool.outbox / "once.png").read_bytes() == png
+
+
+def test_slow_writer_is_not_read_half_written(live: tuple[Spool, DaemonProcess]) -> None:
+    """A file written in place (an editor, `cp`), in pieces with pauses, is read whole.
+
+    With inotify the daemon waits for the writer to close the file, however long
+    its pauses; polling can only wait for the settle interval (0.5 s here)."""
+    spool, daemon = live
+    pause = 1.5 if daemon.events("ready")[0]["watch"] == "inotify" else 0.2
+    path = spool.inbox / "slow.yaml"
+    with open(path, "w") as f:
+        f.write("prompt: written slowly\n")
+        f.flush()
+        time.sleep(pause)
+        f.write("steps: 2\n")
+        f.flush()
+        time.sleep(pause)
+        f.write("seed: 77\n")
+    result = spool.result("slow")
+    assert result["status"] == "succeeded", result
+    assert (result["params"]["steps"], result["params"]["seed"]) == (2, 77)
+
+
+def test_ignored_names_are_left_alone(live: tuple[Spool, DaemonProcess]) -> None:
+    spool, _ = live
+    for name in (".hidden.yaml", "draft.yaml.tmp", "upload.json.part", "notes.txt"):
+        (spool.inbox / name).write_text("prompt: not a job\n")
+    spool.drop("marker-ignored.yaml", "prompt: after\n")
+    spool.result("marker-ignored")
+    time.sleep(1.0)  # at least one full rescan after the marker
+    for name in (".hidden.yaml", "draft.yaml.tmp", "upload.json.part", "notes.txt"):
+        assert (spool.inbox / name).exists()
+    assert not list(spool.outbox.glob("hidden*")) and not list(spool.outbox.glob("draft*"))
+
+
+def test_cli_submit_wait_jobs_show(live: tuple[Spool, DaemonProcess], model_cache: Path) -> None:
+    spool, _ = live
+    env = daemon_env(model_cache)
+    proc = sbrender("submit", "a cat on a mat", "--size", "64x64", "--steps", "2", "--seed", "3",
+                    "--meta", "owner=test", "--id", "cli-cat", "--wait", *spool.cli_args(), env=env, cwd=spool.root)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(spool.outbox / "cli-cat.png")
+    result = spool.result("cli-cat")
+    assert result["metadata"] == {"owner": "test"} and result["params"]["seed"] == 3
+
+    proc = sbrender("submit", "bad", "--steps", "100000", *spool.cli_args(), env=env, cwd=spool.root)
+    assert proc.returncode == 1 and "steps" in proc.stderr and "150" in proc.stderr
+
+    listing = sbrender("jobs", "--json", *spool.cli_args(), env=env, cwd=spool.root, check=True)
+    states = {j["id"]: j["state"] for j in json.loads(listing.stdout)}
+    assert states["cli-cat"] == "succeeded"
+
+    shown = sbrender("show", "cli-cat", *spool.cli_args(), env=env, cwd=spool.root, check=True)
+    assert json.loads(shown.stdout)["id"] == "cli-cat"
+    missing = sbrender("show", "no-such-job", *spool.cli_args(), env=env, cwd=spool.root)
+    assert missing.returncode == 1 and "no job no-such-job" in missing.stderr
+
+    spool.drop("wait-bad.yaml", "prompt: three\nsteps: zero\n")
+    failing = sbrender("wait", "wait-bad", "--timeout", "60", *spool.cli_args(), env=env, cwd=spool.root)
+    assert failing.returncode == 1
+    assert "wait-bad: failed: steps must be an integer" in failing.stderr

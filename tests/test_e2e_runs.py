@@ -1,0 +1,140 @@
+"""End to end, one daemon run per test: start-up failures, `run --once`, order,
+reproducibility, and stopping in the middle of a render."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import DaemonProcess, Spool, daemon_env, sbrender
+
+
+def _run_once(spool: Spool, model_cache: Path, **env: str) -> Any:
+    proc = sbrender("run", "--once", *spool.cli_args(), env=daemon_env(model_cache, **env), cwd=spool.root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def test_priority_then_first_come_first_served(spool: Spool, model_cache: Path) -> None:
+    now = time.time()
+    spool.drop("a.yaml", "prompt: a\n", mtime=now - 5)
+    spool.drop("b.yaml", "prompt: b\n", mtime=now - 20)  # earliest arrival among priority 0
+    spool.drop("c.yaml", "prompt: c\npriority: 5\n", mtime=now - 1)
+    spool.drop("d.yaml", "prompt: d\n", mtime=now - 5)  # same arrival as a: by name
+    spool.drop("e.json", {"prompt": "e", "priority": -1}, mtime=now - 30)
+    spool.drop("f.yaml", "- prompt: f1\n  priority: 9\n- prompt: f2\n", mtime=now - 5)
+    time.sleep(0.6)  # past the settle interval: every file is complete when the daemon looks
+    _run_once(spool, model_cache)
+    started = {p.stem: json.loads(p.read_text())["timings"]["started_at"] for p in spool.outbox.glob("*.json")}
+    order = sorted(started, key=lambda k: started[k])
+    assert order == ["f-001", "c", "b", "a", "d", "f-002", "e"]
+    assert not list(spool.inbox.iterdir()), "every input left the inbox"
+    assert sorted(p.name for p in (spool.state / "done").iterdir()) == ["a.yaml", "b.yaml", "c.yaml", "d.yaml",
+                                                                        "e.json", "f.yaml"]
+
+
+def test_same_seed_gives_identical_pngs_across_runs(tmp_path: Path, model_cache: Path) -> None:
+    pngs = []
+    for run in ("one", "two"):
+        spool = Spool(tmp_path / run)
+        spool.drop("same.yaml", "prompt: a lighthouse at dusk\nseed: 1234\ncount: 2\nsteps: 3\n")
+        _run_once(spool, model_cache)
+        result = json.loads((spool.outbox / "same.json").read_text())
+        assert result["status"] == "succeeded"
+        pngs.append([(spool.outbox / i["file"]).read_bytes() for i in result["images"]])
+    assert pngs[0] == pngs[1]
+    assert pngs[0][0] != pngs[0][1]
+
+
+@pytest.mark.parametrize("model, env, expected", [
+    ("/nonexistent/sd-folder", {}, "neither a built-in model, an existing folder, nor a Hugging Face repo id"),
+    ("someone/not-in-cache", {"SBRENDER_OFFLINE": "true"}, "offline is on"),
+])
+def test_missing_model_stops_the_start(spool: Spool, model_cache: Path, tmp_path: Path, model: str,
+                                       env: dict[str, str], expected: str) -> None:
+    spool.drop("waiting.yaml", "prompt: must not be lost\n")
+    proc = sbrender("run", "--model", model, *spool.cli_args(), cwd=spool.root,
+                    env=daemon_env(model_cache, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", **env))
+    assert proc.returncode == 1
+    assert expected in proc.stderr
+    assert (spool.inbox / "waiting.yaml").exists(), "a failed start must not touch the queue"
+
+
+def test_folder_without_pipeline_is_refused(spool: Spool, model_cache: Path, tmp_path: Path) -> None:
+    (tmp_path / "empty-model").mkdir()
+    proc = sbrender("run", "--model", str(tmp_path / "empty-model"), *spool.cli_args(), cwd=spool.root,
+                    env=daemon_env(model_cache))
+    assert proc.returncode == 1 and "has no model_index.json" in proc.stderr
+
+
+def test_local_folder_model_loads_through_the_same_path(spool: Spool, model_cache: Path) -> None:
+    folder = next((model_cache / "models").glob("tiny-random-v*"))
+    spool.drop("from-folder.yaml", "prompt: from a folder\nseed: 3\n")
+    _run_once(spool, model_cache, SBRENDER_MODEL=str(folder))
+    result = json.loads((spool.outbox / "from-folder.json").read_text())
+    assert result["status"] == "succeeded"
+    assert result["model"]["source"] == "folder" and result["model"]["location"] == str(folder)
+
+
+def test_bad_config_is_refused_with_the_key(spool: Spool, model_cache: Path) -> None:
+    proc = sbrender("run", *spool.cli_args(), cwd=spool.root,
+                    env=daemon_env(model_cache, SBRENDER_LIMITS_MAX_STEPS="lots"))
+    assert proc.returncode == 2
+    assert "limits.max_steps" in proc.stderr and "SBRENDER_LIMITS_MAX_STEPS" in proc.stderr
+
+
+def _status(spool: Spool) -> dict[str, Any]:
+    try:
+        return json.loads((spool.state / "daemon.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def test_sigterm_mid_render_stops_fast_and_loses_nothing(spool: Spool, model_cache: Path, start_daemon: Any) -> None:
+    daemon: DaemonProcess = start_daemon(spool)
+    spool.drop("long.yaml", "prompt: a long render\nsteps: 150\nseed: 8\n")
+    deadline = time.monotonic() + 60
+    while (_status(spool).get("current") or {}).get("step", 0) < 2:
+        assert time.monotonic() < deadline, "render never started"
+        time.sleep(0.05)
+    stop_sent = time.monotonic()
+    assert daemon.stop(signal.SIGTERM) == 0
+    # 150 steps take many seconds here; the stop comes at the next step.
+    assert time.monotonic() - stop_sent < 10
+    assert (spool.inbox / "long.yaml").exists(), "the interrupted job goes back to the inbox"
+    assert not (spool.outbox / "long.json").exists() and not list(spool.outbox.glob("long*.png"))
+    assert not [p for p in spool.outbox.iterdir() if p.name.startswith(".")], "no temp files left"
+    assert _status(spool)["state"] == "stopped"
+    # The next run renders it, once.
+    proc = sbrender("run", "--once", *spool.cli_args(), env=daemon_env(model_cache, SBRENDER_LIMITS_MAX_STEPS="150"),
+                    cwd=spool.root)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((spool.outbox / "long.json").read_text())["status"] == "succeeded"
+
+
+def test_files_claimed_by_a_crashed_run_are_rendered_on_restart(spool: Spool, model_cache: Path) -> None:
+    """A file left in state/work (the daemon was killed mid-job) is recovered."""
+    (spool.state / "work").mkdir(parents=True)
+    (spool.state / "work" / "orphan.yaml").write_text("prompt: left behind\nseed: 4\n")
+    (spool.outbox).mkdir()
+    (spool.outbox / ".orphan.png.999999.deadbeef.tmp").write_bytes(b"partial")
+    _run_once(spool, model_cache)
+    assert json.loads((spool.outbox / "orphan.json").read_text())["status"] == "succeeded"
+    assert (spool.state / "done" / "orphan.yaml").exists()
+    assert not (spool.outbox / ".orphan.png.999999.deadbeef.tmp").exists(), "stale temp files are removed"
+
+
+def test_state_on_another_filesystem_is_refused(spool: Spool, model_cache: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(spool.inbox).st_dev:
+        pytest.skip("needs /dev/shm on a filesystem of its own")
+    state = shm / f"sbrender-test-{os.getpid()}"
+    proc = sbrender("run", "--inbox", str(spool.inbox), "--outbox", str(spool.outbox), "--state", str(state),
+                    env=daemon_env(model_cache), cwd=spool.root)
+    assert proc.returncode == 1 and "another filesystem" in proc.stderr
