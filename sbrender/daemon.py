@@ -9,6 +9,7 @@ and its file goes back to the inbox to be rendered again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -164,12 +165,19 @@ class Daemon:
                 self.queue.drop(cand)
                 log.info("render interrupted; file returned to the inbox", file=cand.name)
                 return
+        if ok is None:
+            # No result could be published: the file stays claimed in the work
+            # folder, unaccounted for by no one, and is retried at the next start.
+            self.queue.drop(cand)
+            return
         if self.queue.finish(cand, entry, ok):
             archived = self.spool.archive(cand.path, ok=not cand.any_failed)
             self.queue.drop(cand)
             log.debug("input archived", file=str(archived))
 
-    def _run_entry(self, cand: Candidate, entry: Entry, picked: float) -> bool:
+    def _run_entry(self, cand: Candidate, entry: Entry, picked: float) -> bool | None:
+        """Render or fail one entry and publish its result. True or False: the
+        result is published; None: it could not be."""
         index = next(i for i, e in enumerate(cand.entries) if e is entry)
         input_rec = results.input_record(cand.name, cand.data, cand.info.claim_token, index, len(cand.entries))
         result_id, entry = self._result_id(cand, entry)
@@ -193,8 +201,8 @@ class Daemon:
         try:
             write_json(self.spool.outbox, f"{result_id}.json", result)
         except SpoolError as err:
-            log.error("cannot publish result", error=str(err))
-            return False
+            log.error("cannot publish result; the job file stays in the work folder", error=str(err))
+            return None
         ok = result["status"] == results.SUCCEEDED
         self.counts[result["status"]] += 1
         t = result["timings"]
@@ -246,8 +254,7 @@ class Daemon:
                  "inference_s": out.timings.get("inference_s", 0.0),
                  "write_s": time.perf_counter() - write_start,
                  "model_load_s": self.model_load_s}
-        params_job = Job(**{**job.__dict__, "seed": base})
-        return results.succeeded(params_job, input=input_rec, images=images, sampler=out.scheduler,
+        return results.succeeded(dataclasses.replace(job, seed=base), input=input_rec, images=images, sampler=out.scheduler,
                                  renderer=self.description, times=results.timings(queued, started, finished, parts))
 
     def _failure(self, entry: Entry, err: SbrenderError, input_rec: dict[str, Any], queued: float,

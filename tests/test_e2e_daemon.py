@@ -204,3 +204,15 @@ def test_cli_submit_wait_jobs_show(live: tuple[Spool, DaemonProcess], model_cach
     failing = sbrender("wait", "wait-bad", "--timeout", "60", *spool.cli_args(), env=env, cwd=spool.root)
     assert failing.returncode == 1
     assert "wait-bad: failed: steps must be an integer" in failing.stderr
+
+
+def test_file_renamed_in_from_another_folder(live: tuple[Spool, DaemonProcess]) -> None:
+    """A web app writing into a sibling folder on the same volume, then renaming
+    into the inbox (watchdog reports that as a creation, not a move)."""
+    spool, _ = live
+    staging = spool.root / "staging"
+    staging.mkdir(exist_ok=True)
+    (staging / "from-staging.json").write_text(json.dumps({"prompt": "staged", "seed": 11}))
+    (staging / "from-staging.json").rename(spool.inbox / "from-staging.json")
+    result = spool.result("from-staging")
+    assert result["status"] == "succeeded" and result["params"]["seed"] == 11
