@@ -97,11 +97,19 @@ class Client:
         return job_id
 
     def is_known(self, job_id: str) -> bool:
-        """Whether an id is pending, claimed or finished."""
-        if (self.outbox / f"{job_id}.json").exists():
+        """Whether an id is pending, claimed, reserved or finished."""
+        if (self.outbox / f"{job_id}.json").exists() or (self.state / "ids" / job_id).exists():
             return True
         return any((folder / f"{job_id}{suffix}").exists()
-                   for folder in (self.inbox, self.state / "work") for suffix in ids.JOB_SUFFIXES)
+                   for folder in (self.inbox, *self._work_folders()) for suffix in ids.JOB_SUFFIXES)
+
+    def _work_folders(self) -> list[Path]:
+        """Where daemons keep claimed files: one folder per daemon."""
+        works = self.state / "work"
+        try:
+            return [works, *(Path(e.path) for e in os.scandir(works) if e.is_dir(follow_symlinks=False))]
+        except FileNotFoundError:
+            return []
 
     # --- consuming ---------------------------------------------------------------------
 
@@ -124,9 +132,18 @@ class Client:
                                   hint="is the daemon running? see `sbrender jobs`")
             time.sleep(poll_s)
 
-    def daemon(self) -> dict[str, Any] | None:
-        """The daemon's status file (``state/daemon.json``), if any."""
-        return read_json(self.state / "daemon.json")
+    def daemons(self) -> list[dict[str, Any]]:
+        """The status files of the daemons serving this spool (``state/daemons/``),
+        each with ``alive`` added."""
+        from .peers import is_alive
+
+        out = []
+        for path in sorted(_scandir(self.state / "daemons", ".json")):
+            status = read_json(path)
+            if status is not None:
+                status["alive"] = is_alive(path.stem, path.parent)
+                out.append(status)
+        return out
 
     def status(self, job_id: str) -> JobState | None:
         for job in self.jobs():
@@ -136,17 +153,17 @@ class Client:
 
     def jobs(self) -> list[JobState]:
         """Every job the spool knows: pending, running, then finished, oldest first."""
-        daemon = self.daemon() or {}
-        current = (daemon.get("current") or {}).get("job") if daemon.get("state") == "rendering" else None
+        running = {(d.get("current") or {}).get("job") for d in self.daemons()
+                   if d["alive"] and d.get("state") == "rendering"}
         seen: set[str] = set()
         out: list[JobState] = []
-        for folder in (self.state / "work", self.inbox):
+        for folder in (*self._work_folders(), self.inbox):
             for path, mtime, entries in _job_files(folder, self.rules):
                 for entry in entries:
                     if entry.id in seen or (self.outbox / f"{entry.id}.json").exists():
                         continue
                     seen.add(entry.id)
-                    state = RUNNING if entry.id == current else PENDING
+                    state = RUNNING if entry.id in running else PENDING
                     prompt = entry.prompt if isinstance(entry, Job) else ""
                     error = str(entry.error) if isinstance(entry, BadJob) else None
                     out.append(JobState(entry.id, state, prompt, mtime, path.name, error))
@@ -168,7 +185,7 @@ class Client:
         result = self.result(job_id)
         if result is not None:
             return result
-        for folder in (self.state / "work", self.inbox):
+        for folder in (*self._work_folders(), self.inbox):
             for path, _, entries in _job_files(folder, self.rules):
                 for entry in entries:
                     if entry.id == job_id:

@@ -137,6 +137,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits.max_prompt_chars", 4000, _number(int, 1, 1_000_000), "longest prompt, in characters"),
     Setting("limits.max_file_bytes", 1_048_576, _number(int, 64, 1 << 30), "largest job file, in bytes"),
     Setting("limits.max_batch_jobs", 1000, _number(int, 1, 100_000), "most jobs in one batch file"),
+    Setting("limits.max_crashes", 3, _number(int, 1, 1000),
+            "a job file claimed by a daemon that died this many times is failed, not retried"),
     Setting("watch.mode", "auto", _choice("auto", "inotify", "polling"),
             "auto: inotify where it works; polling for NFS, SMB, Docker Desktop, WSL2"),
     Setting("watch.rescan_seconds", 2.0, _number(float, 0.05, 3600.0),

@@ -10,9 +10,9 @@ and its file goes back to the inbox to be rendered again.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
-import secrets
 import signal
 import threading
 import time
@@ -25,17 +25,19 @@ import structlog
 
 from . import results
 from .config import Settings
-from .errors import DuplicateJobError, RenderError, SbrenderError, ShutdownRequested, SpoolError
+from .errors import DuplicateJobError, JobError, RenderError, SbrenderError, ShutdownRequested, SpoolError
 from .jobs import SEED_MAX, BadJob, Entry, Job, Rules
 from .outputs import encode_png, infotext, publish_images, read_json, write_json
 from .queue import Candidate, JobQueue, Pick
 from .renderer import Renderer
-from .spool import FileInfo, Spool, hostname
+from . import peers
+from .spool import FileInfo, Spool
 from .watcher import InboxWatcher
 
 log = structlog.get_logger("sbrender")
 
 STATUS_INTERVAL_S = 1.0
+HEARTBEAT_S = 5.0  # the status file is rewritten at least this often, even mid-step
 
 
 class Daemon:
@@ -56,6 +58,7 @@ class Daemon:
         self.started_at = time.time()
         self._status: dict[str, Any] = {}
         self._status_written = 0.0
+        self._status_lock = threading.Lock()
         self._signals = 0
 
     # --- life cycle ------------------------------------------------------------------
@@ -70,22 +73,47 @@ class Daemon:
             self.model_load_s = self.renderer.load()
             self.description = self.renderer.describe()
             log.info("model loaded", seconds=round(self.model_load_s, 3), **_flat(self.description))
-            for path in self.spool.remove_stale_temps():
-                log.info("removed stale temp file", file=str(path))
-            for info in self.spool.claimed_files():
-                log.info("recovering claimed file", file=info.name)
-                self.queue.add_claimed(info)
+            self._recover()
             self.watcher.start()
             self.queue.full_scan()
             log.info("ready", inbox=str(self.spool.inbox), outbox=str(self.spool.outbox),
                      watch=self.watcher.strategy, queued=len(self.queue))
+            heartbeat = threading.Thread(target=self._heartbeat, name="sbrender-heartbeat", daemon=True)
+            heartbeat.start()
             try:
                 self._loop(once)
             finally:
+                self.should_exit.set()
                 self.watcher.stop()
                 self._set_status("stopped", force=True)
+                self.spool.forget_owner(self.spool.owner)  # only if nothing is left claimed
                 log.info("stopped", **self.counts)
         return 0
+
+    def _recover(self) -> None:
+        """Take over files claimed by daemons that are gone (a crash, a kill, a
+        power cut), counting the attempt: a file that was being rendered when
+        daemons died ``limits.max_crashes`` times fails instead of looping."""
+        for path in self.spool.remove_stale_temps():
+            log.info("removed stale temp file", file=str(path))
+        owners = set()
+        for owner, info in list(self.spool.orphans()):
+            owners.add(owner)
+            path = self.spool.adopt(info)
+            adopted = FileInfo.of(path) if path is not None else None
+            if adopted is None:
+                continue  # a peer was quicker
+            crashes = self.spool.count_attempt(adopted.claim_token)
+            log.warning("recovered a file claimed by a daemon that is gone", file=info.name,
+                        previous_owner=owner or "unknown", crashes=crashes)
+            cand = self.queue.add_claimed(adopted)
+            if crashes >= self.settings["limits.max_crashes"]:
+                error = RenderError(f"a daemon died {crashes} times while this job was claimed; not trying again",
+                                    hint="check the daemon's log for the crash; `sbrender retry ID` re-queues it")
+                self.queue.poison(cand, lambda entry: BadJob(entry.id, _as_job_error(error), entry.priority,
+                                                             cand.name))
+        for owner in owners - {""}:
+            self.spool.forget_owner(owner)
 
     def _loop(self, once: bool) -> None:
         rescan_s = self.settings["watch.rescan_seconds"]
@@ -98,6 +126,7 @@ class Daemon:
                 next_scan = 0.0
             now = time.monotonic()
             if now >= next_scan:
+                self._recover()
                 self.queue.full_scan()
                 next_scan = now + rescan_s
             else:
@@ -171,6 +200,7 @@ class Daemon:
             self.queue.drop(cand)
             return
         if self.queue.finish(cand, entry, ok):
+            self.spool.clear_attempts(cand.info.claim_token)
             archived = self.spool.archive(cand.path, ok=not cand.any_failed)
             self.queue.drop(cand)
             log.debug("input archived", file=str(archived))
@@ -217,26 +247,27 @@ class Daemon:
         file's own result is already there."""
         token = cand.info.claim_token
         existing = read_json(self.spool.result_path(entry.id))
-        if existing is None:
-            return entry.id, entry
-        if existing.get("input", {}).get("claim") == token:
+        if existing is not None and existing.get("input", {}).get("claim") == token:
             return None, entry
+        if existing is None and self.spool.reserve(entry.id, token):
+            return entry.id, entry
         n = 1
         while True:
             dup_id = f"{entry.id}.dup{n}"
             other = read_json(self.spool.result_path(dup_id))
-            if other is None:
-                break
-            if other.get("input", {}).get("claim") == token:
+            if other is not None and other.get("input", {}).get("claim") == token:
                 return None, entry
+            if other is None and self.spool.reserve(dup_id, token):
+                break
             n += 1
-        error = DuplicateJobError(f"job id {entry.id} already has a result from {existing.get('input', {}).get('file', 'another file')}; "
-                                  "ids are never reused", hint="submit it again under a new id (rename the file)")
+        holder = (existing or {}).get("input", {}).get("file", "another job file")
+        error = DuplicateJobError(f"job id {entry.id} is already used by {holder}; ids are never reused",
+                                  hint="submit it again under a new id (rename the file)")
         return dup_id, BadJob(entry.id, error, entry.priority, cand.name)
 
     def _render(self, job: Job, input_rec: dict[str, Any], queued: float, picked: float,
                 started: float) -> dict[str, Any]:
-        base = job.seed if job.seed is not None else secrets.randbelow(SEED_MAX - job.count + 2)
+        base = job.seed if job.seed is not None else _random_seed(input_rec["claim"], job)
         seeds = [base + k for k in range(job.count)]
         self._set_status("rendering", job=job.id, step=0, steps=job.steps, force=True)
         out = self.renderer.render(job, seeds, on_step=lambda i, n: self._on_step(job.id, i, n))
@@ -270,23 +301,50 @@ class Daemon:
         return self.should_exit.is_set()
 
     def _set_status(self, state: str, *, force: bool = False, **current: Any) -> None:
-        """Keep ``state/daemon.json`` current: on every change of state, else at most
+        """Keep ``state/daemons/<owner>.json`` current: on every change of state, else at most
         once a second."""
         now = time.time()
         changed = state != self._status.get("state") or current.get("job") != (self._status.get("current") or {}).get("job")
         if not (force or changed or now - self._status_written >= STATUS_INTERVAL_S):
             return
         self._status = {
-            "pid": os.getpid(), "host": hostname(), "state": state, "model": self.settings.model,
+            "owner": self.spool.owner, "pid": os.getpid(), "proc_start": peers.process_start(os.getpid()),
+            "host": peers.hostname(), "state": state, "model": self.settings.model,
             "device": self.description.get("device"), "started_at": results.iso(self.started_at),
             "heartbeat": results.iso(now), "current": current or None, "queued": len(self.queue),
             "succeeded": self.counts[results.SUCCEEDED], "failed": self.counts[results.FAILED],
         }
-        try:
-            write_json(self.spool.state, self.spool.status_path.name, self._status)
-            self._status_written = now
-        except SpoolError as err:
-            log.warning("cannot write status file", error=str(err))
+        self._write_status()
+
+    def _write_status(self) -> None:
+        with self._status_lock:
+            try:
+                write_json(self.spool.daemons, self.spool.status_path.name, self._status)
+                self._status_written = time.time()
+            except SpoolError as err:
+                log.warning("cannot write status file", error=str(err))
+
+    def _heartbeat(self) -> None:
+        """Keeps the heartbeat fresh while the main thread is busy (a model load, a
+        long step): peers on other hosts judge this daemon alive by it."""
+        while not self.should_exit.wait(HEARTBEAT_S):
+            if time.time() - self._status_written >= HEARTBEAT_S and self._status:
+                self._status = {**self._status, "heartbeat": results.iso(time.time())}
+                self._write_status()
+
+
+def _as_job_error(error: SbrenderError) -> JobError:
+    """A job-level error carrying another error's type and message."""
+    job_error = JobError(error.message, hint=error.hint)
+    job_error.kind = error.kind
+    return job_error
+
+
+def _random_seed(claim: str, job: Job) -> int:
+    """A seed for a job that gave none: random across files, but the same when this
+    very file is rendered again after a crash, so the re-run publishes the same images."""
+    digest = hashlib.sha256(f"{claim}:{job.id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % (SEED_MAX - job.count + 2)
 
 
 def _flat(description: dict[str, Any]) -> dict[str, Any]:

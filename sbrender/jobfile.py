@@ -102,7 +102,9 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _m
 
 def parse_yaml(text: str) -> Any:
     try:
-        for token in yaml.scan(text, Loader=yaml.SafeLoader):
+        # The C scanner where there is one: the pure-Python one is quadratic in flow
+        # nesting, and 1 MB of "[" would hold the daemon for hours.
+        for token in yaml.scan(text, Loader=_StrictLoader):
             if isinstance(token, (yaml.AnchorToken, yaml.AliasToken)):
                 line = token.start_mark.line + 1
                 raise JobError(f"YAML anchors and aliases are not allowed (line {line})",

@@ -8,6 +8,7 @@ ids ``<stem>-001``, ``<stem>-002``, ...
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -44,7 +45,9 @@ class Rules:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Rules:
-        return cls(**settings.section("defaults"), **settings.section("limits"))
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {**settings.section("defaults"), **settings.section("limits")}
+        return cls(**{k: v for k, v in values.items() if k in names})
 
 
 @dataclass(frozen=True)
@@ -252,6 +255,7 @@ _CONSTANT_DEFAULTS: dict[str, Any] = {"seed": None, "count": 1, "priority": 0, "
 
 def _canonical_keys(data: Mapping[str, Any], where: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    given_as: dict[str, str] = {}
     unknown = []
     for key, value in data.items():
         if not isinstance(key, str):
@@ -260,9 +264,12 @@ def _canonical_keys(data: Mapping[str, Any], where: str) -> dict[str, Any]:
         if name not in _BY_NAME:
             unknown.append(key)
         elif name in out:
-            raise JobError(f"{where}both {name} and its alias {key} are given; keep one", field=name)
+            # Name the alias whichever of the two came first in the file.
+            alias = key if key != name else given_as[name]
+            raise JobError(f"{where}both {name} and its alias {alias} are given; keep one", field=name)
         else:
             out[name] = value
+            given_as[name] = key
     if unknown:
         allowed = ", ".join(f.name for f in FIELDS)
         raise JobError(f"{where}unknown field{'s' if len(unknown) > 1 else ''}: {', '.join(map(str, unknown))}",

@@ -22,9 +22,25 @@ from typing import Any
 from PIL import Image, PngImagePlugin
 
 from .errors import SpoolError
+from .peers import owner_name
 
 TEMP_PREFIX = "."
 TEMP_SUFFIX = ".tmp"
+TEMP_SEP = "~"  # never in a job id, so the owner can be read back from a temp name
+_OWNER = owner_name()
+
+
+def temp_name(name: str) -> str:
+    """``.<name>~<owner>~<random>.tmp``: hidden, and says which daemon wrote it."""
+    return f"{TEMP_PREFIX}{name}{TEMP_SEP}{_OWNER}{TEMP_SEP}{secrets.token_hex(4)}{TEMP_SUFFIX}"
+
+
+def temp_owner(name: str) -> str | None:
+    """The owner of one of our temp files, or None when ``name`` is not one."""
+    if not (name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)):
+        return None
+    parts = name[len(TEMP_PREFIX): -len(TEMP_SUFFIX)].split(TEMP_SEP)
+    return parts[1] if len(parts) == 3 else None
 
 
 def fsync_dir(folder: Path) -> None:
@@ -43,7 +59,7 @@ def atomic_write(folder: Path, name: str, data: bytes, *, sync_dir: bool = True)
     if os.sep in name or name.startswith(".") or "\x00" in name:
         raise SpoolError(f"refusing to write unsafe file name {name!r}")
     final = folder / name
-    temp = folder / f"{TEMP_PREFIX}{name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}"
+    temp = folder / temp_name(name)
     try:
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
                      0o666)

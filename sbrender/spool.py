@@ -1,29 +1,32 @@
 """The spool's folders and the moves between them.
 
-    inbox/          producers drop job files here (atomic rename recommended)
-    state/work/     a file the daemon has claimed (atomic rename out of the inbox)
-    state/done/     archived input: every job in it succeeded
-    state/failed/   archived input: at least one job in it failed
-    outbox/         <id>.png / <id>-<k>.png, then <id>.json last
+    inbox/                 producers drop job files here (atomic rename recommended)
+    state/work/<owner>/    files a daemon has claimed (atomic rename out of the inbox)
+    state/done/            archived input: every job in it succeeded
+    state/failed/          archived input: at least one job in it failed
+    state/daemons/         one status file per daemon, with its heartbeat
+    state/ids/             one reservation per job id: ids are never reused
+    state/attempts/        how often a file was being rendered when a daemon died
+    outbox/                <id>.png / <id>-<k>.png, then <id>.json last
 
 A claim is an atomic rename, so a file is in exactly one place at any moment
 and every input stays accounted for. The state folder must share the inbox's
-filesystem, or the rename would be a copy.
+filesystem, or the rename would be a copy. Several daemons may share a spool:
+each claims into its own work folder.
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import peers
 from .errors import SpoolError
 from .ids import is_job_file_name
-from .outputs import TEMP_PREFIX, TEMP_SUFFIX
-
-SUBFOLDERS = ("work", "done", "failed")
+from .outputs import fsync_dir, temp_owner
 
 
 @dataclass(frozen=True)
@@ -68,17 +71,23 @@ class FileInfo:
 class Spool:
     """Paths and atomic moves; holds no queue state of its own."""
 
-    def __init__(self, inbox: Path, outbox: Path, state: Path) -> None:
+    def __init__(self, inbox: Path, outbox: Path, state: Path, owner: str | None = None) -> None:
         self.inbox = inbox
         self.outbox = outbox
         self.state = state
-        self.work = state / "work"
+        self.owner = owner or peers.owner_name()
+        self.works = state / "work"
+        self.work = self.works / self.owner
         self.done = state / "done"
         self.failed = state / "failed"
+        self.daemons = state / "daemons"
+        self.ids = state / "ids"
+        self.attempts = state / "attempts"
 
     def prepare(self) -> None:
         """Create missing folders and check they can work together; ``SpoolError`` otherwise."""
-        for folder in (self.inbox, self.outbox, self.work, self.done, self.failed):
+        for folder in (self.inbox, self.outbox, self.work, self.done, self.failed, self.daemons, self.ids,
+                       self.attempts):
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as err:
@@ -121,6 +130,44 @@ class Spool:
     def claimed_files(self) -> list[FileInfo]:
         return self._list(self.work)
 
+    def orphans(self) -> Iterator[tuple[str, FileInfo]]:
+        """Files claimed by daemons that are gone (and by pre-owner versions, which
+        claimed straight into state/work/). Never a live peer's."""
+        for info in self._list(self.works):
+            yield "", info
+        try:
+            owners = [e.name for e in os.scandir(self.works) if e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            return
+        for owner in owners:
+            if owner == self.owner or peers.is_alive(owner, self.daemons):
+                continue
+            for info in self._list(self.works / owner):
+                yield owner, info
+
+    def forget_owner(self, owner: str) -> None:
+        """Remove a gone daemon's empty work folder and its status file."""
+        try:
+            os.rmdir(self.works / owner)
+        except OSError:
+            return  # not empty (a file arrived meanwhile) or already gone
+        try:
+            os.unlink(self.daemons / f"{owner}.json")
+        except FileNotFoundError:
+            pass
+
+    def adopt(self, info: FileInfo) -> Path | None:
+        """Move an orphaned claimed file into our own work folder. None when a peer
+        adopted it first."""
+        target = self.work / info.name
+        if os.path.lexists(target):
+            return None
+        try:
+            os.rename(info.path, target)
+        except FileNotFoundError:
+            return None
+        return target
+
     def archived_files(self) -> list[tuple[str, FileInfo]]:
         return [("done", f) for f in self._list(self.done)] + [("failed", f) for f in self._list(self.failed)]
 
@@ -155,43 +202,72 @@ class Spool:
         if not os.path.lexists(target):
             os.rename(path, target)
 
+    # --- ids and attempts ----------------------------------------------------------
+
+    def reserve(self, job_id: str, claim: str) -> bool:
+        """Reserve ``job_id`` for the file with this claim token. True when it is
+        ours (new, or reserved by this very file before a crash); False when another
+        file holds it. The reservation is a file created exclusively, so two daemons
+        cannot both win."""
+        path = self.ids / job_id
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            try:
+                return path.read_text() == claim
+            except OSError:
+                return False
+        try:
+            os.write(fd, claim.encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(self.ids)
+        return True
+
+    def release(self, job_id: str) -> None:
+        """Give an id back (``sbrender retry``)."""
+        try:
+            os.unlink(self.ids / job_id)
+        except FileNotFoundError:
+            pass
+
+    def count_attempt(self, claim: str) -> int:
+        """One more daemon died while this file was claimed; returns the count."""
+        path = self.attempts / claim
+        try:
+            count = int(path.read_text() or 0) + 1
+        except (OSError, ValueError):
+            count = 1
+        path.write_text(str(count))
+        return count
+
+    def clear_attempts(self, claim: str) -> None:
+        try:
+            os.unlink(self.attempts / claim)
+        except FileNotFoundError:
+            pass
+
     # --- outbox ------------------------------------------------------------------
 
     def result_path(self, job_id: str) -> Path:
         return self.outbox / f"{job_id}.json"
 
     def remove_stale_temps(self) -> list[Path]:
-        """Temp files left in the outbox by a crashed writer on this host."""
+        """Temp files left in the outbox and state by daemons that are gone."""
         removed = []
-        for entry in os.scandir(self.outbox):
-            name = entry.name
-            if not (name.startswith(TEMP_PREFIX) and name.endswith(TEMP_SUFFIX)):
-                continue
-            parts = name[: -len(TEMP_SUFFIX)].rsplit(".", 2)
-            pid = int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
-            if pid is not None and pid != os.getpid() and _pid_alive(pid):
-                continue
-            try:
-                os.unlink(entry.path)
-                removed.append(Path(entry.path))
-            except FileNotFoundError:
-                pass
+        for folder in (self.outbox, self.state, self.daemons):
+            for entry in os.scandir(folder):
+                owner = temp_owner(entry.name)
+                if owner is None or owner == self.owner or peers.is_alive(owner, self.daemons):
+                    continue
+                try:
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+                except FileNotFoundError:
+                    pass
         return removed
 
     @property
     def status_path(self) -> Path:
-        return self.state / "daemon.json"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def hostname() -> str:
-    return socket.gethostname()
+        return self.daemons / f"{self.owner}.json"

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from typing import Any
 import pytest
 
 from conftest import DaemonProcess, Spool, daemon_env, sbrender
+from sbrender.peers import owner_name
 
 
 def _run_once(spool: Spool, model_cache: Path, **env: str) -> Any:
@@ -90,27 +93,29 @@ def test_bad_config_is_refused_with_the_key(spool: Spool, model_cache: Path) -> 
 
 
 def _status(spool: Spool) -> dict[str, Any]:
+    """The status file of the one daemon that served this spool."""
     try:
-        return json.loads((spool.state / "daemon.json").read_text())
+        (path,) = (spool.state / "daemons").glob("*.json")
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
 
 
 def test_sigterm_mid_render_stops_fast_and_loses_nothing(spool: Spool, model_cache: Path, start_daemon: Any) -> None:
     daemon: DaemonProcess = start_daemon(spool)
-    spool.drop("long.yaml", "prompt: a long render\nsteps: 150\nseed: 8\n")
+    spool.drop("long.yaml", "prompt: a long render\nsteps: 40\nseed: 8\n")
     deadline = time.monotonic() + 60
     while (_status(spool).get("current") or {}).get("step", 0) < 2:
         assert time.monotonic() < deadline, "render never started"
         time.sleep(0.05)
     stop_sent = time.monotonic()
     assert daemon.stop(signal.SIGTERM) == 0
-    # 150 steps take many seconds here; the stop comes at the next step.
+    # 40 steps take seconds here; the stop comes at the next step.
     assert time.monotonic() - stop_sent < 10
     assert (spool.inbox / "long.yaml").exists(), "the interrupted job goes back to the inbox"
     assert not (spool.outbox / "long.json").exists() and not list(spool.outbox.glob("long*.png"))
     assert not [p for p in spool.outbox.iterdir() if p.name.startswith(".")], "no temp files left"
-    assert _status(spool)["state"] == "stopped"
+    assert not list((spool.state / "daemons").iterdir()), "a cleanly stopped daemon leaves no status file"
     # The next run renders it, once.
     proc = sbrender("run", "--once", *spool.cli_args(), env=daemon_env(model_cache, SBRENDER_LIMITS_MAX_STEPS="150"),
                     cwd=spool.root)
@@ -118,16 +123,57 @@ def test_sigterm_mid_render_stops_fast_and_loses_nothing(spool: Spool, model_cac
     assert json.loads((spool.outbox / "long.json").read_text())["status"] == "succeeded"
 
 
+def _dead_owner() -> str:
+    """The owner name of a daemon process that has exited."""
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return owner_name(pid=int(proc.stdout))
+
+
 def test_files_claimed_by_a_crashed_run_are_rendered_on_restart(spool: Spool, model_cache: Path) -> None:
-    """A file left in state/work (the daemon was killed mid-job) is recovered."""
-    (spool.state / "work").mkdir(parents=True)
-    (spool.state / "work" / "orphan.yaml").write_text("prompt: left behind\nseed: 4\n")
-    (spool.outbox).mkdir()
-    (spool.outbox / ".orphan.png.999999.deadbeef.tmp").write_bytes(b"partial")
+    """Files left claimed by a daemon that died mid-job are recovered, with what it
+    left half-written cleaned up; a live daemon's files are not touched."""
+    dead = _dead_owner()
+    (spool.state / "work" / dead).mkdir(parents=True)
+    (spool.state / "work" / dead / "orphan.yaml").write_text("prompt: left behind\nseed: 4\n")
+    (spool.state / "work" / "legacy.yaml").write_text("prompt: claimed by an older layout\n")
+    alive = owner_name(pid=os.getppid())  # the pytest runner's parent: alive, not a daemon
+    (spool.state / "work" / alive).mkdir()
+    (spool.state / "work" / alive / "peer.yaml").write_text("prompt: a live peer's job\n")
+    spool.outbox.mkdir()
+    partial = spool.outbox / f".orphan.png~{dead}~deadbeef.tmp"
+    partial.write_bytes(b"partial")
     _run_once(spool, model_cache)
     assert json.loads((spool.outbox / "orphan.json").read_text())["status"] == "succeeded"
+    assert json.loads((spool.outbox / "legacy.json").read_text())["status"] == "succeeded"
     assert (spool.state / "done" / "orphan.yaml").exists()
-    assert not (spool.outbox / ".orphan.png.999999.deadbeef.tmp").exists(), "stale temp files are removed"
+    assert not partial.exists(), "stale temp files are removed"
+    assert not (spool.state / "work" / dead).exists()
+    assert (spool.state / "work" / alive / "peer.yaml").exists(), "a live owner's file is not taken"
+    assert not (spool.outbox / "peer.json").exists()
+
+
+def test_a_file_that_keeps_crashing_daemons_is_failed(spool: Spool, model_cache: Path) -> None:
+    """The third daemon death with the same file claimed fails it instead of looping."""
+    for crash in (1, 2, 3):
+        dead = _dead_owner()
+        (spool.state / "work" / dead).mkdir(parents=True)
+        path = spool.state / "work" / dead / "poison.yaml"
+        if crash == 1:
+            path.write_text("prompt: crashes every time\n")
+        else:
+            os.rename(previous, path)
+        previous = path
+        if crash < 3:
+            # What a crash-recovering daemon does, without rendering: count the crash.
+            from sbrender.spool import FileInfo, Spool as RealSpool
+            real = RealSpool(spool.inbox, spool.outbox, spool.state, owner="test")
+            real.prepare()
+            real.count_attempt(FileInfo.of(path).claim_token)
+    _run_once(spool, model_cache)
+    result = json.loads((spool.outbox / "poison.json").read_text())
+    assert result["status"] == "failed"
+    assert "died 3 times" in result["error"]["message"]
+    assert (spool.state / "failed" / "poison.yaml").exists()
 
 
 def test_state_on_another_filesystem_is_refused(spool: Spool, model_cache: Path) -> None:
