@@ -205,6 +205,8 @@ def validate_file(path: Path, rules: Rules) -> list[Entry]:
     """The entries a job file would yield, checked exactly as the daemon checks them."""
     try:
         data = read_bytes(path, rules.max_file_bytes)
+    except FileNotFoundError:
+        return []  # claimed or removed while we looked
     except SbrenderError as err:
         return [BadJob(ids.stem(path.name), err if isinstance(err, JobError) else JobError(str(err)), 0, path.name)]
     return parse_job_bytes(path.name, data, rules)

@@ -34,6 +34,8 @@ def read_bytes(path: Path, max_bytes: int) -> bytes:
     """The content of a job file, or ``UnsafeFileError`` saying why it was not read."""
     try:
         fd = os.open(path, _OPEN_FLAGS)
+    except FileNotFoundError:
+        raise  # gone (claimed by a peer, deleted): not a property of the file
     except OSError as err:
         if os.path.islink(path):
             raise UnsafeFileError("job file is a symbolic link; it was not followed",
