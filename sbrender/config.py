@@ -27,6 +27,7 @@ from .models import BUILTINS
 DEFAULT_CONFIG_FILE = Path("config") / "sbrender.yaml"
 ENV_PREFIX = "SBRENDER_"
 CONFIG_ENV = "SBRENDER_CONFIG"
+NOT_SETTINGS = {CONFIG_ENV, "SBRENDER_TEST_FAULTS"}  # SBRENDER_* variables that are not settings
 
 Parser = Callable[[Any], Any]
 
@@ -266,7 +267,7 @@ def load_settings(
         for key, value in read_config_file(path).items():
             raw[key] = (value, f"config file {path}")
     for name, value in env.items():
-        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+        if not name.startswith(ENV_PREFIX) or name in NOT_SETTINGS:
             continue
         if name not in BY_ENV:
             raise _unknown(name, list(BY_ENV), "the environment")

@@ -285,7 +285,9 @@ class Daemon:
                  "inference_s": out.timings.get("inference_s", 0.0),
                  "write_s": time.perf_counter() - write_start,
                  "model_load_s": self.model_load_s}
-        return results.succeeded(dataclasses.replace(job, seed=base), input=input_rec, images=images, sampler=out.scheduler,
+        for warning in out.warnings:
+            log.warning("image warning", warning=warning)
+        return results.succeeded(dataclasses.replace(job, seed=base), warnings=out.warnings, input=input_rec, images=images, sampler=out.scheduler,
                                  renderer=self.description, times=results.timings(queued, started, finished, parts))
 
     def _failure(self, entry: Entry, err: SbrenderError, input_rec: dict[str, Any], queued: float,

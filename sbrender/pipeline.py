@@ -17,9 +17,10 @@ for _name, _value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY
                       ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
     os.environ.setdefault(_name, _value)
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from . import __version__, models, samplers
+from . import __version__, faults, models, samplers
 from .config import Settings
 from .errors import RenderError, ShutdownRequested
 from .jobs import Job
@@ -64,6 +65,7 @@ class DiffusersRenderer:
         self.ref: models.ModelRef | None = None
         self.pipe: Any = None
         self._schedulers: dict[str, Any] = {}
+        self.faults = faults.from_env()
         self._base_scheduler_config: Any = None
 
     def load(self) -> float:
@@ -73,6 +75,10 @@ class DiffusersRenderer:
 
             raise ModelError("device is cuda but torch sees no CUDA GPU",
                              hint="set device: auto or cpu, or install a CUDA build of torch")
+        if self.faults.get("") == faults.LOAD:
+            from .errors import ModelError
+
+            raise ModelError("cannot load the model: injected fault (SBRENDER_TEST_FAULTS=load)")
         self.ref = models.resolve(self.settings.model, self.settings.cache)
         pipe = models.load_pipeline(self.ref, dtype=self.dtype, offline=self.settings["offline"],
                                     safety_checker=self.settings["safety_checker"])
@@ -105,10 +111,13 @@ class DiffusersRenderer:
         scheduler = self._use_sampler(job.sampler)
         # One CPU generator per image: the same seed gives the same image on any device.
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        fault = self.faults.get(job.id)
         stopped = False
 
         def step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
             nonlocal stopped
+            if fault is not None:
+                kwargs = faults.inject(fault, kwargs)
             if on_step is not None and on_step(step + 1, job.steps):
                 stopped = True
                 pipe._interrupt = True
@@ -122,18 +131,35 @@ class DiffusersRenderer:
                     prompt=job.prompt, negative_prompt=job.negative_prompt or None,
                     num_inference_steps=job.steps, guidance_scale=job.guidance_scale,
                     width=job.width, height=job.height, num_images_per_prompt=job.count,
-                    generator=generators, callback_on_step_end=step_end)
+                    generator=generators, callback_on_step_end=step_end, output_type="np")
         except torch.cuda.OutOfMemoryError as err:
             self._free_memory()
-            raise RenderError(f"out of GPU memory rendering {job.count} image(s) of {job.width}x{job.height}",
-                              hint="use a smaller size or count") from err
+            raise RenderError(f"out of GPU memory rendering {job.count} image(s) of {job.width}x{job.height} "
+                              f"({_first_line(err)})",
+                              hint="use a smaller width/height or count; the daemon goes on") from err
         except (RuntimeError, ValueError, TypeError, IndexError) as err:
-            raise RenderError(f"the pipeline failed: {type(err).__name__}: {err}") from err
+            raise RenderError(f"the pipeline failed: {type(err).__name__}: {_first_line(err)}") from err
         if stopped:
             raise ShutdownRequested()
         timings["inference_s"] = time.perf_counter() - start
-        return RenderOutput(list(result.images), seeds, scheduler, timings)
+        arrays = np.asarray(result.images)
+        broken = [k + 1 for k in range(len(arrays)) if not np.isfinite(arrays[k]).all()]
+        if broken:
+            raise RenderError(
+                f"the model produced NaN values (image {', '.join(map(str, broken))} of {len(arrays)}); "
+                f"nothing usable to save", hint="float16 overflow is the usual cause: try dtype bfloat16 or float32")
+        black = [k + 1 for k in range(len(arrays)) if float(arrays[k].max()) <= 0.0]
+        nsfw = getattr(result, "nsfw_content_detected", None) or []
+        warnings = [f"image {k} is entirely black" + (" (flagged by the safety checker)" if k <= len(nsfw)
+                                                      and nsfw[k - 1] else "") for k in black]
+        images = self.pipe.numpy_to_pil(arrays)
+        return RenderOutput(images, seeds, scheduler, timings, warnings)
 
     def _free_memory(self) -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -25,6 +25,7 @@ class RenderOutput:
     seeds: list[int]
     scheduler: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # recorded in the result, e.g. a black image
 
 
 class Renderer(Protocol):

@@ -44,12 +44,15 @@ def timings(queued: float, started: float, finished: float, parts: dict[str, flo
 
 
 def succeeded(job: Job, *, input: dict[str, Any], images: list[dict[str, Any]], sampler: dict[str, Any],
-              renderer: dict[str, Any], times: dict[str, Any]) -> dict[str, Any]:
-    return {
+              renderer: dict[str, Any], times: dict[str, Any], warnings: list[str] | None = None) -> dict[str, Any]:
+    out = {
         "schema": SCHEMA_VERSION, "id": job.id, "status": SUCCEEDED, "input": input,
         "params": job.params(), "images": images, "sampler": sampler, **renderer,
         "metadata": job.metadata, "timings": times,
     }
+    if warnings:
+        out["warnings"] = warnings
+    return out
 
 
 def failed(entry: Entry, error: SbrenderError, *, input: dict[str, Any], renderer: dict[str, Any],

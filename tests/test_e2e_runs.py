@@ -153,27 +153,44 @@ def test_files_claimed_by_a_crashed_run_are_rendered_on_restart(spool: Spool, mo
 
 
 def test_a_file_that_keeps_crashing_daemons_is_failed(spool: Spool, model_cache: Path) -> None:
-    """The third daemon death with the same file claimed fails it instead of looping."""
-    for crash in (1, 2, 3):
-        dead = _dead_owner()
-        (spool.state / "work" / dead).mkdir(parents=True)
-        path = spool.state / "work" / dead / "poison.yaml"
-        if crash == 1:
-            path.write_text("prompt: crashes every time\n")
-        else:
-            os.rename(previous, path)
-        previous = path
-        if crash < 3:
-            # What a crash-recovering daemon does, without rendering: count the crash.
-            from sbrender.spool import FileInfo, Spool as RealSpool
-            real = RealSpool(spool.inbox, spool.outbox, spool.state, owner="test")
-            real.prepare()
-            real.count_attempt(FileInfo.of(path).claim_token)
-    _run_once(spool, model_cache)
+    """A job that kills the daemon (SIGKILL mid-render) is retried after each restart
+    until limits.max_crashes, then failed; the job behind it renders."""
+    spool.drop("poison.yaml", "prompt: crashes every time\n", mtime=time.time() - 60)
+    spool.drop("after-poison.yaml", "prompt: next in line\n")
+    env = daemon_env(model_cache, SBRENDER_TEST_FAULTS="poison=crash", SBRENDER_LIMITS_MAX_CRASHES="2")
+    codes = [sbrender("run", "--once", *spool.cli_args(), env=env, cwd=spool.root).returncode for _ in range(3)]
+    assert codes == [-signal.SIGKILL, -signal.SIGKILL, 0]
     result = json.loads((spool.outbox / "poison.json").read_text())
     assert result["status"] == "failed"
-    assert "died 3 times" in result["error"]["message"]
+    assert "a daemon died 2 times while this job was claimed" in result["error"]["message"]
     assert (spool.state / "failed" / "poison.yaml").exists()
+    assert json.loads((spool.outbox / "after-poison.json").read_text())["status"] == "succeeded"
+    assert not list((spool.state / "work").glob("*/*")), "nothing is left claimed"
+
+
+@pytest.mark.parametrize("fault, expected", [
+    ("oom", "out of GPU memory rendering 1 image(s) of 64x64"),
+    ("nan", "the model produced NaN values"),
+    ("error", "the pipeline failed: RuntimeError: injected pipeline failure"),
+])
+def test_renderer_faults_fail_the_job_and_the_daemon_goes_on(spool: Spool, model_cache: Path, fault: str,
+                                                            expected: str) -> None:
+    spool.drop("faulty.yaml", "prompt: doomed\npriority: 1\n")
+    spool.drop("healthy.yaml", "prompt: fine\n")
+    _run_once(spool, model_cache, SBRENDER_TEST_FAULTS=f"faulty={fault}")
+    result = json.loads((spool.outbox / "faulty.json").read_text())
+    assert result["status"] == "failed" and result["error"]["type"] == "render"
+    assert expected in result["error"]["message"]
+    assert not list(spool.outbox.glob("faulty*.png"))
+    assert json.loads((spool.outbox / "healthy.json").read_text())["status"] == "succeeded"
+
+
+def test_model_load_failure_stops_the_start(spool: Spool, model_cache: Path) -> None:
+    spool.drop("kept.yaml", "prompt: must stay queued\n")
+    proc = sbrender("run", *spool.cli_args(), env=daemon_env(model_cache, SBRENDER_TEST_FAULTS="load"),
+                    cwd=spool.root)
+    assert proc.returncode == 1 and "cannot load the model: injected fault" in proc.stderr
+    assert (spool.inbox / "kept.yaml").exists()
 
 
 def test_state_on_another_filesystem_is_refused(spool: Spool, model_cache: Path) -> None:
