@@ -60,6 +60,8 @@ class Daemon:
         self._status_written = 0.0
         self._status_lock = threading.Lock()
         self._signals = 0
+        self._identity: dict[Any, tuple[int, int]] = {}
+        self._problems: list[str] = []
 
     # --- life cycle ------------------------------------------------------------------
 
@@ -73,6 +75,7 @@ class Daemon:
             self.model_load_s = self.renderer.load()
             self.description = self.renderer.describe()
             log.info("model loaded", seconds=round(self.model_load_s, 3), **_flat(self.description))
+            self._identity = self.spool.identity()
             self._recover()
             self.watcher.start()
             self.queue.full_scan()
@@ -120,6 +123,11 @@ class Daemon:
         next_scan = time.monotonic() + rescan_s
         while not self.should_exit.is_set():
             self.wake.clear()
+            if not self._folders_ok():
+                if once:
+                    raise SpoolError("the spool folders changed under the daemon: " + "; ".join(self._problems))
+                self.wake.wait(rescan_s)
+                continue
             if not self.watcher.alive():
                 log.error("watcher thread died; restarting it and rescanning")
                 self.watcher.restart()
@@ -142,6 +150,22 @@ class Daemon:
             if self.queue.waiting:
                 timeout = min(timeout, 0.1)
             self.wake.wait(max(timeout, 0.0))
+
+    def _folders_ok(self) -> bool:
+        """False while a spool folder is missing or replaced: then nothing is read,
+        claimed or written, rather than taking an empty mount point for an empty
+        queue. Rendering resumes when the same folders are back."""
+        problems = self.spool.identity_problems(self._identity)
+        if problems != self._problems:
+            if problems:
+                log.error("spool folder missing or replaced; paused until it is back", problems=problems)
+                self._set_status("paused", force=True, problems=problems)
+            else:
+                log.info("spool folders are back; resuming")
+                self.watcher.restart()
+                self.queue.full_scan()
+        self._problems = problems
+        return not problems
 
     def stop(self) -> None:
         self.should_exit.set()

@@ -102,6 +102,28 @@ class Spool:
                 "claiming a job by rename would not be atomic",
                 hint="put the state folder on the inbox's filesystem (set state: or SBRENDER_STATE)")
 
+    def identity(self) -> dict[Path, tuple[int, int]]:
+        """(device, inode) of each spool folder, to notice one vanishing or being
+        replaced (an unmounted volume shows an empty folder in its place)."""
+        out = {}
+        for folder in (self.inbox, self.outbox, self.state, self.work):
+            st = os.stat(folder)
+            out[folder] = (st.st_dev, st.st_ino)
+        return out
+
+    def identity_problems(self, expected: dict[Path, tuple[int, int]]) -> list[str]:
+        problems = []
+        for folder, ident in expected.items():
+            try:
+                st = os.stat(folder)
+            except OSError as err:
+                problems.append(f"{folder} is gone ({err.strerror}); is its volume mounted?")
+                continue
+            if (st.st_dev, st.st_ino) != ident:
+                problems.append(f"{folder} was replaced by another folder (a volume mounted or unmounted "
+                                "over it, or the folder re-created)")
+        return problems
+
     def check(self) -> None:
         """Fail when the folders exist but are unusable, without creating anything."""
         for folder in (self.inbox, self.outbox):

@@ -201,3 +201,23 @@ def test_state_on_another_filesystem_is_refused(spool: Spool, model_cache: Path)
     proc = sbrender("run", "--inbox", str(spool.inbox), "--outbox", str(spool.outbox), "--state", str(state),
                     env=daemon_env(model_cache), cwd=spool.root)
     assert proc.returncode == 1 and "another filesystem" in proc.stderr
+
+
+def test_vanished_outbox_pauses_instead_of_losing_work(spool: Spool, start_daemon: Any) -> None:
+    """An outbox that disappears (an unmounted volume) stops the daemon from taking
+    jobs; when the same folder is back, it goes on."""
+    daemon: DaemonProcess = start_daemon(spool)
+    spool.drop("before.yaml", "prompt: before\n")
+    spool.result("before")
+    hidden = spool.root / "outbox-unmounted"
+    os.rename(spool.outbox, hidden)
+    deadline = time.monotonic() + 30
+    while not daemon.events("spool folder missing or replaced; paused until it is back"):
+        assert time.monotonic() < deadline, "the missing outbox was not noticed"
+        time.sleep(0.05)
+    spool.drop("during.yaml", "prompt: during\n")
+    time.sleep(1.5)  # several rescans
+    assert (spool.inbox / "during.yaml").exists(), "no job is taken while the outbox is gone"
+    os.rename(hidden, spool.outbox)
+    assert spool.result("during")["status"] == "succeeded"
+    assert daemon.events("spool folders are back; resuming")
