@@ -1,0 +1,110 @@
+"""Queue mechanics at volume, in-process, with a stand-in renderer.
+
+These check the watcher, the scanner and the claims under load: thousands of
+files, a dead watcher thread. The real renderer is shown end to end in the
+test_e2e_* modules; here only the image-making is replaced, so that 5,000 jobs
+take a minute instead of hours on a CPU.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from sbrender.config import load_settings
+from sbrender.daemon import Daemon
+from sbrender.jobs import Job
+from sbrender.renderer import RenderOutput, StepCallback
+
+
+class SolidRenderer:
+    """Makes one flat-coloured image per seed, and counts renders per job id."""
+
+    def __init__(self) -> None:
+        self.renders: collections.Counter[str] = collections.Counter()
+
+    def load(self) -> float:
+        return 0.0
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": {"name": "solid", "source": "test", "location": "", "random_weights": True},
+                "device": "cpu", "dtype": "none", "versions": {}}
+
+    def render(self, job: Job, seeds: list[int], on_step: StepCallback | None = None) -> RenderOutput:
+        self.renders[job.id] += 1
+        images = [Image.new("RGB", (job.width, job.height), (seed % 256, 0, 0)) for seed in seeds]
+        return RenderOutput(images, seeds, {"name": job.sampler}, {"inference_s": 0.0})
+
+
+@pytest.fixture(params=["inotify", "polling"])
+def running(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+            ) -> Iterator[tuple[Daemon, SolidRenderer, Path]]:
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(env={}, overrides={
+        "inbox": str(tmp_path / "inbox"), "outbox": str(tmp_path / "outbox"), "state": str(tmp_path / "state"),
+        "watch.mode": request.param, "watch.rescan_seconds": 0.5, "watch.settle_seconds": 0.2,
+        "defaults.width": 64, "defaults.height": 64})
+    renderer = SolidRenderer()
+    daemon = Daemon(settings, renderer)
+    thread = threading.Thread(target=daemon.run, name="daemon-under-test")
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not (daemon.description and daemon.watcher.alive() and (tmp_path / "inbox").is_dir()):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    yield daemon, renderer, tmp_path
+    daemon.stop()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+
+
+def _wait_for(paths: list[Path], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    missing = paths
+    while missing:
+        missing = [p for p in missing if not p.exists()]
+        assert time.monotonic() < deadline, f"{len(missing)} results missing, e.g. {missing[:3]}"
+        time.sleep(0.1)
+
+
+def test_flood_of_5000_files_all_rendered_none_twice(running: tuple[Daemon, SolidRenderer, Path]) -> None:
+    """Dropped at once, more events than inotify's queue holds: the rescan finds what
+    the events lost."""
+    daemon, renderer, root = running
+    inbox, outbox = root / "inbox", root / "outbox"
+    names = [f"flood-{k:05d}" for k in range(5000)]
+    for name in names:
+        temp = inbox / f".{name}.json.tmp"
+        temp.write_text(json.dumps({"prompt": name, "seed": 1}))
+        os.rename(temp, inbox / f"{name}.json")
+    _wait_for([outbox / f"{name}.json" for name in names], timeout=600)
+    assert renderer.renders == {name: 1 for name in names}
+    results = {json.loads((outbox / f"{name}.json").read_text())["status"] for name in names}
+    assert results == {"succeeded"}
+    assert not list(outbox.glob("*.dup*")), "no job was taken for a duplicate of itself"
+    assert not os.listdir(inbox)
+    assert len(os.listdir(root / "state" / "done")) == 5000
+
+
+@pytest.mark.parametrize("running", ["inotify"], indirect=True)
+def test_dead_watcher_is_restarted(running: tuple[Daemon, SolidRenderer, Path]) -> None:
+    daemon, renderer, root = running
+    observer = daemon.watcher._observer
+    observer.stop()  # what an exception in watchdog's thread leaves behind
+    observer.join()
+    deadline = time.monotonic() + 30
+    while daemon.watcher._observer is observer or not daemon.watcher.alive():
+        assert time.monotonic() < deadline, "the dead watcher was not replaced"
+        time.sleep(0.05)
+    (root / "inbox" / ".after.json.tmp").write_text(json.dumps({"prompt": "after the restart"}))
+    os.rename(root / "inbox" / ".after.json.tmp", root / "inbox" / "after.json")
+    _wait_for([root / "outbox" / "after.json"], timeout=30)
