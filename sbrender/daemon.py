@@ -95,27 +95,32 @@ class Daemon:
 
     def _recover(self) -> None:
         """Take over files claimed by daemons that are gone (a crash, a kill, a
-        power cut), counting the attempt: a file that was being rendered when
-        daemons died ``limits.max_crashes`` times fails instead of looping."""
+        power cut). The job a dead daemon was rendering gets a crash counted;
+        one that was being rendered at ``limits.max_crashes`` deaths fails
+        instead of taking the next daemon down too."""
         for path in self.spool.remove_stale_temps():
             log.info("removed stale temp file", file=str(path))
-        owners = set()
+        owners: dict[str, str | None] = {}
         for owner, info in list(self.spool.orphans()):
-            owners.add(owner)
+            if owner not in owners:
+                status = peers.read_status(self.spool.daemons / f"{owner}.json") or {}
+                rendering = status.get("state") == "rendering"
+                owners[owner] = (status.get("current") or {}).get("job") if rendering else None
             path = self.spool.adopt(info)
             adopted = FileInfo.of(path) if path is not None else None
             if adopted is None:
                 continue  # a peer was quicker
-            crashes = self.spool.count_attempt(adopted.claim_token)
-            log.warning("recovered a file claimed by a daemon that is gone", file=info.name,
-                        previous_owner=owner or "unknown", crashes=crashes)
             cand = self.queue.add_claimed(adopted)
-            if crashes >= self.settings["limits.max_crashes"]:
-                error = RenderError(f"a daemon died {crashes} times while this job was claimed; not trying again",
+            culprit = next((e for e in cand.entries if e.id == owners[owner]), None)
+            crashes = self.spool.count_attempt(adopted.claim_token, culprit.id) if culprit else 0
+            log.warning("recovered a file claimed by a daemon that is gone", file=info.name,
+                        previous_owner=owner or "unknown", rendering=owners[owner], crashes=crashes)
+            if culprit is not None and crashes >= self.settings["limits.max_crashes"]:
+                error = RenderError(f"a daemon died {crashes} times while rendering this job; not trying again",
                                     hint="check the daemon's log for the crash; `sbrender retry ID` re-queues it")
-                self.queue.poison(cand, lambda entry: BadJob(entry.id, _as_job_error(error), entry.priority,
-                                                             cand.name))
-        for owner in owners - {""}:
+                self.queue.poison(cand, culprit.id, BadJob(culprit.id, _as_job_error(error), culprit.priority,
+                                                           cand.name))
+        for owner in owners.keys() - {""}:
             self.spool.forget_owner(owner)
 
     def _loop(self, once: bool) -> None:

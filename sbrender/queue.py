@@ -22,7 +22,7 @@ from pathlib import Path
 from . import ids
 from .errors import UnsafeFileError
 from .jobfile import read_bytes
-from .jobs import BadJob, Entry, Job, Rules, parse_job_bytes
+from .jobs import BadJob, Entry, Rules, parse_job_bytes
 from .spool import FileInfo, Spool
 from .watcher import Seen, is_complete
 
@@ -184,10 +184,9 @@ class JobQueue:
         cand.any_failed |= not ok
         return not cand.pending()
 
-    def poison(self, cand: Candidate, make_bad: Callable[[Entry], BadJob]) -> None:
-        """Replace the file's unfinished jobs by failures (see ``Daemon._recover``)."""
-        cand.entries = [make_bad(e) if isinstance(e, Job) and e.id not in cand.finished else e
-                        for e in cand.entries]
+    def poison(self, cand: Candidate, job_id: str, bad: BadJob) -> None:
+        """Replace one of the file's jobs by a failure (see ``Daemon._recover``)."""
+        cand.entries = [bad if e.id == job_id else e for e in cand.entries]
 
     def drop(self, cand: Candidate) -> None:
         self._forget(cand.name)

@@ -254,9 +254,9 @@ class Spool:
         except FileNotFoundError:
             pass
 
-    def count_attempt(self, claim: str) -> int:
-        """One more daemon died while this file was claimed; returns the count."""
-        path = self.attempts / claim
+    def count_attempt(self, claim: str, job_id: str) -> int:
+        """One more daemon died while rendering this job of this file; the count."""
+        path = self.attempts / f"{claim}-{job_id}"
         try:
             count = int(path.read_text() or 0) + 1
         except (OSError, ValueError):
@@ -265,10 +265,11 @@ class Spool:
         return count
 
     def clear_attempts(self, claim: str) -> None:
-        try:
-            os.unlink(self.attempts / claim)
-        except FileNotFoundError:
-            pass
+        for path in self.attempts.glob(f"{claim}-*"):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
     # --- outbox ------------------------------------------------------------------
 

@@ -162,7 +162,7 @@ def test_a_file_that_keeps_crashing_daemons_is_failed(spool: Spool, model_cache:
     assert codes == [-signal.SIGKILL, -signal.SIGKILL, 0]
     result = json.loads((spool.outbox / "poison.json").read_text())
     assert result["status"] == "failed"
-    assert "a daemon died 2 times while this job was claimed" in result["error"]["message"]
+    assert "a daemon died 2 times while rendering this job" in result["error"]["message"]
     assert (spool.state / "failed" / "poison.yaml").exists()
     assert json.loads((spool.outbox / "after-poison.json").read_text())["status"] == "succeeded"
     assert not list((spool.state / "work").glob("*/*")), "nothing is left claimed"
