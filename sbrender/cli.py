@@ -210,7 +210,7 @@ def _age(since: float) -> str:
 
 @main.command()
 @folder_options
-@click.option("--only", type=click.Choice(["pending", "running", "succeeded", "failed"]),
+@click.option("--only", type=click.Choice(["pending", "running", "succeeded", "failed", "cancelled"]),
               help="Show only jobs in this state.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @_errors_exit
@@ -243,6 +243,45 @@ def show(config_file: str | None, inbox: str | None, outbox: str | None, state: 
     if found is None:
         _fail(f"no job {job_id} in the inbox, the work folder or the outbox")
     click.echo(json.dumps(found, indent=2, ensure_ascii=False))
+
+
+@main.command()
+@folder_options
+@click.argument("job_id")
+@click.option("--timeout", type=float, default=10.0, show_default=True,
+              help="Wait this long for a running daemon to confirm.")
+@_errors_exit
+def cancel(config_file: str | None, inbox: str | None, outbox: str | None, state: str | None, job_id: str,
+           timeout: float) -> None:
+    """Cancel JOB_ID: a queued job gets a cancelled result, a running one stops at its next step."""
+    client = Client.from_settings(_settings(config_file, inbox=inbox, outbox=outbox, state=state))
+    try:
+        client.cancel(job_id)
+    except JobError as err:
+        _fail(str(err))
+    if not any(d["alive"] for d in client.daemons()):
+        click.echo(f"{job_id}: cancel requested; no daemon is running, it takes effect when one starts")
+        return
+    try:
+        result = client.wait(job_id, timeout=timeout)
+    except WaitTimeout:
+        click.echo(f"{job_id}: cancel requested; the daemons have not confirmed it yet")
+        return
+    click.echo(f"{job_id}: {result.get('status')}")
+
+
+@main.command()
+@folder_options
+@click.argument("job_id")
+@_errors_exit
+def retry(config_file: str | None, inbox: str | None, outbox: str | None, state: str | None, job_id: str) -> None:
+    """Put a failed or cancelled JOB_ID back into the queue, under its id."""
+    client = Client.from_settings(_settings(config_file, inbox=inbox, outbox=outbox, state=state))
+    try:
+        name = client.retry(job_id)
+    except JobError as err:
+        _fail(str(err))
+    click.echo(f"{job_id}: queued again as {client.inbox / name}")
 
 
 @main.command()

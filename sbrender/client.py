@@ -27,7 +27,7 @@ from .jobfile import read_bytes
 from .jobs import BadJob, Entry, Job, Rules, build_job, parse_job_bytes
 from .outputs import fsync_dir, read_json
 
-PENDING, RUNNING, SUCCEEDED, FAILED = "pending", "running", "succeeded", "failed"
+PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "pending", "running", "succeeded", "failed", "cancelled"
 
 
 class WaitTimeout(SbrenderError):
@@ -86,12 +86,7 @@ class Client:
                                 hint="start the daemon once or create the folder")
         data = (json.dumps(job, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
         temp = self.inbox / f".{job_id}.{secrets.token_hex(4)}.json.tmp"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_synced(temp, data)
         os.rename(temp, self.inbox / f"{job_id}.json")
         fsync_dir(self.inbox)
         return job_id
@@ -110,6 +105,75 @@ class Client:
             return [works, *(Path(e.path) for e in os.scandir(works) if e.is_dir(follow_symlinks=False))]
         except FileNotFoundError:
             return []
+
+    # --- operating on jobs -----------------------------------------------------------------
+
+    def cancel(self, job_id: str) -> str:
+        """Ask the daemons to cancel a job: a queued one is taken out with a
+        cancelled result, a running one stops at its next step. Returns the job's
+        state when asked; raises ``JobError`` for a finished or unknown job."""
+        result = self.result(job_id)
+        if result is not None:
+            raise JobError(f"job {job_id} already finished ({result.get('status')}); nothing to cancel")
+        state = self.status(job_id)
+        if state is None:
+            raise JobError(f"no job {job_id} is pending or running")
+        folder = self.state / "cancel"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / job_id).touch()
+        return state.state
+
+    def retry(self, job_id: str) -> str:
+        """Put a failed or cancelled job back into the queue under its id. Its old
+        result moves to ``state/retried/``. Returns the new job file's name."""
+        result = self.result(job_id)
+        if result is None or result.get("status") not in (FAILED, CANCELLED):
+            state = result.get("status") if result else "not finished"
+            raise JobError(f"job {job_id} is {state}; only a failed or cancelled job can be retried")
+        job = self._archived_job(job_id, result)
+        body = {**job.params(), "metadata": job.metadata}
+        if job.seed is None:
+            body.pop("seed")  # a random seed stays random
+        data = (json.dumps(body, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        temp = self.inbox / f".{job_id}.{secrets.token_hex(4)}.json.tmp"
+        _write_synced(temp, data)
+        retried = self.state / "retried"
+        retried.mkdir(parents=True, exist_ok=True)
+        n = 1
+        while (retried / f"{job_id}.{n}.json").exists():
+            n += 1
+        # The old result leaves and the id is released before the job comes back,
+        # or the daemon would take it for a second job under a used id.
+        os.rename(self.outbox / f"{job_id}.json", retried / f"{job_id}.{n}.json")
+        for stale in (self.state / "ids" / job_id, self.state / "cancel" / job_id):
+            try:
+                os.unlink(stale)
+            except FileNotFoundError:
+                pass
+        os.rename(temp, self.inbox / f"{job_id}.json")
+        fsync_dir(self.inbox)
+        return f"{job_id}.json"
+
+    def _archived_job(self, job_id: str, result: Mapping[str, Any]) -> Job:
+        """The job as its archived input file says, found by the claim token."""
+        source = result.get("input", {})
+        claim = source.get("claim")
+        for folder in (self.state / "failed", self.state / "done"):
+            for path in _scandir(folder, ""):
+                if not path.name.startswith(str(source.get("file", ""))):
+                    continue
+                st = os.lstat(path)
+                if f"{st.st_ino}-{st.st_mtime_ns}" != claim:
+                    continue
+                entries = validate_file(path, self.rules, name=str(source.get("file")))
+                entry = next((e for e in entries if e.id == job_id), None)
+                if isinstance(entry, Job):
+                    return entry
+                reason = entry.error if isinstance(entry, BadJob) else "it is not in the file"
+                raise JobError(f"job {job_id} cannot be retried as it is: {reason}",
+                               hint="fix the job and submit it again under a new id")
+        raise JobError(f"the input file of job {job_id} ({source.get('file')}) is no longer in the state folder",
+                       hint="submit the job again")
 
     # --- consuming ---------------------------------------------------------------------
 
@@ -201,15 +265,27 @@ class Client:
         return None
 
 
-def validate_file(path: Path, rules: Rules) -> list[Entry]:
-    """The entries a job file would yield, checked exactly as the daemon checks them."""
+def validate_file(path: Path, rules: Rules, name: str | None = None) -> list[Entry]:
+    """The entries a job file would yield, checked exactly as the daemon checks them.
+    ``name`` is the name ids come from, when the file has been archived under another."""
     try:
         data = read_bytes(path, rules.max_file_bytes)
     except FileNotFoundError:
         return []  # claimed or removed while we looked
     except SbrenderError as err:
         return [BadJob(ids.stem(path.name), err if isinstance(err, JobError) else JobError(str(err)), 0, path.name)]
-    return parse_job_bytes(path.name, data, rules)
+    return parse_job_bytes(name or path.name, data, rules)
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _scandir(folder: Path, suffix: str) -> Iterator[Path]:

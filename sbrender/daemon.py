@@ -25,7 +25,8 @@ import structlog
 
 from . import results
 from .config import Settings
-from .errors import DuplicateJobError, JobError, RenderError, SbrenderError, ShutdownRequested, SpoolError
+from .errors import (DuplicateJobError, JobCancelled, JobError, RenderError, SbrenderError, ShutdownRequested,
+                     SpoolError)
 from .jobs import SEED_MAX, BadJob, Entry, Job, Rules
 from .outputs import encode_png, infotext, publish_images, read_json, write_json
 from .queue import Candidate, JobQueue, Pick
@@ -37,7 +38,8 @@ from .watcher import InboxWatcher
 log = structlog.get_logger("sbrender")
 
 STATUS_INTERVAL_S = 1.0
-HEARTBEAT_S = 5.0  # the status file is rewritten at least this often, even mid-step
+HEARTBEAT_S = 5.0
+CANCEL_CHECK_S = 0.25  # how often a render looks for cancel requests  # the status file is rewritten at least this often, even mid-step
 
 
 class Daemon:
@@ -52,7 +54,7 @@ class Daemon:
         self.should_exit = threading.Event()
         self.watcher = InboxWatcher(settings.inbox, settings["watch.mode"], self.wake)
         self.queue = JobQueue(self.spool, self.rules, settings["watch.settle_seconds"], self.watcher.hint)
-        self.counts = {results.SUCCEEDED: 0, results.FAILED: 0}
+        self.counts = {results.SUCCEEDED: 0, results.FAILED: 0, results.CANCELLED: 0}
         self.description: dict[str, Any] = {}
         self.model_load_s = 0.0
         self.started_at = time.time()
@@ -60,6 +62,8 @@ class Daemon:
         self._status_written = 0.0
         self._status_lock = threading.Lock()
         self._signals = 0
+        self._cancels_checked = 0.0
+        self._next_scan = 0.0
         self._identity: dict[Any, tuple[int, int]] = {}
         self._problems: list[str] = []
 
@@ -125,7 +129,7 @@ class Daemon:
 
     def _loop(self, once: bool) -> None:
         rescan_s = self.settings["watch.rescan_seconds"]
-        next_scan = time.monotonic() + rescan_s
+        self._next_scan = time.monotonic() + rescan_s
         while not self.should_exit.is_set():
             self.wake.clear()
             if not self._folders_ok():
@@ -136,25 +140,43 @@ class Daemon:
             if not self.watcher.alive():
                 log.error("watcher thread died; restarting it and rescanning")
                 self.watcher.restart()
-                next_scan = 0.0
-            now = time.monotonic()
-            if now >= next_scan:
-                self._recover()
-                self.queue.full_scan()
-                next_scan = now + rescan_s
-            else:
-                self.queue.refresh(self.watcher.drain())
-            pick = self.queue.pop()
+                self._next_scan = 0.0
+            self._look_at_inbox()
+            pick = self._cancelled_pick() or self.queue.pop()
             if pick is not None:
                 self._process(pick)
                 continue
             if once and not self.queue.waiting:
                 return
             self._set_status("idle")
-            timeout = next_scan - time.monotonic()
+            timeout = self._next_scan - time.monotonic()
             if self.queue.waiting:
                 timeout = min(timeout, 0.1)
             self.wake.wait(max(timeout, 0.0))
+
+    def _look_at_inbox(self) -> None:
+        """Learn what changed: the names events reported, or everything when the
+        periodic rescan is due (events are hints and can be lost)."""
+        now = time.monotonic()
+        if now >= self._next_scan:
+            self._recover()
+            self.queue.full_scan()
+            self._next_scan = now + self.settings["watch.rescan_seconds"]
+        else:
+            self.queue.refresh(self.watcher.drain())
+
+    def _cancelled_pick(self, running: str | None = None) -> Pick | None:
+        """A queued job someone cancelled: it is taken out of turn, to publish its
+        cancelled result at once. Requests for ids this daemon does not hold stay
+        for a peer, or for a file not seen yet."""
+        for job_id in self.spool.cancel_requests():
+            if job_id == running:
+                continue
+            if self.spool.result_path(job_id).exists():
+                self.spool.clear_cancel(job_id)
+            elif (pick := self.queue.find(job_id)) is not None:
+                return pick
+        return None
 
     def _folders_ok(self) -> bool:
         """False while a spool folder is missing or replaced: then nothing is read,
@@ -247,9 +269,14 @@ class Daemon:
         try:
             if isinstance(entry, BadJob):
                 raise entry.error
+            if self.spool.is_cancelled(entry.id):
+                raise JobCancelled("cancelled before it started")
             result = self._render(entry, input_rec, queued, picked, started)
         except ShutdownRequested:
-            raise
+            if not self.spool.is_cancelled(entry.id):
+                raise
+            result = self._failure(entry, JobCancelled("cancelled while rendering"), input_rec, queued, started,
+                                   result_id)
         except SbrenderError as err:
             result = self._failure(entry, err, input_rec, queued, started, result_id)
         except Exception as err:  # noqa: BLE001 - a bug must fail one job, not the daemon
@@ -263,6 +290,7 @@ class Daemon:
             log.error("cannot publish result; the job file stays in the work folder", error=str(err))
             return None
         ok = result["status"] == results.SUCCEEDED
+        self.spool.clear_cancel(entry.id)
         self.counts[result["status"]] += 1
         t = result["timings"]
         error = {"error": result["error"]["message"]} if "error" in result else {}
@@ -328,8 +356,17 @@ class Daemon:
     # --- status ------------------------------------------------------------------------
 
     def _on_step(self, job_id: str, step: int, steps: int) -> bool:
+        """After each denoising step: report progress; True stops the render (a stop
+        request, or the job was cancelled)."""
         self._set_status("rendering", job=job_id, step=step, steps=steps)
-        return self.should_exit.is_set()
+        now = time.monotonic()
+        if now - self._cancels_checked >= CANCEL_CHECK_S:
+            # Jobs cancelled while waiting get their result now, not after this render.
+            self._cancels_checked = now
+            self._look_at_inbox()
+            while (pick := self._cancelled_pick(running=job_id)) is not None:
+                self._process(pick)
+        return self.should_exit.is_set() or self.spool.is_cancelled(job_id)
 
     def _set_status(self, state: str, *, force: bool = False, **current: Any) -> None:
         """Keep ``state/daemons/<owner>.json`` current: on every change of state, else at most
@@ -343,7 +380,7 @@ class Daemon:
             "host": peers.hostname(), "state": state, "model": self.settings.model,
             "device": self.description.get("device"), "started_at": results.iso(self.started_at),
             "heartbeat": results.iso(now), "current": current or None, "queued": len(self.queue),
-            "succeeded": self.counts[results.SUCCEEDED], "failed": self.counts[results.FAILED],
+            **self.counts,
         }
         self._write_status()
 

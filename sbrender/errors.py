@@ -62,6 +62,12 @@ class UnsafeFileError(JobError):
     kind = "unsafe_file"
 
 
+class JobCancelled(SbrenderError):
+    """Someone cancelled the job (``sbrender cancel``) before it finished."""
+
+    kind = "cancelled"
+
+
 class RenderError(SbrenderError):
     """The renderer failed on a job (bad model output, a library exception)."""
 

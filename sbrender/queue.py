@@ -72,6 +72,7 @@ class JobQueue:
         self.candidates: dict[str, Candidate] = {}
         self.waiting: set[str] = set()  # in the inbox, not yet complete
         self._heap: list[tuple[tuple[int, int, str, int], int, str, int, int]] = []
+        self._by_id: dict[str, str] = {}  # job id -> candidate name, for cancels
         self._seq = itertools.count()
 
     # --- learning about files ------------------------------------------------------
@@ -104,7 +105,10 @@ class JobQueue:
                 self._consider(info)
 
     def _forget(self, name: str) -> None:
-        self.candidates.pop(name, None)
+        cand = self.candidates.pop(name, None)
+        for entry in cand.entries if cand is not None else ():
+            if self._by_id.get(entry.id) == name:
+                del self._by_id[entry.id]
         self.waiting.discard(name)
 
     def _consider(self, info: FileInfo) -> None:
@@ -137,6 +141,7 @@ class JobQueue:
             if not final and self._maybe_unfinished(cand):
                 return False
         for index, entry in enumerate(cand.entries):
+            self._by_id[entry.id] = cand.name
             heapq.heappush(self._heap, (_sort_key(entry, cand.info, index), next(self._seq), cand.name,
                                         cand.generation, index))
         return True
@@ -183,6 +188,14 @@ class JobQueue:
         cand.finished.add(entry.id)
         cand.any_failed |= not ok
         return not cand.pending()
+
+    def find(self, job_id: str) -> Pick | None:
+        """The pending entry with this id, if the queue holds it."""
+        cand = self.candidates.get(self._by_id.get(job_id, ""))
+        if cand is None:
+            return None
+        entry = next((e for e in cand.entries if e.id == job_id and e.id not in cand.finished), None)
+        return Pick(cand, entry) if entry is not None else None
 
     def poison(self, cand: Candidate, job_id: str, bad: BadJob) -> None:
         """Replace one of the file's jobs by a failure (see ``Daemon._recover``)."""

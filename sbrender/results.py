@@ -1,7 +1,7 @@
 """The shape of ``outbox/<id>.json``: the contract consumers read.
 
 Its presence means the job is finished, whatever the outcome. Fields:
-``id``, ``status`` ("succeeded" | "failed"), ``input`` (the job file, its
+``id``, ``status`` ("succeeded" | "failed" | "cancelled"), ``input`` (the job file, its
 sha256, the batch position), ``params`` (resolved), ``images`` (file, seed,
 size, sha256), ``model``, ``sampler``, ``device``, ``dtype``, ``versions``,
 ``metadata`` (the job's own, untouched), ``timings`` and, when failed, ``error``
@@ -20,6 +20,7 @@ from .jobs import Entry, Job
 SCHEMA_VERSION = 1
 SUCCEEDED = "succeeded"
 FAILED = "failed"
+CANCELLED = "cancelled"
 
 
 def iso(ts: float) -> str:
@@ -57,7 +58,8 @@ def succeeded(job: Job, *, input: dict[str, Any], images: list[dict[str, Any]], 
 
 def failed(entry: Entry, error: SbrenderError, *, input: dict[str, Any], renderer: dict[str, Any],
            times: dict[str, Any], job_id: str | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {"schema": SCHEMA_VERSION, "id": job_id or entry.id, "status": FAILED, "input": input}
+    status = CANCELLED if error.kind == "cancelled" else FAILED
+    out: dict[str, Any] = {"schema": SCHEMA_VERSION, "id": job_id or entry.id, "status": status, "input": input}
     if isinstance(entry, Job):
         out["params"] = entry.params()
         out["metadata"] = entry.metadata

@@ -1,6 +1,8 @@
 """The spool's folders and the moves between them.
 
     inbox/                 producers drop job files here (atomic rename recommended)
+    state/cancel/<id>      a request to cancel a job (``sbrender cancel``)
+    state/retried/         results moved aside by ``sbrender retry``
     state/work/<owner>/    files a daemon has claimed (atomic rename out of the inbox)
     state/done/            archived input: every job in it succeeded
     state/failed/          archived input: at least one job in it failed
@@ -83,11 +85,13 @@ class Spool:
         self.daemons = state / "daemons"
         self.ids = state / "ids"
         self.attempts = state / "attempts"
+        self.cancel = state / "cancel"
+        self.retried = state / "retried"
 
     def prepare(self) -> None:
         """Create missing folders and check they can work together; ``SpoolError`` otherwise."""
         for folder in (self.inbox, self.outbox, self.work, self.done, self.failed, self.daemons, self.ids,
-                       self.attempts):
+                       self.attempts, self.cancel, self.retried):
             try:
                 folder.mkdir(parents=True, exist_ok=True)
             except OSError as err:
@@ -270,6 +274,24 @@ class Spool:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+
+    # --- cancel requests -------------------------------------------------------------
+
+    def cancel_requests(self) -> list[str]:
+        """Job ids someone asked to cancel (``state/cancel/<id>``)."""
+        try:
+            return [name for name in os.listdir(self.cancel) if not name.startswith(".")]
+        except FileNotFoundError:
+            return []
+
+    def is_cancelled(self, job_id: str) -> bool:
+        return os.path.exists(self.cancel / job_id)
+
+    def clear_cancel(self, job_id: str) -> None:
+        try:
+            os.unlink(self.cancel / job_id)
+        except FileNotFoundError:
+            pass
 
     # --- outbox ------------------------------------------------------------------
 

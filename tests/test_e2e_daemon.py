@@ -216,3 +216,50 @@ def test_file_renamed_in_from_another_folder(live: tuple[Spool, DaemonProcess]) 
     (staging / "from-staging.json").rename(spool.inbox / "from-staging.json")
     result = spool.result("from-staging")
     assert result["status"] == "succeeded" and result["params"]["seed"] == 11
+
+
+def test_cancel_queued_and_running_jobs_then_retry(live: tuple[Spool, DaemonProcess], model_cache: Path) -> None:
+    spool, daemon = live
+    env = daemon_env(model_cache)
+    # A long render keeps the daemon busy while a second job waits behind it.
+    spool.drop("busy.yaml", "prompt: long\nsteps: 60\n")
+    deadline = time.monotonic() + 60
+    while not any((d.get("current") or {}).get("job") == "busy" for d in _statuses(spool)):
+        assert time.monotonic() < deadline, "the long job never started"
+        time.sleep(0.05)
+    spool.drop("queued.yaml", "- prompt: first of two\n  seed: 5\n- prompt: second of two\n")
+    time.sleep(0.6)  # seen and parsed, waiting behind busy
+    queued = sbrender("cancel", "queued-001", *spool.cli_args(), env=env, cwd=spool.root)
+    assert queued.returncode == 0, queued.stderr
+    assert queued.stdout.strip() == "queued-001: cancelled"
+    running = sbrender("cancel", "busy", *spool.cli_args(), env=env, cwd=spool.root)
+    assert running.stdout.strip() == "busy: cancelled", running.stdout + running.stderr
+    busy = spool.result("busy")
+    assert busy["status"] == "cancelled" and busy["error"]["type"] == "cancelled"
+    assert not list(spool.outbox.glob("busy*.png"))
+    assert spool.result("queued-002")["status"] == "succeeded", "the rest of the batch renders"
+    again = sbrender("cancel", "busy", *spool.cli_args(), env=env, cwd=spool.root)
+    assert again.returncode == 1 and "already finished (cancelled)" in again.stderr
+
+    retried = sbrender("retry", "queued-001", *spool.cli_args(), env=env, cwd=spool.root)
+    assert retried.returncode == 0, retried.stderr
+    deadline = time.monotonic() + 60
+    while (spool.result("queued-001").get("status")) == "cancelled":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    result = spool.result("queued-001")
+    assert result["status"] == "succeeded" and result["params"]["seed"] == 5
+    assert result["params"]["prompt"] == "first of two"
+    assert (spool.state / "retried" / "queued-001.1.json").exists()
+    not_failed = sbrender("retry", "queued-002", *spool.cli_args(), env=env, cwd=spool.root)
+    assert not_failed.returncode == 1 and "is succeeded; only a failed or cancelled job" in not_failed.stderr
+
+
+def _statuses(spool: Spool) -> list[dict]:
+    out = []
+    for path in (spool.state / "daemons").glob("*.json"):
+        try:
+            out.append(json.loads(path.read_text()))
+        except ValueError:
+            pass
+    return out
