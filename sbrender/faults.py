@@ -11,7 +11,7 @@ handling under test is the production path, not a stand-in. ``load`` alone
 | ``nan`` | the latents become NaN (an fp16 overflow does this) |
 | ``error`` | a ``RuntimeError`` from inside the pipeline |
 | ``crash`` | the daemon process is killed with SIGKILL |
-| ``slow`` | each step sleeps 0.5 s (a render long enough to interrupt) |
+| ``slow`` | each step sleeps 2 s (a render long enough to interrupt) |
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def _crash(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _slow(kwargs: dict[str, Any]) -> dict[str, Any]:
-    time.sleep(0.5)
+    time.sleep(2.0)
     return kwargs
 
 

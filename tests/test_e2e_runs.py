@@ -3,6 +3,7 @@ reproducibility, and stopping in the middle of a render."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -221,3 +222,54 @@ def test_vanished_outbox_pauses_instead_of_losing_work(spool: Spool, start_daemo
     os.rename(hidden, spool.outbox)
     assert spool.result("during")["status"] == "succeeded"
     assert daemon.events("spool folders are back; resuming")
+
+
+def test_three_daemons_share_a_spool_and_survive_a_kill(spool: Spool, model_cache: Path) -> None:
+    """Each job renders exactly once across three daemons; the files of the one
+    killed mid-job are taken back by a peer, never those of a live one."""
+    env = daemon_env(model_cache, SBRENDER_WATCH_RESCAN_SECONDS="0.3")
+    daemons = [DaemonProcess(spool, env) for _ in range(3)]
+    try:
+        for daemon in daemons:
+            daemon.wait_ready()
+        ids = [f"shared-{k:02d}" for k in range(30)]
+        for job_id in ids:
+            spool.drop(f"{job_id}.yaml", f"prompt: {job_id}\nsteps: 4\nseed: 1\n")
+        victim = daemons[1]
+        deadline = time.monotonic() + 120
+        while not any(p.is_file() for p in (spool.state / "work" / _owner_of(victim)).glob("*")):
+            assert time.monotonic() < deadline, "the victim never claimed a job"
+            time.sleep(0.01)
+        victim.stop(signal.SIGKILL)
+        results = [spool.result(job_id) for job_id in ids]
+    finally:
+        codes = [d.stop() for d in daemons if d is not daemons[1]]
+    assert codes == [0, 0]
+    assert {r["status"] for r in results} == {"succeeded"}
+    finished = collections.Counter(line["job_id"] for d in daemons for line in d.events("job finished"))
+    assert set(finished) == set(ids) and set(finished.values()) == {1}, "each job rendered exactly once"
+    recovered = [line for d in daemons for line in d.events("recovered a file claimed by a daemon that is gone")]
+    assert recovered and recovered[0]["previous_owner"] == _owner_of(victim)
+    assert not (spool.state / "work" / _owner_of(victim)).exists()
+    assert sorted(p.name for p in (spool.state / "done").iterdir()) == sorted(f"{i}.yaml" for i in ids)
+
+
+def _owner_of(daemon: DaemonProcess) -> str:
+    return owner_name(pid=daemon.proc.pid)
+
+
+def test_second_signal_forces_exit(spool: Spool, model_cache: Path) -> None:
+    daemon = DaemonProcess(spool, daemon_env(model_cache, SBRENDER_TEST_FAULTS="stuck=slow"))
+    daemon.wait_ready()
+    spool.drop("stuck.yaml", "prompt: slow steps\nsteps: 50\n")
+    deadline = time.monotonic() + 60
+    while (_status(spool).get("current") or {}).get("job") != "stuck":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    daemon.proc.send_signal(signal.SIGINT)
+    while not daemon.events("stopping"):  # the first is handled; the step still sleeps
+        time.sleep(0.01)
+    daemon.proc.send_signal(signal.SIGINT)
+    assert daemon.proc.wait(timeout=30) == 128 + signal.SIGINT
+    daemon.stop()
+    assert (spool.state / "work" / _owner_of(daemon) / "stuck.yaml").exists(), "kept claimed for recovery"

@@ -96,7 +96,10 @@ def verify(spool: Spool, plan: Plan) -> list[str]:
 
 
 def torture(root: Path, model_cache: Path, *, jobs: int, kills: int, daemons: int = 1, seed: int = 0,
-            log: bool = False) -> list[str]:
+            uptime: float = 3.0, log: bool = False) -> list[str]:
+    """Drop the jobs, then ``kills`` times: start the daemons, let them work for a
+    random time up to ``uptime`` seconds, SIGKILL one (the others get SIGKILL or
+    SIGTERM). Then drain with ``run --once`` and verify. Returns the problems."""
     rng = random.Random(seed)
     spool = Spool(root)
     plan = drop_jobs(spool, jobs, rng)
@@ -106,7 +109,7 @@ def torture(root: Path, model_cache: Path, *, jobs: int, kills: int, daemons: in
         running = [DaemonProcess(spool, env) for _ in range(daemons)]
         for daemon in running:
             daemon.wait_ready()
-        time.sleep(rng.uniform(0.05, 1.5))
+        time.sleep(rng.uniform(0.05, uptime))
         victim = rng.choice(running)
         victim.stop(signal.SIGKILL)
         for daemon in running:
@@ -115,6 +118,8 @@ def torture(root: Path, model_cache: Path, *, jobs: int, kills: int, daemons: in
         done = len(list(spool.outbox.glob("*.json")))
         if log:
             print(f"round {round_ + 1}/{kills}: {done}/{len(plan.succeed | plan.fail)} results", flush=True)
+    if not any(spool.outbox.glob("*.json")):
+        return ["no job finished before the final run: the kills never hit a working daemon"]
     drain = subprocess.run([sys.executable, "-m", "sbrender", "run", "--once", *spool.cli_args()], env=env,
                            cwd=root, capture_output=True, text=True)
     if drain.returncode != 0:
@@ -128,6 +133,7 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=30)
     parser.add_argument("--daemons", type=int, default=1)
     parser.add_argument("--seed", type=int, default=int(time.time()))
+    parser.add_argument("--uptime", type=float, default=3.0, help="most seconds a daemon lives before the kill")
     parser.add_argument("--dir", type=Path, help="work here (default: a new temp folder)")
     args = parser.parse_args()
     root = args.dir or Path(tempfile.mkdtemp(prefix="sbrender-torture-"))
@@ -137,7 +143,7 @@ def main() -> int:
     ensure_builtin(BUILTINS["tiny-random"], cache)
     print(f"torture in {root}: {args.jobs} job files, {args.kills} kills, {args.daemons} daemon(s), seed {args.seed}")
     problems = torture(root / "spool", cache, jobs=args.jobs, kills=args.kills, daemons=args.daemons,
-                       seed=args.seed, log=True)
+                       seed=args.seed, uptime=args.uptime, log=True)
     for problem in problems:
         print("PROBLEM:", problem)
     print("ok: every job accounted for" if not problems else f"{len(problems)} problem(s)")
