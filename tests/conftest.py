@@ -87,10 +87,10 @@ def daemon_env(model_cache: Path, **extra: str) -> dict[str, str]:
 
 
 def sbrender(*args: str, env: dict[str, str], cwd: Path, timeout: float = 300,
-             check: bool = False) -> subprocess.CompletedProcess[str]:
+             check: bool = False, preexec_fn: Any = None) -> subprocess.CompletedProcess[str]:
     """Run the real CLI in a subprocess."""
     proc = subprocess.run([sys.executable, "-m", "sbrender", *args], env=env, cwd=cwd, text=True,
-                          capture_output=True, timeout=timeout)
+                          capture_output=True, timeout=timeout, preexec_fn=preexec_fn)
     if check and proc.returncode != 0:
         raise AssertionError(f"sbrender {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc

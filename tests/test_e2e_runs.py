@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -273,3 +274,24 @@ def test_second_signal_forces_exit(spool: Spool, model_cache: Path) -> None:
     assert daemon.proc.wait(timeout=30) == 128 + signal.SIGINT
     daemon.stop()
     assert (spool.state / "work" / _owner_of(daemon) / "stuck.yaml").exists(), "kept claimed for recovery"
+
+
+def test_a_failed_write_fails_the_job_and_nothing_partial_shows(spool: Spool, model_cache: Path) -> None:
+    """A file-size limit makes the big PNG's write fail (EFBIG, as a full disk
+    fails with ENOSPC): that job fails with the error, no partial PNG is visible,
+    and the small job after it succeeds."""
+    spool.drop("too-big.yaml", "prompt: noise\nwidth: 192\nheight: 192\nsteps: 2\npriority: 1\n")
+    spool.drop("small.yaml", "prompt: fits\n")
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+
+    proc = sbrender("run", "--once", *spool.cli_args(), env=daemon_env(model_cache), cwd=spool.root,
+                    preexec_fn=limit_file_size)
+    assert proc.returncode == 0, proc.stderr
+    failed = json.loads((spool.outbox / "too-big.json").read_text())
+    assert failed["status"] == "failed" and failed["error"]["type"] == "spool"
+    assert "cannot write" in failed["error"]["message"] and "too-big.png" in failed["error"]["message"]
+    assert not (spool.outbox / "too-big.png").exists()
+    assert not [p.name for p in spool.outbox.iterdir() if p.name.startswith(".")]
+    assert json.loads((spool.outbox / "small.json").read_text())["status"] == "succeeded"
