@@ -25,7 +25,7 @@ from . import ids
 from .errors import JobError, SbrenderError
 from .jobfile import read_bytes
 from .jobs import BadJob, Entry, Job, Rules, build_job, parse_job_bytes
-from .outputs import fsync_dir, read_json
+from .outputs import fsync_dir, read_json, write_synced
 
 PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "pending", "running", "succeeded", "failed", "cancelled"
 
@@ -86,7 +86,7 @@ class Client:
                                 hint="start the daemon once or create the folder")
         data = (json.dumps(job, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
         temp = self.inbox / f".{job_id}.{secrets.token_hex(4)}.json.tmp"
-        _write_synced(temp, data)
+        write_synced(temp, data)
         os.rename(temp, self.inbox / f"{job_id}.json")
         fsync_dir(self.inbox)
         return job_id
@@ -136,7 +136,7 @@ class Client:
             body.pop("seed")  # a random seed stays random
         data = (json.dumps(body, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
         temp = self.inbox / f".{job_id}.{secrets.token_hex(4)}.json.tmp"
-        _write_synced(temp, data)
+        write_synced(temp, data)
         retried = self.state / "retried"
         retried.mkdir(parents=True, exist_ok=True)
         n = 1
@@ -275,17 +275,6 @@ def validate_file(path: Path, rules: Rules, name: str | None = None) -> list[Ent
     except SbrenderError as err:
         return [BadJob(ids.stem(path.name), err if isinstance(err, JobError) else JobError(str(err)), 0, path.name)]
     return parse_job_bytes(name or path.name, data, rules)
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _scandir(folder: Path, suffix: str) -> Iterator[Path]:

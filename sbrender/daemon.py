@@ -33,13 +33,12 @@ from .queue import Candidate, JobQueue, Pick
 from .renderer import Renderer
 from . import peers
 from .spool import FileInfo, Spool
+from .status import StatusFile
 from .watcher import InboxWatcher
 
 log = structlog.get_logger("sbrender")
 
-STATUS_INTERVAL_S = 1.0
-HEARTBEAT_S = 5.0
-CANCEL_CHECK_S = 0.25  # how often a render looks for cancel requests  # the status file is rewritten at least this often, even mid-step
+CANCEL_CHECK_S = 0.25  # how often a render looks for cancel requests
 
 
 class Daemon:
@@ -57,10 +56,8 @@ class Daemon:
         self.counts = {results.SUCCEEDED: 0, results.FAILED: 0, results.CANCELLED: 0}
         self.description: dict[str, Any] = {}
         self.model_load_s = 0.0
-        self.started_at = time.time()
-        self._status: dict[str, Any] = {}
-        self._status_written = 0.0
-        self._status_lock = threading.Lock()
+        self.status = StatusFile(self.spool.daemons, self.spool.owner, model=settings.model,
+                                 started_at=results.iso(time.time()))
         self._signals = 0
         self._cancels_checked = 0.0
         self._next_scan = 0.0
@@ -85,8 +82,7 @@ class Daemon:
             self.queue.full_scan()
             log.info("ready", inbox=str(self.spool.inbox), outbox=str(self.spool.outbox),
                      watch=self.watcher.strategy, queued=len(self.queue))
-            heartbeat = threading.Thread(target=self._heartbeat, name="sbrender-heartbeat", daemon=True)
-            heartbeat.start()
+            self.status.start_heartbeat(self.should_exit)
             try:
                 self._loop(once)
             finally:
@@ -369,36 +365,8 @@ class Daemon:
         return self.should_exit.is_set() or self.spool.is_cancelled(job_id)
 
     def _set_status(self, state: str, *, force: bool = False, **current: Any) -> None:
-        """Keep ``state/daemons/<owner>.json`` current: on every change of state, else at most
-        once a second."""
-        now = time.time()
-        changed = state != self._status.get("state") or current.get("job") != (self._status.get("current") or {}).get("job")
-        if not (force or changed or now - self._status_written >= STATUS_INTERVAL_S):
-            return
-        self._status = {
-            "owner": self.spool.owner, "pid": os.getpid(), "proc_start": peers.process_start(os.getpid()),
-            "host": peers.hostname(), "state": state, "model": self.settings.model,
-            "device": self.description.get("device"), "started_at": results.iso(self.started_at),
-            "heartbeat": results.iso(now), "current": current or None, "queued": len(self.queue),
-            **self.counts,
-        }
-        self._write_status()
-
-    def _write_status(self) -> None:
-        with self._status_lock:
-            try:
-                write_json(self.spool.daemons, self.spool.status_path.name, self._status)
-                self._status_written = time.time()
-            except SpoolError as err:
-                log.warning("cannot write status file", error=str(err))
-
-    def _heartbeat(self) -> None:
-        """Keeps the heartbeat fresh while the main thread is busy (a model load, a
-        long step): peers on other hosts judge this daemon alive by it."""
-        while not self.should_exit.wait(HEARTBEAT_S):
-            if time.time() - self._status_written >= HEARTBEAT_S and self._status:
-                self._status = {**self._status, "heartbeat": results.iso(time.time())}
-                self._write_status()
+        self.status.update(state, force=force, current=current or None, device=self.description.get("device"),
+                           queued=len(self.queue), **self.counts)
 
 
 def _as_job_error(error: SbrenderError) -> JobError:

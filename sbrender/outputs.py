@@ -51,6 +51,18 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def write_synced(path: Path, data: bytes) -> None:
+    """Create ``path`` (it must not exist), write ``data`` and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(folder: Path, name: str, data: bytes, *, sync_dir: bool = True) -> Path:
     """Write ``data`` to ``folder/name`` so that the name only ever shows the whole file.
 
@@ -61,15 +73,7 @@ def atomic_write(folder: Path, name: str, data: bytes, *, sync_dir: bool = True)
     final = folder / name
     temp = folder / temp_name(name)
     try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
-                     0o666)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_synced(temp, data)
         # os.replace renames over a planted symlink rather than writing through it.
         os.replace(temp, final)
         if sync_dir:

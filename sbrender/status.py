@@ -1,0 +1,78 @@
+"""The daemon's status file, ``state/daemons/<owner>.json``.
+
+What the daemon is doing (loading, idle, rendering, paused, stopping), its
+current job and step, queue depth, counts and a heartbeat. Written on every
+change of state or job, at most once a second during a render, and at least
+every ``HEARTBEAT_S`` by a thread of its own, so that peers on other hosts can
+tell a busy daemon (a model load, a long step) from a dead one.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from . import peers
+from .errors import SpoolError
+from .outputs import write_json
+from .results import iso
+
+log = structlog.get_logger("sbrender")
+
+MIN_INTERVAL_S = 1.0
+HEARTBEAT_S = 5.0
+
+
+class StatusFile:
+    def __init__(self, folder: Path, owner: str, **fixed: Any) -> None:
+        self.folder = folder
+        self.name = f"{owner}.json"
+        self.fixed = {"owner": owner, "pid": os.getpid(), "proc_start": peers.process_start(os.getpid()),
+                      "host": peers.hostname(), **fixed}
+        self.data: dict[str, Any] = {}
+        self._written = 0.0
+        self._lock = threading.Lock()
+
+    def update(self, state: str, *, force: bool = False, current: dict[str, Any] | None = None,
+               **fields: Any) -> None:
+        """Record the state; written now when the state or job changed (or ``force``),
+        else at most once a second."""
+        now = time.time()
+        job = (current or {}).get("job")
+        changed = state != self.data.get("state") or job != (self.data.get("current") or {}).get("job")
+        if not (force or changed or now - self._written >= MIN_INTERVAL_S):
+            return
+        self.data = {**self.fixed, "state": state, "current": current, **fields, "heartbeat": iso(now)}
+        self._write()
+
+    def _write(self) -> None:
+        with self._lock:
+            try:
+                write_json(self.folder, self.name, self.data)
+                self._written = time.time()
+            except SpoolError as err:
+                log.warning("cannot write status file", error=str(err))
+
+    def start_heartbeat(self, stop: threading.Event) -> threading.Thread:
+        """Keep the heartbeat fresh until ``stop`` is set, whatever the main thread does."""
+
+        def beat() -> None:
+            while not stop.wait(HEARTBEAT_S):
+                if self.data and time.time() - self._written >= HEARTBEAT_S:
+                    self.data = {**self.data, "heartbeat": iso(time.time())}
+                    self._write()
+
+        thread = threading.Thread(target=beat, name="sbrender-heartbeat", daemon=True)
+        thread.start()
+        return thread
+
+    def remove(self) -> None:
+        try:
+            os.unlink(self.folder / self.name)
+        except FileNotFoundError:
+            pass
