@@ -51,6 +51,7 @@ class Daemon:
         self.rules = Rules.from_settings(settings)
         self.wake = threading.Event()
         self.should_exit = threading.Event()
+        self.ready = threading.Event()  # set once the model is loaded and the first scan is done
         self.watcher = InboxWatcher(settings.inbox, settings["watch.mode"], self.wake)
         self.queue = JobQueue(self.spool, self.rules, settings["watch.settle_seconds"], self.watcher.hint)
         self.counts = {results.SUCCEEDED: 0, results.FAILED: 0, results.CANCELLED: 0}
@@ -82,6 +83,7 @@ class Daemon:
             self.queue.full_scan()
             log.info("ready", inbox=str(self.spool.inbox), outbox=str(self.spool.outbox),
                      watch=self.watcher.strategy, queued=len(self.queue))
+            self.ready.set()
             self.status.start_heartbeat(self.should_exit)
             try:
                 self._loop(once)

@@ -57,10 +57,7 @@ def running(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.
     daemon = Daemon(settings, renderer)
     thread = threading.Thread(target=daemon.run, name="daemon-under-test")
     thread.start()
-    deadline = time.monotonic() + 30
-    while not (daemon.description and daemon.watcher.alive() and (tmp_path / "inbox").is_dir()):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    assert daemon.ready.wait(30), "the daemon did not get ready"
     yield daemon, renderer, tmp_path
     daemon.stop()
     thread.join(timeout=30)
