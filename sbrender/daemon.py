@@ -33,12 +33,14 @@ from .queue import Candidate, JobQueue, Pick
 from .renderer import Renderer
 from . import peers
 from .spool import FileInfo, Spool
+from .notify import Notifier
 from .status import StatusFile
 from .watcher import InboxWatcher
 
 log = structlog.get_logger("sbrender")
 
 CANCEL_CHECK_S = 0.25  # how often a render looks for cancel requests
+LOAD_EXTEND_S = 30.0  # each heartbeat during the model load extends systemd's start timeout by this
 
 
 class Daemon:
@@ -52,6 +54,7 @@ class Daemon:
         self.wake = threading.Event()
         self.should_exit = threading.Event()
         self.ready = threading.Event()  # set once the model is loaded and the first scan is done
+        self.notifier = Notifier()
         self.watcher = InboxWatcher(settings.inbox, settings["watch.mode"], self.wake)
         self.queue = JobQueue(self.spool, self.rules, settings["watch.settle_seconds"], self.watcher.hint)
         self.counts = {results.SUCCEEDED: 0, results.FAILED: 0, results.CANCELLED: 0}
@@ -73,6 +76,7 @@ class Daemon:
         with self._signal_handlers():
             self.spool.prepare()
             self._set_status("loading", force=True)
+            self.status.start_heartbeat(self.should_exit, on_beat=self._on_beat)
             log.info("loading model", model=self.settings.model, device=self.settings["device"])
             self.model_load_s = self.renderer.load()
             self.description = self.renderer.describe()
@@ -84,12 +88,15 @@ class Daemon:
             log.info("ready", inbox=str(self.spool.inbox), outbox=str(self.spool.outbox),
                      watch=self.watcher.strategy, queued=len(self.queue))
             self.ready.set()
-            self.status.start_heartbeat(self.should_exit)
+            self.status.update("idle", force=True, current=None, device=self.description.get("device"),
+                               queued=len(self.queue), **self.counts)
+            self.notifier.ready(self.status.text())
             try:
                 self._loop(once)
             finally:
                 self.should_exit.set()
                 self.watcher.stop()
+                self.notifier.stopping()
                 self._set_status("stopped", force=True)
                 self.spool.forget_owner(self.spool.owner)  # only if nothing is left claimed
                 log.info("stopped", **self.counts)
@@ -139,6 +146,7 @@ class Daemon:
                 log.error("watcher thread died; restarting it and rescanning")
                 self.watcher.restart()
                 self._next_scan = 0.0
+            self.notifier.watchdog()  # the loop turns and the watcher lives
             self._look_at_inbox()
             pick = self._cancelled_pick() or self.queue.pop()
             if pick is not None:
@@ -214,6 +222,7 @@ class Daemon:
             # A second signal means now: a claimed file is recovered at the next start.
             os._exit(128 + signum)
         log.info("stopping", signal=signal.Signals(signum).name)
+        self.notifier.stopping()
         self._set_status("stopping", force=True)
         self.stop()
 
@@ -357,6 +366,7 @@ class Daemon:
         """After each denoising step: report progress; True stops the render (a stop
         request, or the job was cancelled)."""
         self._set_status("rendering", job=job_id, step=step, steps=steps)
+        self.notifier.watchdog()  # the render progresses
         now = time.monotonic()
         if now - self._cancels_checked >= CANCEL_CHECK_S:
             # Jobs cancelled while waiting get their result now, not after this render.
@@ -367,8 +377,14 @@ class Daemon:
         return self.should_exit.is_set() or self.spool.is_cancelled(job_id)
 
     def _set_status(self, state: str, *, force: bool = False, **current: Any) -> None:
-        self.status.update(state, force=force, current=current or None, device=self.description.get("device"),
-                           queued=len(self.queue), **self.counts)
+        if self.status.update(state, force=force, current=current or None, device=self.description.get("device"),
+                              queued=len(self.queue), **self.counts):
+            self.notifier.status(self.status.text())
+
+    def _on_beat(self, state: str | None) -> None:
+        """Heartbeat thread: while the model loads, ask systemd for more start time."""
+        if state == "loading":
+            self.notifier.extend_timeout(LOAD_EXTEND_S)
 
 
 def _as_job_error(error: SbrenderError) -> JobError:

@@ -39,16 +39,17 @@ class StatusFile:
         self._lock = threading.Lock()
 
     def update(self, state: str, *, force: bool = False, current: dict[str, Any] | None = None,
-               **fields: Any) -> None:
+               **fields: Any) -> bool:
         """Record the state; written now when the state or job changed (or ``force``),
-        else at most once a second."""
+        else at most once a second. True when it was written."""
         now = time.time()
         job = (current or {}).get("job")
         changed = state != self.data.get("state") or job != (self.data.get("current") or {}).get("job")
         if not (force or changed or now - self._written >= MIN_INTERVAL_S):
-            return
+            return False
         self.data = {**self.fixed, "state": state, "current": current, **fields, "heartbeat": iso(now)}
         self._write()
+        return True
 
     def _write(self) -> None:
         with self._lock:
@@ -58,11 +59,14 @@ class StatusFile:
             except SpoolError as err:
                 log.warning("cannot write status file", error=str(err))
 
-    def start_heartbeat(self, stop: threading.Event) -> threading.Thread:
-        """Keep the heartbeat fresh until ``stop`` is set, whatever the main thread does."""
+    def start_heartbeat(self, stop: threading.Event, on_beat: Any = None) -> threading.Thread:
+        """Keep the heartbeat fresh until ``stop`` is set, whatever the main thread
+        does; ``on_beat(state)`` is called on each beat."""
 
         def beat() -> None:
             while not stop.wait(HEARTBEAT_S):
+                if on_beat is not None:
+                    on_beat(self.data.get("state"))
                 if self.data and time.time() - self._written >= HEARTBEAT_S:
                     self.data = {**self.data, "heartbeat": iso(time.time())}
                     self._write()
@@ -71,8 +75,28 @@ class StatusFile:
         thread.start()
         return thread
 
+    def text(self) -> str:
+        """One line for people (systemd's STATUS=, `sbrender status`)."""
+        return describe(self.data)
+
     def remove(self) -> None:
         try:
             os.unlink(self.folder / self.name)
         except FileNotFoundError:
             pass
+
+
+def describe(data: dict[str, Any]) -> str:
+    """``rendering cat-42 step 12/28, 5 queued``, ``idle, 0 queued``, ``loading model ...``."""
+    state = data.get("state", "unknown")
+    current = data.get("current") or {}
+    queued = f"{data.get('queued', 0)} queued"
+    if state == "rendering":
+        return f"rendering {current.get('job')} step {current.get('step', 0)}/{current.get('steps', '?')}, {queued}"
+    if state == "loading":
+        return f"loading model {data.get('model')}"
+    if state == "paused":
+        return "paused: " + "; ".join(current.get("problems", []))
+    if state == "idle":
+        return f"idle, {queued}"
+    return str(state)
