@@ -88,8 +88,8 @@ def test_without_notify_socket_nothing_is_sent() -> None:
 def test_a_whole_daemon_run_as_systemd_sees_it(spool: Spool, model_cache: Path, tmp_path: Path) -> None:
     address = f"@sbrender-run-{os.getpid()}-{time.monotonic_ns()}"
     received = Listener(address)
+    daemon = DaemonProcess(spool, daemon_env(model_cache, NOTIFY_SOCKET=address, WATCHDOG_USEC="1000000"))
     try:
-        daemon = DaemonProcess(spool, daemon_env(model_cache, NOTIFY_SOCKET=address, WATCHDOG_USEC="1000000"))
         loading = received.wait_for("STATUS", "loading model tiny-random")
         ready = received.wait_for("READY", "1")
         assert received.messages.index(loading) < received.messages.index(ready)
@@ -104,4 +104,5 @@ def test_a_whole_daemon_run_as_systemd_sees_it(spool: Spool, model_cache: Path, 
         assert daemon.stop(signal.SIGTERM) == 0
         received.wait_for("STOPPING", "1")
     finally:
+        daemon.stop()
         received.close()
