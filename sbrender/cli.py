@@ -247,6 +247,31 @@ def show(config_file: str | None, inbox: str | None, outbox: str | None, state: 
 
 @main.command()
 @folder_options
+@click.option("--stale-after", type=float, default=60.0, show_default=True,
+              help="A daemon without progress for this many seconds is stalled.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@_errors_exit
+def status(config_file: str | None, inbox: str | None, outbox: str | None, state: str | None,
+           stale_after: float, as_json: bool) -> None:
+    """Show the daemons serving this spool. Exit 0 when one is alive and making
+    progress, 1 otherwise (a health check)."""
+    from .status import describe
+
+    client = Client.from_settings(_settings(config_file, inbox=inbox, outbox=outbox, state=state))
+    healthy, daemons = client.health(stale_after)
+    if as_json:
+        click.echo(json.dumps({"healthy": healthy, "daemons": daemons}, indent=2))
+    elif not daemons:
+        click.echo(f"no daemon serves {client.inbox}", err=True)
+    for d in daemons if not as_json else ():
+        counts = ", ".join(f"{d.get(k, 0)} {k}" for k in ("succeeded", "failed", "cancelled"))
+        click.echo(f"{d.get('owner')}: {d['health']}: {describe(d)} (model {d.get('model')} on "
+                   f"{d.get('device')}; since {d.get('started_at')}; {counts}; heartbeat {d.get('heartbeat')})")
+    sys.exit(0 if healthy else EXIT_FAILED)
+
+
+@main.command()
+@folder_options
 @click.argument("job_id")
 @click.option("--timeout", type=float, default=10.0, show_default=True,
               help="Wait this long for a running daemon to confirm.")

@@ -209,6 +209,20 @@ class Client:
                 out.append(status)
         return out
 
+    def health(self, stale_after: float = 60.0) -> tuple[bool, list[dict[str, Any]]]:
+        """Whether a daemon serves this spool and makes progress, and every daemon's
+        status with ``health`` added: "ok", "stalled" (alive but no progress for
+        ``stale_after`` seconds) or "gone"."""
+        from .peers import heartbeat_age
+
+        statuses = self.daemons()
+        for status in statuses:
+            progress = heartbeat_age({"heartbeat": status.get("progress_at")})
+            beat = heartbeat_age(status)
+            stalled = any(age is None or age > stale_after for age in (progress, beat))
+            status["health"] = "gone" if not status["alive"] else "stalled" if stalled else "ok"
+        return any(s["health"] == "ok" for s in statuses), statuses
+
     def status(self, job_id: str) -> JobState | None:
         for job in self.jobs():
             if job.id == job_id:

@@ -47,7 +47,10 @@ class StatusFile:
         changed = state != self.data.get("state") or job != (self.data.get("current") or {}).get("job")
         if not (force or changed or now - self._written >= MIN_INTERVAL_S):
             return False
-        self.data = {**self.fixed, "state": state, "current": current, **fields, "heartbeat": iso(now)}
+        # progress_at comes only from here (the main thread); the heartbeat thread
+        # refreshes "heartbeat" alone, so a hung loop shows as stalled.
+        self.data = {**self.fixed, "state": state, "current": current, **fields, "heartbeat": iso(now),
+                     "progress_at": iso(now)}
         self._write()
         return True
 

@@ -295,3 +295,35 @@ def test_a_failed_write_fails_the_job_and_nothing_partial_shows(spool: Spool, mo
     assert not (spool.outbox / "too-big.png").exists()
     assert not [p.name for p in spool.outbox.iterdir() if p.name.startswith(".")]
     assert json.loads((spool.outbox / "small.json").read_text())["status"] == "succeeded"
+
+
+def test_status_of_a_live_a_stalled_and_a_stopped_daemon(spool: Spool, model_cache: Path) -> None:
+    env = daemon_env(model_cache)
+
+    def status() -> tuple[int, dict[str, Any]]:
+        proc = sbrender("status", "--json", "--stale-after", "3", *spool.cli_args(), env=env, cwd=spool.root)
+        return proc.returncode, json.loads(proc.stdout)
+
+    code, report = status()
+    assert code == 1 and report == {"healthy": False, "daemons": []}
+    daemon = DaemonProcess(spool, env)
+    try:
+        daemon.wait_ready()
+        code, report = status()
+        assert code == 0 and report["healthy"] is True
+        (live,) = report["daemons"]
+        assert live["health"] == "ok" and live["state"] == "idle" and live["pid"] == daemon.proc.pid
+        text = sbrender("status", *spool.cli_args(), env=env, cwd=spool.root)
+        assert text.returncode == 0 and ": ok: idle, 0 queued (model tiny-random on cpu" in text.stdout
+        daemon.proc.send_signal(signal.SIGSTOP)  # hung: no loop, no heartbeat
+        time.sleep(5)
+        code, report = status()
+        assert code == 1 and report["daemons"][0]["health"] == "stalled"
+        daemon.proc.send_signal(signal.SIGCONT)
+        time.sleep(2.5)
+        assert status()[0] == 0
+    finally:
+        daemon.proc.send_signal(signal.SIGCONT)
+        assert daemon.stop() == 0
+    code, report = status()
+    assert code == 1 and report["daemons"] == []
