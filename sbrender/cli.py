@@ -334,6 +334,17 @@ def validate(config_file: str | None, inbox: str | None, outbox: str | None, sta
         sys.exit(EXIT_FAILED)
 
 
+@main.command()
+@folder_options
+@_errors_exit
+def schema(config_file: str | None, inbox: str | None, outbox: str | None, state: str | None) -> None:
+    """Print the JSON Schema of job files (with the configured limits)."""
+    from .jobs import json_schema
+
+    rules = Rules.from_settings(_settings(config_file, inbox=inbox, outbox=outbox, state=state))
+    click.echo(json.dumps(json_schema(rules), indent=2))
+
+
 @main.command("config")
 @folder_options
 @click.option("--model", help="As for `run`.")

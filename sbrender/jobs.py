@@ -348,3 +348,52 @@ def parse_job_bytes(name: str, data: bytes, rules: Rules) -> list[Entry]:
         return parse_entries(name, parse_document(name, data), rules)
     except JobError as err:
         return [BadJob(file_id, err, 0, name)]
+
+
+# --- JSON Schema ------------------------------------------------------------------
+
+def _field_schemas(rules: Rules) -> dict[str, dict[str, Any]]:
+    """One JSON Schema per field, with the limits in force; the same rules as the checks above."""
+    side = {"type": "integer", "multipleOf": 8, "minimum": rules.min_side, "maximum": rules.max_side}
+    text = {"type": "string", "maxLength": rules.max_prompt_chars}
+    guidance = {"type": "number", "minimum": 0, "maximum": GUIDANCE_MAX}
+    names = samplers.names() + sorted({s.scheduler for s in samplers.SAMPLERS})
+    return {
+        "prompt": {**text, "minLength": 1},
+        "negative_prompt": {"type": ["string", "null"], "maxLength": rules.max_prompt_chars},
+        "steps": {"type": "integer", "minimum": 1, "maximum": rules.max_steps},
+        "guidance_scale": guidance,
+        "cfg_scale": guidance,
+        "width": side,
+        "height": side,
+        "seed": {"type": ["integer", "null"], "minimum": -1, "maximum": SEED_MAX},
+        "count": {"type": "integer", "minimum": 1, "maximum": rules.max_count},
+        "sampler": {"type": "string", "enum": names},
+        "priority": {"type": "integer", "minimum": -PRIORITY_LIMIT, "maximum": PRIORITY_LIMIT},
+        "metadata": {"type": ["object", "null"]},
+    }
+
+
+def json_schema(rules: Rules) -> dict[str, Any]:
+    """The JSON Schema of a job file (single job, list of jobs, or defaults + jobs),
+    for editors that validate YAML and JSON files."""
+    props = _field_schemas(rules)
+    for f in FIELDS:
+        for name in (f.name, *f.aliases):
+            props[name] = {**props[name], "description": f.help}
+    job = {"type": "object", "properties": props, "required": ["prompt"], "additionalProperties": False}
+    shared = {"type": "object", "properties": props, "additionalProperties": False}
+    jobs = {"type": "array", "items": {"$ref": "#/$defs/job"}, "minItems": 1, "maxItems": rules.max_batch_jobs}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "sbrender job file",
+        "description": "One job, a list of jobs, or {defaults, jobs}. The file name is the job id.",
+        "$defs": {"job": job},
+        "oneOf": [
+            {"$ref": "#/$defs/job"},
+            jobs,
+            {"type": "object", "required": ["jobs"], "additionalProperties": False,
+             "properties": {"defaults": shared, "jobs": {**jobs, "items": {
+                 "type": "object", "properties": props, "additionalProperties": False}}}},
+        ],
+    }
