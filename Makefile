@@ -1,7 +1,7 @@
 # One command to run the daemon, one to test it. Both set up .venv first.
 #
 #   make run     # set up, then `sbrender run` with config/sbrender.yaml
-#   make test    # set up, then the whole test suite (CPU only, a few minutes)
+#   make test    # set up, then the whole test suite and examples/django's (CPU only, a few minutes)
 #
 # TORCH picks the PyTorch build. torch==2.13.0 from PyPI is the CUDA build on
 # Linux x86-64 (what a GPU box wants); machines with a local CPU wheel of it
@@ -28,6 +28,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python examples/django/manage.py test --noinput --verbosity 0
 
 clean:
 	rm -rf $(VENV) state .pytest_cache

@@ -21,7 +21,7 @@ from . import __version__, samplers
 from .client import Client, WaitTimeout, validate_file
 from .config import SETTINGS, Settings, load_settings
 from .errors import ConfigError, JobError, SbrenderError
-from .jobs import BadJob, Job, Rules
+from .jobs import Job, Rules
 
 F = TypeVar("F", bound=Callable[..., Any])
 

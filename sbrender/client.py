@@ -130,10 +130,14 @@ class Client:
         if result is None or result.get("status") not in (FAILED, CANCELLED):
             state = result.get("status") if result else "not finished"
             raise JobError(f"job {job_id} is {state}; only a failed or cancelled job can be retried")
-        job = self._archived_job(job_id, result)
-        body = {**job.params(), "metadata": job.metadata}
-        if job.seed is None:
-            body.pop("seed")  # a random seed stays random
+        params = result.get("params")
+        if not params:
+            message = (result.get("error") or {}).get("message", "no parameters recorded")
+            raise JobError(f"job {job_id} cannot be retried as it is: {message}",
+                           hint="fix the job and submit it again under a new id")
+        # Exactly what the daemon used (its defaults included), so the retry is the same job.
+        body = {k: v for k, v in params.items() if v is not None}
+        body["metadata"] = result.get("metadata") or {}
         data = (json.dumps(body, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
         temp = self.inbox / f".{job_id}.{secrets.token_hex(4)}.json.tmp"
         write_synced(temp, data)
@@ -153,27 +157,6 @@ class Client:
         os.rename(temp, self.inbox / f"{job_id}.json")
         fsync_dir(self.inbox)
         return f"{job_id}.json"
-
-    def _archived_job(self, job_id: str, result: Mapping[str, Any]) -> Job:
-        """The job as its archived input file says, found by the claim token."""
-        source = result.get("input", {})
-        claim = source.get("claim")
-        for folder in (self.state / "failed", self.state / "done"):
-            for path in _scandir(folder, ""):
-                if not path.name.startswith(str(source.get("file", ""))):
-                    continue
-                st = os.lstat(path)
-                if f"{st.st_ino}-{st.st_mtime_ns}" != claim:
-                    continue
-                entries = validate_file(path, self.rules, name=str(source.get("file")))
-                entry = next((e for e in entries if e.id == job_id), None)
-                if isinstance(entry, Job):
-                    return entry
-                reason = entry.error if isinstance(entry, BadJob) else "it is not in the file"
-                raise JobError(f"job {job_id} cannot be retried as it is: {reason}",
-                               hint="fix the job and submit it again under a new id")
-        raise JobError(f"the input file of job {job_id} ({source.get('file')}) is no longer in the state folder",
-                       hint="submit the job again")
 
     # --- consuming ---------------------------------------------------------------------
 
