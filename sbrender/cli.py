@@ -163,10 +163,38 @@ def submit(config_file: str | None, inbox: str | None, outbox: str | None, state
         click.echo(json.dumps({"id": job_id}) if as_json else job_id)
         return
     try:
-        result = client.wait(job_id, timeout=timeout)
+        result = _wait(client, job_id, timeout)
     except WaitTimeout as err:
         _fail(str(err), 3)
     _print_result(client, result, as_json)
+
+
+def _wait(client: Client, job_id: str, timeout: float | None) -> dict[str, Any]:
+    """``client.wait`` with a progress line on a terminal (queued position, then
+    step i/N and the time spent); quiet when stderr is not a terminal."""
+    if not sys.stderr.isatty():
+        return client.wait(job_id, timeout=timeout)
+    start = time.monotonic()
+    try:
+        while True:
+            remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+            try:
+                return client.wait(job_id, timeout=min(1.0, remaining) if remaining is not None else 1.0)
+            except WaitTimeout:
+                if remaining is not None and remaining <= 1.0:
+                    raise
+            where = client.progress(job_id)
+            elapsed = time.monotonic() - start
+            if where["state"] == "running" and where.get("steps"):
+                done = int(20 * where["step"] / where["steps"])
+                line = f"{job_id} [{'#' * done}{'-' * (20 - done)}] step {where['step']}/{where['steps']}"
+            elif where["state"] == "pending":
+                line = f"{job_id} queued, {where['position']} of {where['of']}"
+            else:
+                line = f"{job_id} {where['state']}"
+            click.echo(f"\r\033[K{line}  {elapsed:.1f}s", nl=False, err=True)
+    finally:
+        click.echo("\r\033[K", nl=False, err=True)
 
 
 def _print_result(client: Client, result: dict[str, Any], as_json: bool) -> None:
@@ -194,7 +222,7 @@ def wait(config_file: str | None, inbox: str | None, outbox: str | None, state: 
     if client.result(job_id) is None and not client.is_known(job_id):
         _fail(f"no job {job_id} in the inbox, the work folder or the outbox")
     try:
-        result = client.wait(job_id, timeout=timeout)
+        result = _wait(client, job_id, timeout)
     except WaitTimeout as err:
         _fail(str(err), 3)
     _print_result(client, result, as_json)

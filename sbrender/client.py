@@ -206,6 +206,21 @@ class Client:
             status["health"] = "gone" if not status["alive"] else "stalled" if stalled else "ok"
         return any(s["health"] == "ok" for s in statuses), statuses
 
+    def progress(self, job_id: str) -> dict[str, Any]:
+        """Where a job stands: finished (its status), running (step i of n), or
+        pending (its place among the pending jobs, oldest first)."""
+        result = self.result(job_id)
+        if result is not None:
+            return {"state": result.get("status")}
+        for daemon in self.daemons():
+            current = daemon.get("current") or {}
+            if daemon["alive"] and daemon.get("state") == "rendering" and current.get("job") == job_id:
+                return {"state": RUNNING, "step": current.get("step", 0), "steps": current.get("steps", 0)}
+        pending = [j.id for j in self.jobs() if j.state == PENDING]
+        if job_id in pending:
+            return {"state": PENDING, "position": pending.index(job_id) + 1, "of": len(pending)}
+        return {"state": "unknown"}
+
     def status(self, job_id: str) -> JobState | None:
         for job in self.jobs():
             if job.id == job_id:

@@ -263,3 +263,36 @@ def _statuses(spool: Spool) -> list[dict]:
         except ValueError:
             pass
     return out
+
+
+def test_wait_shows_progress_on_a_terminal_only(live: tuple[Spool, DaemonProcess], model_cache: Path) -> None:
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    spool, _ = live
+    env = daemon_env(model_cache)
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "sbrender", "submit", "progress please", "--steps", "30",
+                             "--id", "tty-job", "--wait", *spool.cli_args()], env=env, cwd=spool.root,
+                            stdout=subprocess.PIPE, stderr=slave, text=True)
+    os.close(slave)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the other side closed
+            break
+        if not chunk:
+            break
+        output += chunk
+    assert proc.wait(timeout=120) == 0
+    os.close(master)
+    assert proc.stdout.read().strip() == str(spool.outbox / "tty-job.png")
+    text = output.decode()
+    assert "tty-job [" in text and "step " in text and "/30" in text, text
+    # Not a terminal: nothing on stderr.
+    quiet = sbrender("submit", "quietly", "--steps", "2", "--id", "pipe-job", "--wait", *spool.cli_args(),
+                     env=env, cwd=spool.root)
+    assert quiet.returncode == 0 and quiet.stderr == ""
