@@ -122,6 +122,8 @@ SETTINGS: tuple[Setting, ...] = (
             "auto: float16 on cuda and mps, float32 on cpu"),
     Setting("safety_checker", False, _bool, "run the SD1.5 safety checker (black images for NSFW)"),
     Setting("cache", "", _any_text, "where built-in models are built; empty: $XDG_CACHE_HOME/sbrender"),
+    Setting("metrics_dir", "", _any_text,
+            "Prometheus textfile folder (node_exporter); empty: <state>/metrics; 'off': no metrics"),
     Setting("inbox", "inbox", _text, "folder watched for job files"),
     Setting("outbox", "outbox", _text, "folder where PNGs and result JSONs are published"),
     Setting("state", "state", _text, "claimed and archived job files; same filesystem as the inbox"),
@@ -284,8 +286,8 @@ def load_settings(
             raise ConfigError(f"bad value {value!r} for setting {key} (from {source}): {err}",
                               hint=f"{key}: {BY_KEY[key].help}") from None
     values["model"] = MODEL_ALIASES.get(values["model"], values["model"])
-    for key in ("inbox", "outbox", "state", "cache"):
-        if values[key]:
+    for key in ("inbox", "outbox", "state", "cache", "metrics_dir"):
+        if values[key] and values[key].lower() != "off":
             values[key] = str(Path(values[key]).expanduser().absolute())
     # A model path given relative to the working directory must keep working
     # after the daemon is started elsewhere.

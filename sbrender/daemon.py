@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -55,6 +56,7 @@ class Daemon:
         self.should_exit = threading.Event()
         self.ready = threading.Event()  # set once the model is loaded and the first scan is done
         self.notifier = Notifier()
+        self.metrics = _metrics(settings, self.spool.owner)
         self.watcher = InboxWatcher(settings.inbox, settings["watch.mode"], self.wake)
         self.queue = JobQueue(self.spool, self.rules, settings["watch.settle_seconds"], self.watcher.hint)
         self.counts = {results.SUCCEEDED: 0, results.FAILED: 0, results.CANCELLED: 0}
@@ -81,6 +83,8 @@ class Daemon:
             self.model_load_s = self.renderer.load()
             self.description = self.renderer.describe()
             log.info("model loaded", seconds=round(self.model_load_s, 3), **_flat(self.description))
+            if self.metrics:
+                self.metrics.loaded(self.model_load_s, self.spool.owner, self.description)
             self._identity = self.spool.identity()
             self._recover()
             self.watcher.start()
@@ -99,6 +103,8 @@ class Daemon:
                 self.notifier.stopping()
                 self._set_status("stopped", force=True)
                 self.spool.forget_owner(self.spool.owner)  # only if nothing is left claimed
+                if self.metrics:
+                    self.metrics.remove()
                 log.info("stopped", **self.counts)
         return 0
 
@@ -168,6 +174,8 @@ class Daemon:
             self._recover()
             self.queue.full_scan()
             self._next_scan = now + self.settings["watch.rescan_seconds"]
+            if self.metrics:
+                self.metrics.write(len(self.queue))
         else:
             self.queue.refresh(self.watcher.drain())
 
@@ -262,6 +270,8 @@ class Daemon:
             archived = self.spool.archive(cand.path, ok=not cand.any_failed)
             self.queue.drop(cand)
             log.debug("input archived", file=str(archived))
+        if self.metrics:
+            self.metrics.write(len(self.queue))
 
     def _run_entry(self, cand: Candidate, entry: Entry, picked: float) -> bool | None:
         """Render or fail one entry and publish its result. True or False: the
@@ -299,6 +309,8 @@ class Daemon:
         ok = result["status"] == results.SUCCEEDED
         self.spool.clear_cancel(entry.id)
         self.counts[result["status"]] += 1
+        if self.metrics:
+            self.metrics.finished(result)
         t = result["timings"]
         error = {"error": result["error"]["message"]} if "error" in result else {}
         log.info("job finished", status=result["status"], file=cand.name, images=len(result["images"]),
@@ -385,6 +397,16 @@ class Daemon:
         """Heartbeat thread: while the model loads, ask systemd for more start time."""
         if state == "loading":
             self.notifier.extend_timeout(LOAD_EXTEND_S)
+
+
+def _metrics(settings: Settings, owner: str) -> Any:
+    """The metrics writer, or None when ``metrics_dir`` is off."""
+    where = settings["metrics_dir"]
+    if where.strip().lower() == "off":
+        return None
+    from .metrics import Metrics
+
+    return Metrics(Path(where) if where else settings.state / "metrics", owner)
 
 
 def _as_job_error(error: SbrenderError) -> JobError:

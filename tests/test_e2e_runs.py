@@ -327,3 +327,31 @@ def test_status_of_a_live_a_stalled_and_a_stopped_daemon(spool: Spool, model_cac
         assert daemon.stop() == 0
     code, report = status()
     assert code == 1 and report["daemons"] == []
+
+
+def test_prometheus_metrics_file(spool: Spool, model_cache: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    daemon = DaemonProcess(spool, daemon_env(model_cache))
+    try:
+        daemon.wait_ready()
+        spool.drop("m-ok.yaml", "prompt: counted\ncount: 2\n")
+        spool.drop("m-bad.yaml", "prompt: counted\nsteps: 0\n")
+        spool.result("m-ok"), spool.result("m-bad")
+        path = spool.state / "metrics" / f"sbrender-{_owner_of(daemon)}.prom"
+        deadline = time.monotonic() + 30
+        while True:
+            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                       for family in text_string_to_metric_families(path.read_text()) for s in family.samples}
+            if samples.get(("sbrender_jobs_total", (("status", "failed"),))) == 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    finally:
+        assert daemon.stop() == 0
+    assert samples[("sbrender_jobs_total", (("status", "succeeded"),))] == 1
+    assert samples[("sbrender_jobs_total", (("status", "failed"),))] == 1
+    assert samples[("sbrender_images_total", ())] == 2
+    assert samples[("sbrender_render_seconds_count", ())] == 1
+    assert samples[("sbrender_model_load_seconds", ())] > 0
+    assert samples[("sbrender_queue_depth", ())] == 0
+    assert not path.exists(), "a cleanly stopped daemon removes its metrics file"
