@@ -373,6 +373,23 @@ def schema(config_file: str | None, inbox: str | None, outbox: str | None, state
     click.echo(json.dumps(json_schema(rules), indent=2))
 
 
+@main.command()
+@folder_options
+@click.option("--model", help="As for `run`.")
+@click.option("--offline/--online", default=None, help="As for `run`.")
+@_errors_exit
+def doctor(config_file: str | None, **flags: Any) -> None:
+    """Check torch and the device, the model (offline), the folders and the config; say what to fix."""
+    from .doctor import FAIL, diagnose
+
+    findings = diagnose(_settings(config_file, **flags))
+    for finding in findings:
+        click.echo(finding.line())
+    failed = sum(f.level == FAIL for f in findings)
+    click.echo(f"{failed} problem(s) to fix" if failed else "ready to run")
+    sys.exit(EXIT_FAILED if failed else 0)
+
+
 @main.command("config")
 @folder_options
 @click.option("--model", help="As for `run`.")

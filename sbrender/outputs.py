@@ -51,32 +51,35 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_synced(path: Path, data: bytes) -> None:
-    """Create ``path`` (it must not exist), write ``data`` and fsync it."""
+def write_synced(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Create ``path`` (it must not exist), write ``data`` and (``durable``) fsync it."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
     try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def atomic_write(folder: Path, name: str, data: bytes, *, sync_dir: bool = True) -> Path:
+def atomic_write(folder: Path, name: str, data: bytes, *, sync_dir: bool = True, durable: bool = True) -> Path:
     """Write ``data`` to ``folder/name`` so that the name only ever shows the whole file.
 
     ``name`` must be a plain file name (it comes from a validated job id).
+    ``durable=False`` skips the fsyncs, for files that only describe the present
+    (the status file), written at every denoising step.
     """
     if os.sep in name or name.startswith(".") or "\x00" in name:
         raise SpoolError(f"refusing to write unsafe file name {name!r}")
     final = folder / name
     temp = folder / temp_name(name)
     try:
-        write_synced(temp, data)
+        write_synced(temp, data, durable=durable)
         # os.replace renames over a planted symlink rather than writing through it.
         os.replace(temp, final)
-        if sync_dir:
+        if sync_dir and durable:
             fsync_dir(folder)
     except OSError as err:
         try:
@@ -88,9 +91,9 @@ def atomic_write(folder: Path, name: str, data: bytes, *, sync_dir: bool = True)
     return final
 
 
-def write_json(folder: Path, name: str, data: dict[str, Any]) -> Path:
+def write_json(folder: Path, name: str, data: dict[str, Any], *, durable: bool = True) -> Path:
     text = json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    return atomic_write(folder, name, text.encode("utf-8"))
+    return atomic_write(folder, name, text.encode("utf-8"), durable=durable)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

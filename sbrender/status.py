@@ -2,7 +2,8 @@
 
 What the daemon is doing (loading, idle, rendering, paused, stopping), its
 current job and step, queue depth, counts and a heartbeat. Written on every
-change of state or job, at most once a second during a render, and at least
+change (each denoising step too; without fsync: it describes only the
+present), and at least
 every ``HEARTBEAT_S`` by a thread of its own, so that peers on other hosts can
 tell a busy daemon (a model load, a long step) from a dead one.
 """
@@ -40,11 +41,10 @@ class StatusFile:
 
     def update(self, state: str, *, force: bool = False, current: dict[str, Any] | None = None,
                **fields: Any) -> bool:
-        """Record the state; written now when the state or job changed (or ``force``),
+        """Record the state; written when anything in it changed (a new step, too),
         else at most once a second. True when it was written."""
         now = time.time()
-        job = (current or {}).get("job")
-        changed = state != self.data.get("state") or job != (self.data.get("current") or {}).get("job")
+        changed = state != self.data.get("state") or current != self.data.get("current")
         if not (force or changed or now - self._written >= MIN_INTERVAL_S):
             return False
         # progress_at comes only from here (the main thread); the heartbeat thread
@@ -57,7 +57,7 @@ class StatusFile:
     def _write(self) -> None:
         with self._lock:
             try:
-                write_json(self.folder, self.name, self.data)
+                write_json(self.folder, self.name, self.data, durable=False)
                 self._written = time.time()
             except SpoolError as err:
                 log.warning("cannot write status file", error=str(err))

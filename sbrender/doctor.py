@@ -1,0 +1,148 @@
+"""`sbrender doctor`: check what the daemon needs, and say what to fix.
+
+Each check is a row of ``CHECKS``; each returns findings: a level ("ok",
+"warn", "fail"), what was found, and for anything not ok, the fix.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Settings
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str
+    topic: str
+    message: str
+    fix: str = ""
+
+    def line(self) -> str:
+        text = f"{self.level:<5} {self.topic}: {self.message}"
+        return f"{text}\n      fix: {self.fix}" if self.fix else text
+
+
+def check_config(s: Settings) -> list[Finding]:
+    where = str(s.config_file) if s.config_file else "built-in defaults (no config file)"
+    return [Finding(OK, "config", f"{where}; model {s.model}, device {s['device']}, dtype {s['dtype']}")]
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_folders(s: Settings) -> list[Finding]:
+    out = []
+    for name, folder in (("inbox", s.inbox), ("outbox", s.outbox), ("state", s.state)):
+        if folder.is_dir():
+            ok = os.access(folder, os.W_OK | os.X_OK)
+            out.append(Finding(OK if ok else FAIL, name, f"{folder}" + ("" if ok else " is not writable"),
+                               "" if ok else f"give this user write access to {folder}"))
+        else:
+            parent = _existing_parent(folder)
+            ok = os.access(parent, os.W_OK | os.X_OK)
+            out.append(Finding(WARN if ok else FAIL, name, f"{folder} does not exist yet",
+                               "it is created at start" if ok else f"create it, or make {parent} writable"))
+    inbox, state = _existing_parent(s.inbox), _existing_parent(s.state)
+    if os.stat(inbox).st_dev != os.stat(state).st_dev:
+        out.append(Finding(FAIL, "filesystem", f"state {s.state} is not on the inbox's filesystem",
+                           "put the state folder beside the inbox (claims are renames)"))
+    free = shutil.disk_usage(_existing_parent(s.outbox)).free
+    if free < 1 << 30:
+        out.append(Finding(WARN, "disk", f"{free / 2**20:.0f} MiB free for the outbox", "free some space"))
+    return out
+
+
+def check_inotify(s: Settings) -> list[Finding]:
+    limits = {}
+    for name in ("max_user_watches", "max_user_instances", "max_queued_events"):
+        try:
+            limits[name] = int(Path(f"/proc/sys/fs/inotify/{name}").read_text())
+        except (OSError, ValueError):
+            pass
+    if not limits:
+        return [Finding(WARN, "watch", "no inotify here: the inbox is polled",
+                        "nothing, or set watch.mode: polling to say so")]
+    text = ", ".join(f"{k} {v}" for k, v in limits.items())
+    if limits.get("max_user_instances", 128) < 8 or limits.get("max_user_watches", 8192) < 64:
+        return [Finding(WARN, "watch", text, "raise fs.inotify.max_user_instances/max_user_watches (sysctl)")]
+    return [Finding(OK, "watch", f"mode {s['watch.mode']}; inotify {text}")]
+
+
+def check_libraries(s: Settings) -> list[Finding]:
+    out = []
+    for name in ("torch", "diffusers", "transformers"):
+        try:
+            module = importlib.import_module(name)
+        except ImportError as err:
+            return [Finding(FAIL, name, f"cannot be imported ({err})", "pip install 'sbrender[render]'")]
+        out.append(Finding(OK, name, getattr(module, "__version__", "?")))
+    return out
+
+
+def check_device(s: Settings) -> list[Finding]:
+    import torch
+
+    from .pipeline import pick_device, pick_dtype
+
+    device = pick_device(s["device"])
+    dtype = str(pick_dtype(s["dtype"], device)).removeprefix("torch.")
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            return [Finding(FAIL, "device", "device is cuda but torch sees no CUDA GPU",
+                            "install a CUDA build of torch and the NVIDIA driver, or set device: auto")]
+        props = torch.cuda.get_device_properties(0)
+        return [Finding(OK, "device", f"cuda: {props.name}, {props.total_memory / 2**30:.0f} GiB, {dtype}")]
+    if device == "cpu":
+        return [Finding(WARN, "device", f"cpu ({dtype}): no GPU, an SD1.5 image takes minutes",
+                        "a CUDA GPU, or device: cuda once one is there")]
+    return [Finding(OK, "device", f"{device} ({dtype})")]
+
+
+def check_model(s: Settings) -> list[Finding]:
+    from . import models
+    from .errors import ModelError
+
+    try:
+        if s.model in models.BUILTINS:
+            return [Finding(OK, "model", f"{s.model}: built-in, random weights (images are noise)")]
+        ref = models.resolve(s.model, s.cache)
+    except ModelError as err:
+        return [Finding(FAIL, "model", err.message, err.hint or "")]
+    if ref.kind == "folder":
+        return [Finding(OK, "model", f"local folder {ref.location}")]
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(ref.location, "model_index.json")
+    if isinstance(cached, str):
+        return [Finding(OK, "model", f"{ref.location} is in the Hugging Face cache ({Path(cached).parents[2]})")]
+    if s["offline"]:
+        return [Finding(FAIL, "model", f"{ref.location} is not in the Hugging Face cache and offline is on",
+                        f"download it once (`hf download {ref.location}`) or set offline: false")]
+    return [Finding(WARN, "model", f"{ref.location} is not cached: the first start downloads about 4 GB",
+                    f"`hf download {ref.location}` ahead of time, then offline: true")]
+
+
+CHECKS: tuple[Callable[[Settings], list[Finding]], ...] = (
+    check_config, check_folders, check_inotify, check_libraries, check_device, check_model,
+)
+
+
+def diagnose(settings: Settings) -> list[Finding]:
+    findings: list[Finding] = []
+    for check in CHECKS:
+        found = check(settings)
+        findings += found
+        if check is check_libraries and any(f.level == FAIL for f in found):
+            break  # the rest needs them
+    return findings
