@@ -83,9 +83,12 @@ def build_tiny_random(target: Path) -> None:
             block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=4, out_channels=4,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32, norm_num_groups=32)
+        # Four VAE blocks: latents 1/8 of the image, as in SD1.5, so a 512x512
+        # render stays small (a 2-block VAE would run the UNet on 256x256 latents).
         vae = AutoencoderKL(
-            block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=32,
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+            block_out_channels=(32, 32, 64, 64), in_channels=3, out_channels=3, latent_channels=4,
+            norm_num_groups=32, layers_per_block=1,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
         text_encoder = CLIPTextModel(CLIPTextConfig(
             bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05,
             num_attention_heads=4, num_hidden_layers=5, pad_token_id=1, vocab_size=1000))
@@ -109,7 +112,7 @@ class Builtin:
 
 
 BUILTINS: dict[str, Builtin] = {
-    "tiny-random": Builtin("tiny-random", 1, build_tiny_random, True),
+    "tiny-random": Builtin("tiny-random", 2, build_tiny_random, True),
 }
 
 
