@@ -25,7 +25,7 @@ from . import ids
 from .errors import JobError, SbrenderError
 from .jobfile import read_bytes
 from .jobs import BadJob, Entry, Job, Rules, build_job, parse_job_bytes
-from .outputs import fsync_dir, read_json, write_synced
+from .outputs import fsync_dir, read_json, rename_noreplace, write_synced
 
 PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "pending", "running", "succeeded", "failed", "cancelled"
 
@@ -85,10 +85,7 @@ class Client:
             raise SbrenderError(f"inbox {self.inbox} does not exist",
                                 hint="start the daemon once or create the folder")
         data = (json.dumps(job, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-        temp = self.inbox / f".{job_id}.{secrets.token_hex(4)}.json.tmp"
-        write_synced(temp, data)
-        os.rename(temp, self.inbox / f"{job_id}.json")
-        fsync_dir(self.inbox)
+        _publish_new(self.inbox, f"{job_id}.json", data)
         return job_id
 
     def is_known(self, job_id: str) -> bool:
@@ -139,8 +136,6 @@ class Client:
         body = {k: v for k, v in params.items() if v is not None}
         body["metadata"] = result.get("metadata") or {}
         data = (json.dumps(body, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-        temp = self.inbox / f".{job_id}.{secrets.token_hex(4)}.json.tmp"
-        write_synced(temp, data)
         retried = self.state / "retried"
         retried.mkdir(parents=True, exist_ok=True)
         n = 1
@@ -154,8 +149,7 @@ class Client:
                 os.unlink(stale)
             except FileNotFoundError:
                 pass
-        os.rename(temp, self.inbox / f"{job_id}.json")
-        fsync_dir(self.inbox)
+        _publish_new(self.inbox, f"{job_id}.json", data)
         return f"{job_id}.json"
 
     # --- consuming ---------------------------------------------------------------------
@@ -287,6 +281,19 @@ def validate_file(path: Path, rules: Rules, name: str | None = None) -> list[Ent
     except SbrenderError as err:
         return [BadJob(ids.stem(path.name), err if isinstance(err, JobError) else JobError(str(err)), 0, path.name)]
     return parse_job_bytes(name or path.name, data, rules)
+
+
+def _publish_new(folder: Path, name: str, data: bytes) -> None:
+    """Put a complete, synced file under ``name``, never over an existing one: two
+    submits of one id (a double click) cannot replace each other's job."""
+    temp = folder / f".{name}.{secrets.token_hex(4)}.tmp"
+    write_synced(temp, data)
+    try:
+        rename_noreplace(temp, folder / name)
+    except FileExistsError:
+        os.unlink(temp)
+        raise JobError(f"job id {ids.stem(name)} is already in use", hint="choose another id") from None
+    fsync_dir(folder)
 
 
 def _scandir(folder: Path, suffix: str) -> Iterator[Path]:

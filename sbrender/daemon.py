@@ -26,7 +26,7 @@ import structlog
 
 from . import results
 from .config import Settings
-from .errors import (DuplicateJobError, JobCancelled, JobError, RenderError, SbrenderError, ShutdownRequested,
+from .errors import (DuplicateJobError, JobCancelled, RenderError, SbrenderError, ShutdownRequested,
                      SpoolError)
 from .jobs import SEED_MAX, BadJob, Entry, Job, Rules
 from .outputs import encode_png, infotext, publish_images, read_json, write_json
@@ -65,6 +65,8 @@ class Daemon:
         self.status = StatusFile(self.spool.daemons, self.spool.owner, model=settings.model,
                                  started_at=results.iso(time.time()))
         self._signals = 0
+        self._stop_signal: int | None = None
+        self._stop_noted = False
         self._cancels_checked = 0.0
         self._next_scan = 0.0
         self._identity: dict[Any, tuple[int, int]] = {}
@@ -99,8 +101,8 @@ class Daemon:
                 self._loop(once)
             finally:
                 self.should_exit.set()
+                self._note_stop()
                 self.watcher.stop()
-                self.notifier.stopping()
                 self._set_status("stopped", force=True)
                 self.spool.forget_owner(self.spool.owner)  # only if nothing is left claimed
                 if self.metrics:
@@ -133,8 +135,7 @@ class Daemon:
             if culprit is not None and crashes >= self.settings["limits.max_crashes"]:
                 error = RenderError(f"a daemon died {crashes} times while rendering this job; not trying again",
                                     hint="check the daemon's log for the crash; `sbrender retry ID` re-queues it")
-                self.queue.poison(cand, culprit.id, BadJob(culprit.id, _as_job_error(error), culprit.priority,
-                                                           cand.name))
+                cand.doomed[culprit.id] = error  # fails with its params and metadata, retryable
         for owner in owners.keys() - {""}:
             self.spool.forget_owner(owner)
 
@@ -225,14 +226,24 @@ class Daemon:
                 signal.signal(sig, handler)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Flags only: the handler runs in the main thread between any two bytecodes,
+        # maybe inside a status write that holds a lock it would wait on forever.
         self._signals += 1
         if self._signals > 1:
             # A second signal means now: a claimed file is recovered at the next start.
             os._exit(128 + signum)
-        log.info("stopping", signal=signal.Signals(signum).name)
+        self._stop_signal = signum
+        self.stop()
+
+    def _note_stop(self) -> None:
+        """Say, once, that a stop was asked for (from the loop or a step, not the handler)."""
+        if self._stop_noted or not self.should_exit.is_set():
+            return
+        self._stop_noted = True
+        if self._stop_signal is not None:
+            log.info("stopping", signal=signal.Signals(self._stop_signal).name)
         self.notifier.stopping()
         self._set_status("stopping", force=True)
-        self.stop()
 
     # --- one job ---------------------------------------------------------------------
 
@@ -278,14 +289,17 @@ class Daemon:
         result is published; None: it could not be."""
         index = next(i for i, e in enumerate(cand.entries) if e is entry)
         input_rec = results.input_record(cand.name, cand.data, cand.info.claim_token, index, len(cand.entries))
-        result_id, entry = self._result_id(cand, entry)
+        result_id, entry, prior = self._result_id(cand, entry)
         if result_id is None:
-            return True  # published by an earlier run of this very file (a restart after a crash)
+            # Published by an earlier run of this very file (a restart after a crash).
+            return prior == results.SUCCEEDED
         started = time.time()
         queued = cand.info.mtime_ns / 1e9
         try:
             if isinstance(entry, BadJob):
                 raise entry.error
+            if entry.id in cand.doomed:
+                raise cand.doomed[entry.id]
             if self.spool.is_cancelled(entry.id):
                 raise JobCancelled("cancelled before it started")
             result = self._render(entry, input_rec, queued, picked, started)
@@ -317,29 +331,29 @@ class Daemon:
                  **error, **{k: v for k, v in t.items() if k.endswith("_s")})
         return ok
 
-    def _result_id(self, cand: Candidate, entry: Entry) -> tuple[str | None, Entry]:
+    def _result_id(self, cand: Candidate, entry: Entry) -> tuple[str | None, Entry, str | None]:
         """Where this entry's result goes: its own id, or, when that id already has
         a result from another file, a failure under ``<id>.dupN``. None when this
-        file's own result is already there."""
+        file's own result is already there; then the last item is its status."""
         token = cand.info.claim_token
         existing = read_json(self.spool.result_path(entry.id))
         if existing is not None and existing.get("input", {}).get("claim") == token:
-            return None, entry
+            return None, entry, existing.get("status")
         if existing is None and self.spool.reserve(entry.id, token):
-            return entry.id, entry
+            return entry.id, entry, None
         n = 1
         while True:
             dup_id = f"{entry.id}.dup{n}"
             other = read_json(self.spool.result_path(dup_id))
             if other is not None and other.get("input", {}).get("claim") == token:
-                return None, entry
+                return None, entry, other.get("status")
             if other is None and self.spool.reserve(dup_id, token):
                 break
             n += 1
         holder = (existing or {}).get("input", {}).get("file", "another job file")
         error = DuplicateJobError(f"job id {entry.id} is already used by {holder}; ids are never reused",
                                   hint="submit it again under a new id (rename the file)")
-        return dup_id, BadJob(entry.id, error, entry.priority, cand.name)
+        return dup_id, BadJob(entry.id, error, entry.priority, cand.name), None
 
     def _render(self, job: Job, input_rec: dict[str, Any], queued: float, picked: float,
                 started: float) -> dict[str, Any]:
@@ -379,6 +393,7 @@ class Daemon:
         request, or the job was cancelled)."""
         self._set_status("rendering", job=job_id, step=step, steps=steps)
         self.notifier.watchdog()  # the render progresses
+        self._note_stop()
         now = time.monotonic()
         if now - self._cancels_checked >= CANCEL_CHECK_S:
             # Jobs cancelled while waiting get their result now, not after this render.
@@ -407,13 +422,6 @@ def _metrics(settings: Settings, owner: str) -> Any:
     from .metrics import Metrics
 
     return Metrics(Path(where) if where else settings.state / "metrics", owner)
-
-
-def _as_job_error(error: SbrenderError) -> JobError:
-    """A job-level error carrying another error's type and message."""
-    job_error = JobError(error.message, hint=error.hint)
-    job_error.kind = error.kind
-    return job_error
 
 
 def _random_seed(claim: str, job: Job) -> int:

@@ -9,6 +9,9 @@ is never retried as if it had worked (a failed fsync may have dropped the data).
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import functools
 import hashlib
 import io
 import json
@@ -49,6 +52,38 @@ def fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Rename, failing with ``FileExistsError`` instead of replacing ``dst``.
+
+    Linux's renameat2(RENAME_NOREPLACE) where the kernel and filesystem have it;
+    elsewhere a check then a rename, which a concurrent writer can still race.
+    """
+    libc = _libc()
+    if libc is not None:
+        if libc.renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+            raise OSError(err, os.strerror(err), str(dst))
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dst))
+    os.rename(src, dst)
+
+
+@functools.cache
+def _libc() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 
 def write_synced(path: Path, data: bytes, *, durable: bool = True) -> None:

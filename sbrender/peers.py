@@ -1,11 +1,12 @@
 """Daemons sharing a spool: who they are, and whether they are still alive.
 
-Each daemon has an owner name (``<host>-<pid>``), a work folder of its own
+Each daemon has an owner name (``<host>-<pid>-<start>``), a work folder of its own
 (``state/work/<owner>/``) and a status file (``state/daemons/<owner>.json``)
 with a heartbeat. A claimed file belongs to the daemon whose work folder holds
 it; only a daemon that is gone has its files taken back. Gone means: on this
 host, its process no longer exists; on another host, its heartbeat is older
-than ``STALE_S`` (a crashed machine cannot say goodbye).
+than ``STALE_S`` (a crashed machine cannot say goodbye). Hosts are told apart by
+name: two daemons on one spool need different host names.
 """
 
 from __future__ import annotations
@@ -37,15 +38,24 @@ def read_status(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def owner_name(host: str | None = None, pid: int | None = None) -> str:
+def _host_part(host: str | None = None) -> str:
     # Owner names appear in file names: letters, digits, '.', '_' and '-' only.
-    host = re.sub(r"[^A-Za-z0-9._-]", "_", host or hostname())
-    return f"{host}-{pid or os.getpid()}"
+    return re.sub(r"[^A-Za-z0-9._-]", "_", host or hostname())
 
 
-def split_owner(owner: str) -> tuple[str, int | None]:
-    host, _, pid = owner.rpartition("-")
-    return host, int(pid) if pid.isdigit() else None
+def owner_name(host: str | None = None, pid: int | None = None) -> str:
+    """``<host>-<pid>-<start>``: the process start time tells this run from an
+    earlier one that had the same pid (a container's PID 1, a reboot)."""
+    pid = pid or os.getpid()
+    return f"{_host_part(host)}-{pid}-{process_start(pid) or 0}"
+
+
+def split_owner(owner: str) -> tuple[str, int | None, str | None]:
+    """(host, pid, start) of an owner name; pid None when it is not one of ours."""
+    parts = owner.rsplit("-", 2)
+    if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+        return parts[0], int(parts[1]), parts[2]
+    return owner, None, None
 
 
 def pid_alive(pid: int) -> bool:
@@ -81,12 +91,8 @@ def heartbeat_age(status: dict[str, Any] | None, now: float | None = None) -> fl
 
 def is_alive(owner: str, daemons_dir: Path) -> bool:
     """Whether the daemon named ``owner`` may still be working on its files."""
-    host, pid = split_owner(owner)
-    status = read_status(daemons_dir / f"{owner}.json")
-    if host == owner_name(pid=1).rpartition("-")[0]:  # this host
-        if pid is None or not pid_alive(pid):
-            return False
-        recorded = (status or {}).get("proc_start")
-        return recorded is None or recorded == process_start(pid)
-    age = heartbeat_age(status)
+    host, pid, start = split_owner(owner)
+    if host == _host_part():
+        return pid is not None and pid_alive(pid) and start == (process_start(pid) or "0")
+    age = heartbeat_age(read_status(daemons_dir / f"{owner}.json"))
     return age is not None and age < STALE_S

@@ -38,6 +38,8 @@ class Candidate:
     generation: int = 0
     finished: set[str] = field(default_factory=set)
     any_failed: bool = False
+    # Jobs to fail instead of render (see Daemon._recover), by id.
+    doomed: dict[str, Exception] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -74,12 +76,14 @@ class JobQueue:
         self._heap: list[tuple[tuple[int, int, str, int], int, str, int, int]] = []
         self._by_id: dict[str, str] = {}  # job id -> candidate name, for cancels
         self._seq = itertools.count()
+        # Never reused, so heap entries of a forgotten file cannot match a new one of that name.
+        self._generations = itertools.count(1)
 
     # --- learning about files ------------------------------------------------------
 
     def add_claimed(self, info: FileInfo) -> Candidate:
         """A file already in the work folder (a restart after a crash or stop)."""
-        cand = Candidate(info, claimed=True)
+        cand = Candidate(info, claimed=True, generation=next(self._generations))
         self.candidates[info.name] = cand
         self._load(cand, final=True)
         return cand
@@ -121,7 +125,7 @@ class JobQueue:
         if info.is_regular and not is_complete(self.hint(info.name), info.changed_ns, self.settle_s):
             self.waiting.add(info.name)
             return
-        cand = Candidate(info, claimed=False, generation=(known.generation + 1) if known else 0)
+        cand = Candidate(info, claimed=False, generation=next(self._generations))
         if self._load(cand, final=False):
             self.candidates[info.name] = cand
             self.waiting.discard(info.name)
@@ -179,7 +183,7 @@ class JobQueue:
             data = None
         if data == cand.data:
             return True
-        cand.generation += 1
+        cand.generation = next(self._generations)
         self._load(cand, final=True)
         return False
 
@@ -197,12 +201,13 @@ class JobQueue:
         entry = next((e for e in cand.entries if e.id == job_id and e.id not in cand.finished), None)
         return Pick(cand, entry) if entry is not None else None
 
-    def poison(self, cand: Candidate, job_id: str, bad: BadJob) -> None:
-        """Replace one of the file's jobs by a failure (see ``Daemon._recover``)."""
-        cand.entries = [bad if e.id == job_id else e for e in cand.entries]
-
     def drop(self, cand: Candidate) -> None:
+        """Forget a finished or vanished file; a newer file of the same name that
+        waited for it stays waiting."""
+        waiting = cand.name in self.waiting
         self._forget(cand.name)
+        if waiting:
+            self.waiting.add(cand.name)
 
     def __len__(self) -> int:
         return sum(len(c.pending()) for c in self.candidates.values())

@@ -28,7 +28,7 @@ from pathlib import Path
 from . import peers
 from .errors import SpoolError
 from .ids import is_job_file_name
-from .outputs import fsync_dir, temp_owner
+from .outputs import fsync_dir, temp_name, temp_owner, write_synced
 
 
 @dataclass(frozen=True)
@@ -236,18 +236,19 @@ class Spool:
         file holds it. The reservation is a file created exclusively, so two daemons
         cannot both win."""
         path = self.ids / job_id
+        # Written whole and synced under a temp name, then linked into place (link
+        # fails if the name exists): a crash never leaves an empty reservation.
+        temp = self.ids / temp_name(job_id)
+        write_synced(temp, claim.encode())
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            os.link(temp, path)
         except FileExistsError:
             try:
                 return path.read_text() == claim
             except OSError:
                 return False
-        try:
-            os.write(fd, claim.encode())
-            os.fsync(fd)
         finally:
-            os.close(fd)
+            os.unlink(temp)
         fsync_dir(self.ids)
         return True
 
@@ -301,7 +302,7 @@ class Spool:
     def remove_stale_temps(self) -> list[Path]:
         """Temp files left in the outbox and state by daemons that are gone."""
         removed = []
-        for folder in (self.outbox, self.state, self.daemons):
+        for folder in (self.outbox, self.state, self.daemons, self.ids):
             for entry in os.scandir(folder):
                 owner = temp_owner(entry.name)
                 if owner is None or owner == self.owner or peers.is_alive(owner, self.daemons):

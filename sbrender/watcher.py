@@ -55,14 +55,6 @@ class Hints:
             self._seen[name] = Seen(hint, time.monotonic())
             self._dirty.add(name)
 
-    def advance(self, name: str, hint: Hint, only_from: tuple[Hint, ...]) -> None:
-        """Set ``hint`` if the name is unknown or currently in one of ``only_from``."""
-        with self._lock:
-            old = self._seen.get(name)
-            if old is None or old.hint in only_from:
-                self._seen[name] = Seen(hint, time.monotonic())
-                self._dirty.add(name)
-
     def drop(self, name: str) -> None:
         with self._lock:
             self._seen.pop(name, None)
@@ -133,10 +125,10 @@ class _Handler(events.FileSystemEventHandler):
             return
         elif isinstance(event, events.FileCreatedEvent):
             self.hints.set(name, Hint.CREATED)
-        elif isinstance(event, events.FileOpenedEvent):
-            # Our own reads open files too: only a fresh creation turns into writing.
-            self.hints.advance(name, Hint.WRITING, only_from=(Hint.CREATED,))
         elif isinstance(event, events.FileModifiedEvent):
+            # Only a write means a writer: readers (the daemon, `sbrender jobs`) open
+            # files too. A file created and not yet written is caught by the parse
+            # check for young files.
             self.hints.set(name, Hint.WRITING)
         elif isinstance(event, events.FileClosedEvent):
             self.hints.set(name, Hint.COMPLETE)

@@ -257,3 +257,15 @@ def test_the_client_and_cli_do_not_import_the_render_stack() -> None:
             "print(json.dumps(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules)))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(done.stdout) == []
+
+
+def test_two_submits_of_one_id_cannot_replace_each_other(client: Client) -> None:
+    """The id check and the publish are not atomic together; the publish itself
+    refuses to replace (a double click submitting twice at once)."""
+    from sbrender.client import _publish_new
+
+    _publish_new(client.inbox, "twice.json", b'{"prompt": "first"}')
+    with pytest.raises(JobError, match="already in use"):
+        _publish_new(client.inbox, "twice.json", b'{"prompt": "second"}')
+    assert json.loads((client.inbox / "twice.json").read_text()) == {"prompt": "first"}
+    assert sorted(p.name for p in client.inbox.iterdir()) == ["twice.json"]

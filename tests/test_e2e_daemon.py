@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from conftest import DaemonProcess, Spool, daemon_env, sbrender
+from sbrender.client import Client
 
 
 @pytest.fixture(scope="module", params=["inotify", "polling"])
@@ -214,7 +215,8 @@ def test_file_renamed_in_from_another_folder(live: tuple[Spool, DaemonProcess]) 
     staging.mkdir(exist_ok=True)
     (staging / "from-staging.json").write_text(json.dumps({"prompt": "staged", "seed": 11}))
     (staging / "from-staging.json").rename(spool.inbox / "from-staging.json")
-    result = spool.result("from-staging")
+    Client(spool.inbox, spool.outbox, spool.state).jobs()  # a reader opening it is not a writer
+    result = spool.result("from-staging", timeout=20)
     assert result["status"] == "succeeded" and result["params"]["seed"] == 11
 
 

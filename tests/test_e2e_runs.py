@@ -138,6 +138,10 @@ def test_files_claimed_by_a_crashed_run_are_rendered_on_restart(spool: Spool, mo
     (spool.state / "work" / dead).mkdir(parents=True)
     (spool.state / "work" / dead / "orphan.yaml").write_text("prompt: left behind\nseed: 4\n")
     (spool.state / "work" / "legacy.yaml").write_text("prompt: claimed by an older layout\n")
+    # A previous run that had the pid this test has now (a container's PID 1 after a restart).
+    earlier = owner_name(pid=os.getpid()).rsplit("-", 1)[0] + "-1"
+    (spool.state / "work" / earlier).mkdir()
+    (spool.state / "work" / earlier / "same-pid.yaml").write_text("prompt: same pid, earlier run\n")
     alive = owner_name(pid=os.getppid())  # the pytest runner's parent: alive, not a daemon
     (spool.state / "work" / alive).mkdir()
     (spool.state / "work" / alive / "peer.yaml").write_text("prompt: a live peer's job\n")
@@ -147,6 +151,7 @@ def test_files_claimed_by_a_crashed_run_are_rendered_on_restart(spool: Spool, mo
     _run_once(spool, model_cache)
     assert json.loads((spool.outbox / "orphan.json").read_text())["status"] == "succeeded"
     assert json.loads((spool.outbox / "legacy.json").read_text())["status"] == "succeeded"
+    assert json.loads((spool.outbox / "same-pid.json").read_text())["status"] == "succeeded"
     assert (spool.state / "done" / "orphan.yaml").exists()
     assert not partial.exists(), "stale temp files are removed"
     assert not (spool.state / "work" / dead).exists()
@@ -157,7 +162,7 @@ def test_files_claimed_by_a_crashed_run_are_rendered_on_restart(spool: Spool, mo
 def test_a_file_that_keeps_crashing_daemons_is_failed(spool: Spool, model_cache: Path) -> None:
     """A job that kills the daemon (SIGKILL mid-render) is retried after each restart
     until limits.max_crashes, then failed; the job behind it renders."""
-    spool.drop("poison.yaml", "prompt: crashes every time\n", mtime=time.time() - 60)
+    spool.drop("poison.yaml", "prompt: crashes every time\nmetadata: {row: 9}\n", mtime=time.time() - 60)
     spool.drop("after-poison.yaml", "prompt: next in line\n")
     env = daemon_env(model_cache, SBRENDER_TEST_FAULTS="poison=crash", SBRENDER_LIMITS_MAX_CRASHES="2")
     codes = [sbrender("run", "--once", *spool.cli_args(), env=env, cwd=spool.root).returncode for _ in range(3)]
@@ -165,9 +170,13 @@ def test_a_file_that_keeps_crashing_daemons_is_failed(spool: Spool, model_cache:
     result = json.loads((spool.outbox / "poison.json").read_text())
     assert result["status"] == "failed"
     assert "a daemon died 2 times while rendering this job" in result["error"]["message"]
+    assert result["params"]["prompt"] == "crashes every time" and result["metadata"] == {"row": 9}
     assert (spool.state / "failed" / "poison.yaml").exists()
     assert json.loads((spool.outbox / "after-poison.json").read_text())["status"] == "succeeded"
     assert not list((spool.state / "work").glob("*/*")), "nothing is left claimed"
+    retry = sbrender("retry", "poison", *spool.cli_args(), env=env, cwd=spool.root)
+    assert retry.returncode == 0, retry.stderr
+    assert json.loads((spool.inbox / "poison.json").read_text())["prompt"] == "crashes every time"
 
 
 @pytest.mark.parametrize("fault, expected", [
@@ -264,12 +273,12 @@ def test_second_signal_forces_exit(spool: Spool, model_cache: Path) -> None:
     daemon.wait_ready()
     spool.drop("stuck.yaml", "prompt: slow steps\nsteps: 50\n")
     deadline = time.monotonic() + 60
-    while (_status(spool).get("current") or {}).get("job") != "stuck":
+    while (_status(spool).get("current") or {}).get("step", 0) < 1:  # a step just ended
         assert time.monotonic() < deadline
-        time.sleep(0.02)
-    daemon.proc.send_signal(signal.SIGINT)
-    while not daemon.events("stopping"):  # the first is handled; the step still sleeps
         time.sleep(0.01)
+    # The next step's callback sleeps 2 s (the fault): both signals land inside it.
+    daemon.proc.send_signal(signal.SIGINT)
+    time.sleep(0.3)
     daemon.proc.send_signal(signal.SIGINT)
     assert daemon.proc.wait(timeout=30) == 128 + signal.SIGINT
     daemon.stop()
@@ -355,3 +364,23 @@ def test_prometheus_metrics_file(spool: Spool, model_cache: Path) -> None:
     assert samples[("sbrender_model_load_seconds", ())] > 0
     assert samples[("sbrender_queue_depth", ())] == 0
     assert not path.exists(), "a cleanly stopped daemon removes its metrics file"
+
+
+def test_failed_result_published_before_a_crash_archives_as_failed(spool: Spool, model_cache: Path) -> None:
+    """The file's job failed and its result was out when the daemon died: the
+    restart finishes the file without a second result, archived as failed."""
+    from sbrender.spool import FileInfo
+
+    dead = _dead_owner()
+    folder = spool.state / "work" / dead
+    folder.mkdir(parents=True)
+    (folder / "was-bad.yaml").write_text("prompt: x\nsteps: 0\n")
+    claim = FileInfo.of(folder / "was-bad.yaml").claim_token
+    spool.outbox.mkdir()
+    earlier = {"id": "was-bad", "status": "failed", "input": {"file": "was-bad.yaml", "claim": claim},
+               "error": {"type": "invalid_job", "message": "steps is 0"}}
+    (spool.outbox / "was-bad.json").write_text(json.dumps(earlier))
+    _run_once(spool, model_cache)
+    assert json.loads((spool.outbox / "was-bad.json").read_text()) == earlier
+    assert (spool.state / "failed" / "was-bad.yaml").exists()
+    assert not list(spool.outbox.glob("was-bad.dup*"))

@@ -105,3 +105,42 @@ def test_dead_watcher_is_restarted(running: tuple[Daemon, SolidRenderer, Path]) 
     (root / "inbox" / ".after.json.tmp").write_text(json.dumps({"prompt": "after the restart"}))
     os.rename(root / "inbox" / ".after.json.tmp", root / "inbox" / "after.json")
     _wait_for([root / "outbox" / "after.json"], timeout=30)
+
+
+STOP_SCRIPT = """
+import os, random, signal, sys, threading, time
+sys.path.insert(0, {tests!r})
+from test_queue_mechanics import SolidRenderer
+from sbrender.config import load_settings
+from sbrender.daemon import Daemon
+from sbrender.errors import ShutdownRequested
+
+class Endless(SolidRenderer):
+    def render(self, job, seeds, on_step=None):
+        step = 0
+        while True:  # steps as fast as possible: the status file is written at each one
+            step += 1
+            if on_step(step, 10**9):
+                raise ShutdownRequested()
+
+root = {root!r}
+os.makedirs(root + "/inbox", exist_ok=True)
+open(root + "/inbox/endless.json", "w").write('{{"prompt": "x"}}')
+settings = load_settings(env={{}}, overrides={{"inbox": root + "/inbox", "outbox": root + "/outbox",
+    "state": root + "/state", "watch.mode": "polling", "watch.settle_seconds": 0, "metrics_dir": "off"}})
+threading.Timer(0.5 + random.random(), os.kill, (os.getpid(), signal.SIGTERM)).start()
+sys.exit(Daemon(settings, Endless()).run())
+"""
+
+
+@pytest.mark.parametrize("attempt", range(3))
+def test_one_sigterm_always_stops_a_busy_daemon(tmp_path: Path, attempt: int) -> None:
+    """The signal may land while the status file is being written (each step):
+    the handler must not wait on anything the interrupted code holds."""
+    import subprocess
+    import sys
+
+    script = STOP_SCRIPT.format(tests=str(Path(__file__).parent), root=str(tmp_path / "spool"))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "spool" / "inbox" / "endless.json").exists(), "the interrupted job went back"
