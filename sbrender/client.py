@@ -66,6 +66,15 @@ class Client:
     def from_settings(cls, settings: Any) -> Client:
         return cls(settings.inbox, settings.outbox, settings.state, Rules.from_settings(settings))
 
+    @classmethod
+    def from_config(cls, config_file: str | os.PathLike[str] | None = None) -> Client:
+        """A client with the daemon's folders, defaults and limits, read the way the
+        daemon reads them (the config file, then ``SBRENDER_*`` variables), so it
+        refuses exactly what the daemon would."""
+        from .config import load_settings
+
+        return cls.from_settings(load_settings(config_file))
+
     # --- producing ---------------------------------------------------------------------
 
     def submit(self, prompt: str | None = None, *, job_id: str | None = None, **fields: Any) -> str:

@@ -269,3 +269,16 @@ def test_two_submits_of_one_id_cannot_replace_each_other(client: Client) -> None
         _publish_new(client.inbox, "twice.json", b'{"prompt": "second"}')
     assert json.loads((client.inbox / "twice.json").read_text()) == {"prompt": "first"}
     assert sorted(p.name for p in client.inbox.iterdir()) == ["twice.json"]
+
+
+def test_client_from_the_daemons_config_uses_its_limits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "sbrender.yaml"
+    config.write_text(f"inbox: {tmp_path / 'in'}\noutbox: {tmp_path / 'out'}\nlimits: {{max_steps: 40}}\n")
+    for name in [n for n in os.environ if n.startswith("SBRENDER_")]:
+        monkeypatch.delenv(name)
+    client = Client.from_config(config)
+    (tmp_path / "in").mkdir()
+    assert client.inbox == tmp_path / "in" and client.rules.max_steps == 40
+    with pytest.raises(JobError, match="limits.max_steps"):
+        client.submit("too many steps", steps=41)
+    assert client.submit("fine", steps=40)
