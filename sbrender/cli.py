@@ -177,12 +177,6 @@ def _wait(client: Client, job_id: str, timeout: float | None) -> dict[str, Any]:
     start = time.monotonic()
     try:
         while True:
-            remaining = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
-            try:
-                return client.wait(job_id, timeout=min(1.0, remaining) if remaining is not None else 1.0)
-            except WaitTimeout:
-                if remaining is not None and remaining <= 1.0:
-                    raise
             where = client.progress(job_id)
             elapsed = time.monotonic() - start
             if where["state"] == "running" and where.get("steps"):
@@ -193,6 +187,13 @@ def _wait(client: Client, job_id: str, timeout: float | None) -> dict[str, Any]:
             else:
                 line = f"{job_id} {where['state']}"
             click.echo(f"\r\033[K{line}  {elapsed:.1f}s", nl=False, err=True)
+            remaining = None if timeout is None else timeout - (time.monotonic() - start)
+            try:
+                return client.wait(job_id, timeout=0.5 if remaining is None else max(0.0, min(0.5, remaining)))
+            except WaitTimeout:
+                if remaining is not None and remaining <= 0.5:
+                    raise WaitTimeout(f"job {job_id} has no result after {timeout:g} s",
+                                      hint="is the daemon running? see `sbrender status`") from None
     finally:
         click.echo("\r\033[K", nl=False, err=True)
 

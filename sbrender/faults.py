@@ -11,7 +11,8 @@ handling under test is the production path, not a stand-in. ``load`` alone
 | ``nan`` | the latents become NaN (an fp16 overflow does this) |
 | ``error`` | a ``RuntimeError`` from inside the pipeline |
 | ``crash`` | the daemon process is killed with SIGKILL |
-| ``slow`` | each step sleeps 2 s (a render long enough to interrupt) |
+| ``slow`` | each step sleeps 2 s (a render long enough to watch or cancel) |
+| ``stall`` | each step sleeps 10 s (a render that is surely mid-step when signalled) |
 """
 
 from __future__ import annotations
@@ -48,12 +49,16 @@ def _crash(kwargs: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-def _slow(kwargs: dict[str, Any]) -> dict[str, Any]:
-    time.sleep(2.0)
-    return kwargs
+def _sleeper(seconds: float) -> Any:
+    def sleep(kwargs: dict[str, Any]) -> dict[str, Any]:
+        time.sleep(seconds)
+        return kwargs
+
+    return sleep
 
 
-FAULTS = {"oom": _oom, "nan": _nan, "error": _error, "crash": _crash, "slow": _slow}
+FAULTS = {"oom": _oom, "nan": _nan, "error": _error, "crash": _crash, "slow": _sleeper(2.0),
+          "stall": _sleeper(10.0)}
 
 
 def from_env(environ: Any = None) -> dict[str, str]:

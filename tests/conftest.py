@@ -15,6 +15,8 @@ from typing import Any
 
 import pytest
 
+from sbrender.peers import owner_name
+
 READY_TIMEOUT_S = 180.0
 RESULT_TIMEOUT_S = 120.0
 
@@ -105,6 +107,8 @@ class DaemonProcess:
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "sbrender", "run", *spool.cli_args(), *args],
                                      env=env, cwd=spool.root, stdout=self._log, stderr=subprocess.STDOUT)
+        # The daemon's owner name holds its process start time: read it while it lives.
+        self.owner = owner_name(pid=self.proc.pid)
 
     def lines(self) -> list[dict[str, Any]]:
         out = []

@@ -24,7 +24,9 @@ from sbrender.client import Client
 def live(request: pytest.FixtureRequest, model_cache: Path,
          tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Spool, DaemonProcess]]:
     spool = Spool(tmp_path_factory.mktemp(f"live-{request.param}"))
-    daemon = DaemonProcess(spool, daemon_env(model_cache), "--watch", request.param)
+    # "busy" steps slowly (2 s a step), so the cancel test catches it mid-render.
+    daemon = DaemonProcess(spool, daemon_env(model_cache, SBRENDER_TEST_FAULTS="busy=slow,tty-job=slow"),
+                           "--watch", request.param)
     daemon.wait_ready()
     yield spool, daemon
     code = daemon.stop()
@@ -276,7 +278,7 @@ def test_wait_shows_progress_on_a_terminal_only(live: tuple[Spool, DaemonProcess
     spool, _ = live
     env = daemon_env(model_cache)
     master, slave = pty.openpty()
-    proc = subprocess.Popen([sys.executable, "-m", "sbrender", "submit", "progress please", "--steps", "30",
+    proc = subprocess.Popen([sys.executable, "-m", "sbrender", "submit", "progress please", "--steps", "3",
                              "--id", "tty-job", "--wait", *spool.cli_args()], env=env, cwd=spool.root,
                             stdout=subprocess.PIPE, stderr=slave, text=True)
     os.close(slave)
@@ -293,7 +295,7 @@ def test_wait_shows_progress_on_a_terminal_only(live: tuple[Spool, DaemonProcess
     os.close(master)
     assert proc.stdout.read().strip() == str(spool.outbox / "tty-job.png")
     text = output.decode()
-    assert "tty-job [" in text and "step " in text and "/30" in text, text
+    assert "tty-job [" in text and "step " in text and "/3" in text, text
     # Not a terminal: nothing on stderr.
     quiet = sbrender("submit", "quietly", "--steps", "2", "--id", "pipe-job", "--wait", *spool.cli_args(),
                      env=env, cwd=spool.root)

@@ -265,18 +265,18 @@ def test_three_daemons_share_a_spool_and_survive_a_kill(spool: Spool, model_cach
 
 
 def _owner_of(daemon: DaemonProcess) -> str:
-    return owner_name(pid=daemon.proc.pid)
+    return daemon.owner
 
 
 def test_second_signal_forces_exit(spool: Spool, model_cache: Path) -> None:
-    daemon = DaemonProcess(spool, daemon_env(model_cache, SBRENDER_TEST_FAULTS="stuck=slow"))
+    daemon = DaemonProcess(spool, daemon_env(model_cache, SBRENDER_TEST_FAULTS="stuck=stall"))
     daemon.wait_ready()
     spool.drop("stuck.yaml", "prompt: slow steps\nsteps: 50\n")
     deadline = time.monotonic() + 60
     while (_status(spool).get("current") or {}).get("step", 0) < 1:  # a step just ended
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    # The next step's callback sleeps 2 s (the fault): both signals land inside it.
+    # The next step's callback sleeps 10 s (the fault): both signals land inside it.
     daemon.proc.send_signal(signal.SIGINT)
     time.sleep(0.3)
     daemon.proc.send_signal(signal.SIGINT)
