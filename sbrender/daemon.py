@@ -68,6 +68,7 @@ class Daemon:
         self._stop_signal: int | None = None
         self._stop_noted = False
         self._cancels_checked = 0.0
+        self._temps_cleaned = False
         self._next_scan = 0.0
         self._identity: dict[Any, tuple[int, int]] = {}
         self._problems: list[str] = []
@@ -115,8 +116,6 @@ class Daemon:
         power cut). The job a dead daemon was rendering gets a crash counted;
         one that was being rendered at ``limits.max_crashes`` deaths fails
         instead of taking the next daemon down too."""
-        for path in self.spool.remove_stale_temps():
-            log.info("removed stale temp file", file=str(path))
         owners: dict[str, str | None] = {}
         for owner, info in list(self.spool.orphans()):
             if owner not in owners:
@@ -136,6 +135,12 @@ class Daemon:
                 error = RenderError(f"a daemon died {crashes} times while rendering this job; not trying again",
                                     hint="check the daemon's log for the crash; `sbrender retry ID` re-queues it")
                 cand.doomed[culprit.id] = error  # fails with its params and metadata, retryable
+        # Temp files are listed (outbox and all) only at start and when a peer
+        # was found gone, not at every rescan.
+        if owners or not self._temps_cleaned:
+            self._temps_cleaned = True
+            for path in self.spool.remove_stale_temps():
+                log.info("removed stale temp file", file=str(path))
         for owner in owners.keys() - {""}:
             self.spool.forget_owner(owner)
 
