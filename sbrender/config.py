@@ -83,8 +83,11 @@ def _number(kind: type, low: float, high: float) -> Parser:
     return parse
 
 
-def _choice(*options: str) -> Parser:
+def _choice(*options: str, on: str | None = None) -> Parser:
+    """One of ``options``; with ``on``, YAML's bare on/off (booleans) mean ``on``/"off"."""
     def parse(value: Any) -> str:
+        if on is not None and isinstance(value, bool):
+            value = on if value else "off"
         if not isinstance(value, str) or value.strip().lower() not in options:
             raise ValueError(f"expected one of: {', '.join(options)}")
         return value.strip().lower()
@@ -115,7 +118,7 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("model", "stable-diffusion-v1-5/stable-diffusion-v1-5", _text,
-            "Hugging Face repo id, local diffusers folder, or tiny-random (random weights, noise)"),
+            "Hugging Face repo id, local diffusers folder, or a built-in: tiny-random, sd15-random (random weights, noise)"),
     Setting("offline", False, _bool, "load only local files: never contact the Hugging Face hub"),
     Setting("device", "auto", _choice("auto", "cuda", "cpu", "mps"), "auto: cuda, else mps, else cpu"),
     Setting("dtype", "auto", _choice("auto", "float16", "bfloat16", "float32"),
@@ -124,6 +127,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cache", "", _any_text, "where built-in models are built; empty: $XDG_CACHE_HOME/sbrender"),
     Setting("metrics_dir", "", _any_text,
             "Prometheus textfile folder (node_exporter); empty: <state>/metrics; 'off': no metrics"),
+    Setting("perf.batch_size", 1, _number(int, 1, 64),
+            "images rendered together in one pipeline call, across jobs of the same settings; 1: off"),
+    Setting("perf.attention", "sdpa", _choice("sdpa", "classic"),
+            "sdpa: PyTorch scaled_dot_product_attention (flash/memory-efficient kernels); classic: plain matmuls"),
+    Setting("perf.channels_last", False, _bool, "UNet and VAE in channels_last memory format (faster convolutions on GPUs)"),
+    Setting("perf.fuse_qkv", False, _bool, "fuse the attention q, k, v projections into one matmul"),
+    Setting("perf.tf32", True, _bool, "allow TF32 matmuls and convolutions on CUDA (affects float32 only)"),
+    Setting("perf.cudnn_benchmark", True, _bool,
+            "let cuDNN time its convolution kernels once per image size and keep the fastest"),
+    Setting("perf.compile", "off", _choice("off", "default", "reduce-overhead", "max-autotune", on="default"),
+            "torch.compile the UNet and VAE decoder with this mode; compiled and warmed up before ready"),
+    Setting("perf.vae_tiling", "auto", _choice("auto", "on", "off", on="on"),
+            "decode the VAE in tiles (less memory for large images); auto: when a side exceeds 1024"),
     Setting("inbox", "inbox", _text, "folder watched for job files"),
     Setting("outbox", "outbox", _text, "folder where PNGs and result JSONs are published"),
     Setting("state", "state", _text, "claimed and archived job files; same filesystem as the inbox"),

@@ -103,6 +103,40 @@ def build_tiny_random(target: Path) -> None:
         pipe.save_pretrained(target)
 
 
+def build_sd15_random(target: Path) -> None:
+    """SD1.5's real architecture (UNet 860M, CLIP ViT-L/14 text encoder, SD VAE)
+    with fixed random weights: SD1.5's compute per step, no download. Saved in
+    float16 (1.7 GB) and built once per cache."""
+    import torch
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(
+            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, norm_num_groups=32)
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512), in_channels=3, out_channels=3, latent_channels=4,
+            norm_num_groups=32, layers_per_block=2, sample_size=512,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+            num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+            bos_token_id=0, eos_token_id=2, pad_token_id=1))
+    scheduler = DPMSolverMultistepScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        steps_offset=1)
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = _byte_level_tokenizer(Path(scratch) / "tokenizer")
+        pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        pipe.to(torch.float16).save_pretrained(target)
+
+
 @dataclass(frozen=True)
 class Builtin:
     name: str
@@ -113,6 +147,7 @@ class Builtin:
 
 BUILTINS: dict[str, Builtin] = {
     "tiny-random": Builtin("tiny-random", 2, build_tiny_random, True),
+    "sd15-random": Builtin("sd15-random", 1, build_sd15_random, True),
 }
 
 
