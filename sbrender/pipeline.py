@@ -20,7 +20,7 @@ for _name, _value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from . import __version__, faults, models, samplers
+from . import __version__, faults, models, samplers, speedups
 from .config import Settings
 from .errors import RenderError, ShutdownRequested
 from .jobs import Job
@@ -67,6 +67,8 @@ class DiffusersRenderer:
         self._schedulers: dict[str, Any] = {}
         self.faults = faults.from_env()
         self._base_scheduler_config: Any = None
+        self._vae_tiling = False
+        self.perf: dict[str, Any] = {}
 
     def load(self) -> float:
         start = time.perf_counter()
@@ -84,12 +86,26 @@ class DiffusersRenderer:
                                     safety_checker=self.settings["safety_checker"])
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
+        self.perf = speedups.apply(self.pipe, self.settings, self.device)
+        if self.settings["perf.compile"] != "off":
+            self.warm_up()
         return time.perf_counter() - start
+
+    def warm_up(self) -> None:
+        """Render throw-away images at the default size, alone and at the batch
+        size, so compiling happens before the daemon says it is ready."""
+        from .jobs import Job
+
+        d = self.settings.section("defaults")
+        for count in sorted({1, self.settings["perf.batch_size"]}):
+            job = Job(id="warm-up", prompt="warm-up", negative_prompt="", steps=2, guidance_scale=d["guidance_scale"],
+                      width=d["width"], height=d["height"], seed=None, count=count, sampler=d["sampler"], priority=0)
+            self.render(job, list(range(count)))
 
     def describe(self) -> dict[str, Any]:
         assert self.ref is not None, "load() first"
         return {"model": self.ref.to_dict(), "device": self.device, "dtype": str(self.dtype).removeprefix("torch."),
-                "versions": library_versions()}
+                "perf": dict(self.perf), "versions": library_versions()}
 
     def _use_sampler(self, name: str) -> dict[str, Any]:
         row = samplers.lookup(name)
@@ -105,13 +121,45 @@ class DiffusersRenderer:
         self.pipe.scheduler = self._schedulers[row.name]
         return {"name": row.name, "class": row.scheduler, "options": dict(row.options)}
 
+    def _use_vae_tiling(self, width: int, height: int) -> None:
+        wanted = speedups.vae_tiling_wanted(self.settings["perf.vae_tiling"], width, height)
+        if wanted != self._vae_tiling:
+            self.pipe.vae.enable_tiling() if wanted else self.pipe.vae.disable_tiling()
+            self._vae_tiling = wanted
+
     def render(self, job: Job, seeds: list[int], on_step: StepCallback | None = None) -> RenderOutput:
+        out = self.render_batch([(job, seeds)], on_step)[0]
+        if isinstance(out, RenderError):
+            raise out
+        return out
+
+    def render_batch(self, items: list[tuple[Job, list[int]]],
+                     on_step: StepCallback | None = None) -> list[RenderOutput | RenderError]:
+        """One pipeline call for jobs that share size, steps, sampler and CFG. Each
+        image keeps its own seed (one CPU generator per image, so the same seed gives
+        the same starting noise on any device and in any batch). Returns per job its
+        images, or the error that spoils only that job (NaN images)."""
+        job = items[0][0]
         timings: dict[str, float] = {}
         start = time.perf_counter()
         scheduler = self._use_sampler(job.sampler)
-        # One CPU generator per image: the same seed gives the same image on any device.
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        fault = self.faults.get(job.id)
+        self._use_vae_tiling(job.width, job.height)
+        counts = [len(seeds) for _, seeds in items]
+        generators = [torch.Generator("cpu").manual_seed(seed) for _, seeds in items for seed in seeds]
+        if len(items) == 1:
+            prompt: Any = job.prompt
+            negative: Any = job.negative_prompt or None
+            per_prompt = job.count
+        elif len(set(counts)) == 1:
+            prompt, negative = [j.prompt for j, _ in items], [j.negative_prompt for j, _ in items]
+            per_prompt = counts[0]
+        else:
+            prompt = [j.prompt for j, seeds in items for _ in seeds]
+            negative = [j.negative_prompt for j, seeds in items for _ in seeds]
+            per_prompt = 1
+        if isinstance(negative, list) and not any(negative):
+            negative = None  # what diffusers does for no negative prompt: the same images
+        fault = next((f for j, _ in items if (f := self.faults.get(j.id)) is not None), None)
         stopped = False
 
         def step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -125,35 +173,47 @@ class DiffusersRenderer:
 
         timings["prepare_s"] = time.perf_counter() - start
         start = time.perf_counter()
+        timings["inference_started"] = time.time()
         try:
             with torch.inference_mode():
                 result = self.pipe(
-                    prompt=job.prompt, negative_prompt=job.negative_prompt or None,
+                    prompt=prompt, negative_prompt=negative,
                     num_inference_steps=job.steps, guidance_scale=job.guidance_scale,
-                    width=job.width, height=job.height, num_images_per_prompt=job.count,
+                    width=job.width, height=job.height, num_images_per_prompt=per_prompt,
                     generator=generators, callback_on_step_end=step_end, output_type="np")
         except torch.cuda.OutOfMemoryError as err:
             self._free_memory()
-            raise RenderError(f"out of GPU memory rendering {job.count} image(s) of {job.width}x{job.height} "
+            raise RenderError(f"out of GPU memory rendering {sum(counts)} image(s) of {job.width}x{job.height} "
                               f"({_first_line(err)})",
-                              hint="use a smaller width/height or count; the daemon goes on") from err
+                              hint="use a smaller width/height or count (or perf.batch_size); the daemon goes on"
+                              ) from err
         except (RuntimeError, ValueError, TypeError, IndexError) as err:
             raise RenderError(f"the pipeline failed: {type(err).__name__}: {_first_line(err)}") from err
         if stopped:
             raise ShutdownRequested()
+        timings["inference_finished"] = time.time()
         timings["inference_s"] = time.perf_counter() - start
         arrays = np.asarray(result.images)
+        nsfw = list(getattr(result, "nsfw_content_detected", None) or [False] * len(arrays))
+        outputs: list[RenderOutput | RenderError] = []
+        first = 0
+        for job, seeds in items:
+            part = slice(first, first + len(seeds))
+            first += len(seeds)
+            outputs.append(self._check(arrays[part], nsfw[part], seeds, scheduler, timings))
+        return outputs
+
+    def _check(self, arrays: np.ndarray, nsfw: list[bool], seeds: list[int], scheduler: dict[str, Any],
+               timings: dict[str, float]) -> RenderOutput | RenderError:
         broken = [k + 1 for k in range(len(arrays)) if not np.isfinite(arrays[k]).all()]
         if broken:
-            raise RenderError(
+            return RenderError(
                 f"the model produced NaN values (image {', '.join(map(str, broken))} of {len(arrays)}); "
                 f"nothing usable to save", hint="float16 overflow is the usual cause: try dtype bfloat16 or float32")
         black = [k + 1 for k in range(len(arrays)) if float(arrays[k].max()) <= 0.0]
-        nsfw = getattr(result, "nsfw_content_detected", None) or []
-        warnings = [f"image {k} is entirely black" + (" (flagged by the safety checker)" if k <= len(nsfw)
-                                                      and nsfw[k - 1] else "") for k in black]
-        images = self.pipe.numpy_to_pil(arrays)
-        return RenderOutput(images, seeds, scheduler, timings, warnings)
+        warnings = [f"image {k} is entirely black" + (" (flagged by the safety checker)" if nsfw[k - 1] else "")
+                    for k in black]
+        return RenderOutput(self.pipe.numpy_to_pil(arrays), seeds, scheduler, dict(timings), warnings)
 
     def _free_memory(self) -> None:
         if torch.cuda.is_available():
