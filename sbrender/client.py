@@ -217,7 +217,7 @@ class Client:
             return {"state": result.get("status")}
         for daemon in self.daemons():
             current = daemon.get("current") or {}
-            if daemon["alive"] and daemon.get("state") == "rendering" and current.get("job") == job_id:
+            if daemon["alive"] and daemon.get("state") == "rendering" and job_id in _rendering(current):
                 return {"state": RUNNING, "step": current.get("step", 0), "steps": current.get("steps", 0)}
         pending = [j.id for j in self.jobs() if j.state == PENDING]
         if job_id in pending:
@@ -232,8 +232,8 @@ class Client:
 
     def jobs(self) -> list[JobState]:
         """Every job the spool knows: pending, running, then finished, oldest first."""
-        running = {(d.get("current") or {}).get("job") for d in self.daemons()
-                   if d["alive"] and d.get("state") == "rendering"}
+        running = {job for d in self.daemons() if d["alive"] and d.get("state") == "rendering"
+                   for job in _rendering(d.get("current") or {})}
         seen: set[str] = set()
         out: list[JobState] = []
         for folder in (*self._work_folders(), self.inbox):
@@ -290,6 +290,11 @@ def validate_file(path: Path, rules: Rules, name: str | None = None) -> list[Ent
     except SbrenderError as err:
         return [BadJob(ids.stem(path.name), err if isinstance(err, JobError) else JobError(str(err)), 0, path.name)]
     return parse_job_bytes(name or path.name, data, rules)
+
+
+def _rendering(current: Mapping[str, Any]) -> list[str]:
+    """The ids a daemon's status says it renders: its job, or all of its batch."""
+    return [str(i) for i in current.get("batch") or [current.get("job")]]
 
 
 def _publish_new(folder: Path, name: str, data: bytes) -> None:

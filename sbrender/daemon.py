@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
@@ -29,14 +29,15 @@ from .config import Settings
 from .errors import (DuplicateJobError, JobCancelled, RenderError, SbrenderError, ShutdownRequested,
                      SpoolError)
 from .jobs import SEED_MAX, BadJob, Entry, Job, Rules
-from .outputs import encode_png, infotext, publish_images, read_json, write_json
+from .outputs import PublishedImage, Publication, encode_png, image_names, infotext, read_json
 from .queue import Candidate, JobQueue, Pick
-from .renderer import Renderer
+from .renderer import Renderer, RenderOutput
 from . import peers
 from .spool import FileInfo, Spool
 from .notify import Notifier
 from .status import StatusFile
 from .watcher import InboxWatcher
+from .writer import Writer
 
 log = structlog.get_logger("sbrender")
 
@@ -68,10 +69,12 @@ class Daemon:
         self._stop_signal: int | None = None
         self._stop_noted = False
         self._cancels_checked = 0.0
+        self._cancel_running = False  # a job of the render in progress was cancelled
         self._temps_cleaned = False
         self._next_scan = 0.0
         self._identity: dict[Any, tuple[int, int]] = {}
         self._problems: list[str] = []
+        self.writer = Writer(settings.outbox, self.wake)
 
     # --- life cycle ------------------------------------------------------------------
 
@@ -103,6 +106,8 @@ class Daemon:
             finally:
                 self.should_exit.set()
                 self._note_stop()
+                self._finish_writes()
+                self.writer.stop()
                 self.watcher.stop()
                 self._set_status("stopped", force=True)
                 self.spool.forget_owner(self.spool.owner)  # only if nothing is left claimed
@@ -160,9 +165,14 @@ class Daemon:
                 self._next_scan = 0.0
             self.notifier.watchdog()  # the loop turns and the watcher lives
             self._look_at_inbox()
-            pick = self._cancelled_pick() or self.queue.pop()
-            if pick is not None:
-                self._process(pick)
+            self._collect()
+            cancelled = self._cancelled_pick()
+            picks = [cancelled] if cancelled else self.queue.pop_batch(self.settings["perf.batch_size"], _batch_key)
+            if picks:
+                self._process(picks)
+                continue
+            if self.writer.busy():
+                self.wake.wait(0.05)  # results being written: archive their files before idling
                 continue
             if once and not self.queue.waiting:
                 return
@@ -185,12 +195,12 @@ class Daemon:
         else:
             self.queue.refresh(self.watcher.drain())
 
-    def _cancelled_pick(self, running: str | None = None) -> Pick | None:
+    def _cancelled_pick(self, running: list[str] = []) -> Pick | None:  # noqa: B006 - never changed
         """A queued job someone cancelled: it is taken out of turn, to publish its
         cancelled result at once. Requests for ids this daemon does not hold stay
         for a peer, or for a file not seen yet."""
         for job_id in self.spool.cancel_requests():
-            if job_id == running:
+            if job_id in running:
                 continue
             if self.spool.result_path(job_id).exists():
                 self.spool.clear_cancel(job_id)
@@ -250,91 +260,225 @@ class Daemon:
         self.notifier.stopping()
         self._set_status("stopping", force=True)
 
-    # --- one job ---------------------------------------------------------------------
+    # --- jobs ----------------------------------------------------------------------------
 
-    def _process(self, pick: Pick) -> None:
-        cand, entry = pick.candidate, pick.entry
+    def _process(self, picks: list[Pick]) -> None:
+        """Claim the picked entries' files, settle what needs no render (bad, doomed,
+        cancelled, already published), render the rest in one call, and hand the
+        results to the writer thread."""
         picked = time.time()
-        if not cand.claimed:
-            try:
-                path = self.spool.claim(cand.name)
-            except SpoolError as err:
-                log.warning("cannot claim file yet", file=cand.name, reason=str(err))
+        slots: list[Slot] = []
+        for pick in self._claimed(picks):
+            with structlog.contextvars.bound_contextvars(job_id=pick.entry.id):
+                slot = self._prepare(pick, picked)
+                if slot is None:
+                    continue
+                refusal = self._refusal(slot)
+                if refusal is None:
+                    slots.append(slot)
+                else:
+                    self._publish(slot, self._failure_work(slot, refusal))
+        if slots:
+            self._render(slots)
+        if self.metrics:
+            self.metrics.write(len(self.queue))
+
+    def _claimed(self, picks: list[Pick]) -> list[Pick]:
+        """The picks whose files this daemon now holds, unchanged since parsed."""
+        out: list[Pick] = []
+        for pick in picks:
+            cand = pick.candidate
+            if not cand.claimed:
+                try:
+                    path = self.spool.claim(cand.name)
+                except SpoolError as err:
+                    log.warning("cannot claim file yet", file=cand.name, reason=str(err))
+                    self.queue.requeue(pick)
+                    continue
+                info = FileInfo.of(path) if path is not None else None
+                if info is None:
+                    self.queue.drop(cand)  # taken away before we got to it
+                    continue
+                if not self.queue.reload_claimed(cand, info):
+                    log.info("file changed before it was claimed; read again", file=cand.name)
+                    continue
+            elif self.queue.stale(pick):
+                continue  # its file was read again after a claim in this batch
+            out.append(pick)
+        return out
+
+    def _prepare(self, pick: Pick, picked: float) -> Slot | None:
+        """Where the entry's result goes; None when this very file published it
+        before a restart (then it only counts towards archiving the file)."""
+        cand, entry = pick.candidate, pick.entry
+        index = next(i for i, e in enumerate(cand.entries) if e is entry)
+        input_rec = results.input_record(cand.name, cand.data, cand.info.claim_token, index, len(cand.entries))
+        result_id, entry, prior = self._result_id(cand, entry)
+        self.queue.dispatch(cand, pick.entry)
+        if result_id is None:
+            self._settle(cand, prior == results.SUCCEEDED)
+            return None
+        return Slot(cand, entry, input_rec, result_id, picked, time.time())
+
+    def _refusal(self, slot: Slot) -> SbrenderError | None:
+        entry = slot.entry
+        if isinstance(entry, BadJob):
+            return entry.error
+        if entry.id in slot.cand.doomed:
+            error = slot.cand.doomed[entry.id]
+            return error if isinstance(error, SbrenderError) else RenderError(str(error))
+        if self.spool.is_cancelled(entry.id):
+            return JobCancelled("cancelled before it started")
+        return None
+
+    def _render(self, slots: list[Slot]) -> None:
+        jobs = [slot.job for slot in slots]
+        for slot, job in zip(slots, jobs):
+            slot.seed = job.seed if job.seed is not None else _random_seed(slot.input_rec["claim"], job)
+        items = [(job, [slot.seed + k for k in range(job.count)]) for slot, job in zip(slots, jobs)]
+        ids = [job.id for job in jobs]
+        batch = {"batch": ids} if len(ids) > 1 else {}
+        self._set_status("rendering", job=ids[0], step=0, steps=jobs[0].steps, force=True, **batch)
+        on_step = lambda i, n: self._on_step(ids, i, n)  # noqa: E731
+        try:
+            with structlog.contextvars.bound_contextvars(job_id=ids[0] if len(ids) == 1 else ids):
+                if len(items) == 1:
+                    outs: list[Any] = [self.renderer.render(*items[0], on_step=on_step)]
+                else:
+                    outs = self.renderer.render_batch(items, on_step=on_step)
+        except ShutdownRequested:
+            self._interrupted(slots)
+            return
+        except RenderError as err:
+            if len(slots) > 1:
+                # One job's trouble (or a batch too big for the GPU) must not fail its
+                # neighbours: each is tried alone.
+                log.warning("batch failed; rendering its jobs one by one", jobs=ids, error=str(err))
+                for slot in slots:
+                    self._render([slot])
                 return
-            info = FileInfo.of(path) if path is not None else None
-            if info is None:
-                self.queue.drop(cand)  # taken away before we got to it
-                return
-            if not self.queue.reload_claimed(cand, info):
-                log.info("file changed before it was claimed; read again", file=cand.name)
-                return
-        with structlog.contextvars.bound_contextvars(job_id=entry.id):
-            try:
-                ok = self._run_entry(cand, entry, picked)
-            except ShutdownRequested:
+            outs = [err]
+        except SbrenderError as err:
+            outs = [err] * len(slots)
+        except Exception as err:  # noqa: BLE001 - a bug must fail these jobs, not the daemon
+            log.exception("unexpected error while rendering")
+            outs = [RenderError(f"unexpected {type(err).__name__}: {err}",
+                                hint="this is a bug in sbrender or a library; please report it")] * len(slots)
+        info = {"jobs": ids, "images": sum(len(seeds) for _, seeds in items)} if len(ids) > 1 else None
+        for slot, out in zip(slots, outs):
+            if isinstance(out, SbrenderError):
+                self._publish(slot, self._failure_work(slot, out))
+            else:
+                self._publish(slot, self._success_work(slot, out, info))
+
+    def _interrupted(self, slots: list[Slot]) -> None:
+        """A render stopped between steps: cancelled jobs get their result; the rest
+        go back to the inbox when the daemon stops, or render again without the
+        cancelled ones."""
+        cancelled = [s for s in slots if self.spool.is_cancelled(s.entry.id)]
+        for slot in cancelled:
+            self._publish(slot, self._failure_work(slot, JobCancelled("cancelled while rendering")))
+        rest = [s for s in slots if s not in cancelled]
+        if not rest:
+            return
+        if not self.should_exit.is_set():
+            self._render(rest)
+            return
+        self._finish_writes()
+        for cand in {id(s.cand): s.cand for s in rest}.values():
+            if not cand.stuck:
                 self.spool.unclaim(cand.path)
                 self.queue.drop(cand)
                 log.info("render interrupted; file returned to the inbox", file=cand.name)
-                return
-        if ok is None:
-            # No result could be published: the file stays claimed in the work
-            # folder, unaccounted for by no one, and is retried at the next start.
-            self.queue.drop(cand)
-            return
-        if self.queue.finish(cand, entry, ok):
+
+    def _success_work(self, slot: Slot, out: RenderOutput, batch: dict[str, Any] | None) -> Callable[[], Publication]:
+        """What the writer does for a rendered job: encode and hash the PNGs; the
+        result is built once they are written."""
+        job = dataclasses.replace(slot.job, seed=slot.seed)
+        model_name = self.description.get("model", {}).get("name", "")
+
+        def work() -> Publication:
+            encode_start = time.perf_counter()
+            params = job.params()
+            record = json.dumps({"id": job.id, **params, "model": model_name, "metadata": job.metadata})
+            names = image_names(job.id, len(out.images))
+            files, images = [], []
+            for name, image, seed in zip(names, out.images, out.seeds):
+                text = {"parameters": infotext(params, seed, model_name), "sbrender": record}
+                data = encode_png(image, text)
+                files.append((name, data))
+                images.append(PublishedImage(name, seed, image.width, image.height,
+                                             hashlib.sha256(data).hexdigest()).to_dict())
+            encode_s = time.perf_counter() - encode_start
+
+            def finish(write_s: float) -> dict[str, Any]:
+                parts = {"load_s": slot.started - slot.picked + out.timings.get("prepare_s", 0.0),
+                         "inference_s": out.timings.get("inference_s", 0.0),
+                         "write_s": encode_s + write_s, "model_load_s": self.model_load_s}
+                times = results.timings(slot.queued, slot.started, time.time(), parts)
+                result = results.succeeded(job, warnings=out.warnings, input=slot.input_rec, images=images,
+                                           sampler=out.scheduler, renderer=self.description, times=times)
+                if batch is not None:
+                    result["batch"] = batch
+                return result
+
+            return Publication(f"{slot.result_id}.json", files, finish, lambda err: self._failed(slot, err))
+
+        return work
+
+    def _failure_work(self, slot: Slot, err: SbrenderError) -> Callable[[], Publication]:
+        def work() -> Publication:
+            return Publication(f"{slot.result_id}.json", [], lambda _: self._failed(slot, err),
+                               lambda e: self._failed(slot, e))
+
+        return work
+
+    def _failed(self, slot: Slot, err: SbrenderError) -> dict[str, Any]:
+        times = results.timings(slot.queued, slot.started, time.time(), {})
+        return results.failed(slot.entry, err, input=slot.input_rec, renderer=self.description, times=times,
+                              job_id=slot.result_id)
+
+    def _publish(self, slot: Slot, work: Callable[[], Publication]) -> None:
+        """Hand a result to the writer thread: images first, the JSON last."""
+        self.writer.put(work, slot)
+
+    def _collect(self) -> None:
+        """Bookkeeping for what the writer published: counts, logs, archiving."""
+        for slot, result in self.writer.completed():
+            cand = slot.cand
+            if result is None:
+                # No result could be published: the file stays claimed in the work
+                # folder, accounted for by no one, and is tried again at the next start.
+                log.error("cannot publish result; the job file stays in the work folder", job_id=slot.entry.id,
+                          file=cand.name)
+                cand.stuck = True
+                self.queue.drop(cand)
+                continue
+            self.spool.clear_cancel(slot.entry.id)
+            self.counts[result["status"]] += 1
+            if self.metrics:
+                self.metrics.finished(result)
+            for warning in result.get("warnings", []):
+                log.warning("image warning", job_id=slot.entry.id, warning=warning)
+            t = result["timings"]
+            error = {"error": result["error"]["message"]} if "error" in result else {}
+            log.info("job finished", job_id=slot.entry.id, status=result["status"], file=cand.name,
+                     images=len(result["images"]), **error, **{k: v for k, v in t.items() if k.endswith("_s")})
+            self._settle(cand, result["status"] == results.SUCCEEDED)
+
+    def _settle(self, cand: Candidate, ok: bool) -> None:
+        """One entry of ``cand`` is accounted for; archive the file once all are."""
+        if self.queue.finish(cand, ok):
             self.spool.clear_attempts(cand.info.claim_token)
             archived = self.spool.archive(cand.path, ok=not cand.any_failed)
             self.queue.drop(cand)
             log.debug("input archived", file=str(archived))
-        if self.metrics:
-            self.metrics.write(len(self.queue))
+            if self.metrics:
+                self.metrics.write(len(self.queue))
 
-    def _run_entry(self, cand: Candidate, entry: Entry, picked: float) -> bool | None:
-        """Render or fail one entry and publish its result. True or False: the
-        result is published; None: it could not be."""
-        index = next(i for i, e in enumerate(cand.entries) if e is entry)
-        input_rec = results.input_record(cand.name, cand.data, cand.info.claim_token, index, len(cand.entries))
-        result_id, entry, prior = self._result_id(cand, entry)
-        if result_id is None:
-            # Published by an earlier run of this very file (a restart after a crash).
-            return prior == results.SUCCEEDED
-        started = time.time()
-        queued = cand.info.mtime_ns / 1e9
-        try:
-            if isinstance(entry, BadJob):
-                raise entry.error
-            if entry.id in cand.doomed:
-                raise cand.doomed[entry.id]
-            if self.spool.is_cancelled(entry.id):
-                raise JobCancelled("cancelled before it started")
-            result = self._render(entry, input_rec, queued, picked, started)
-        except ShutdownRequested:
-            if not self.spool.is_cancelled(entry.id):
-                raise
-            result = self._failure(entry, JobCancelled("cancelled while rendering"), input_rec, queued, started,
-                                   result_id)
-        except SbrenderError as err:
-            result = self._failure(entry, err, input_rec, queued, started, result_id)
-        except Exception as err:  # noqa: BLE001 - a bug must fail one job, not the daemon
-            log.exception("unexpected error while rendering")
-            error = RenderError(f"unexpected {type(err).__name__}: {err}",
-                                hint="this is a bug in sbrender or a library; please report it")
-            result = self._failure(entry, error, input_rec, queued, started, result_id)
-        try:
-            write_json(self.spool.outbox, f"{result_id}.json", result)
-        except SpoolError as err:
-            log.error("cannot publish result; the job file stays in the work folder", error=str(err))
-            return None
-        ok = result["status"] == results.SUCCEEDED
-        self.spool.clear_cancel(entry.id)
-        self.counts[result["status"]] += 1
-        if self.metrics:
-            self.metrics.finished(result)
-        t = result["timings"]
-        error = {"error": result["error"]["message"]} if "error" in result else {}
-        log.info("job finished", status=result["status"], file=cand.name, images=len(result["images"]),
-                 **error, **{k: v for k, v in t.items() if k.endswith("_s")})
-        return ok
+    def _finish_writes(self) -> None:
+        self.writer.drain()
+        self._collect()
 
     def _result_id(self, cand: Candidate, entry: Entry) -> tuple[str | None, Entry, str | None]:
         """Where this entry's result goes: its own id, or, when that id already has
@@ -360,53 +504,25 @@ class Daemon:
                                   hint="submit it again under a new id (rename the file)")
         return dup_id, BadJob(entry.id, error, entry.priority, cand.name), None
 
-    def _render(self, job: Job, input_rec: dict[str, Any], queued: float, picked: float,
-                started: float) -> dict[str, Any]:
-        base = job.seed if job.seed is not None else _random_seed(input_rec["claim"], job)
-        seeds = [base + k for k in range(job.count)]
-        self._set_status("rendering", job=job.id, step=0, steps=job.steps, force=True)
-        out = self.renderer.render(job, seeds, on_step=lambda i, n: self._on_step(job.id, i, n))
-        write_start = time.perf_counter()
-        params = {**job.params(), "seed": base}
-        model_name = self.description.get("model", {}).get("name", "")
-        record = json.dumps({"id": job.id, **params, "model": model_name, "metadata": job.metadata})
-        pngs = []
-        for image, seed in zip(out.images, out.seeds):
-            text = {"parameters": infotext(params, seed, model_name), "sbrender": record}
-            pngs.append((encode_png(image, text), seed, image.width, image.height))
-        images = [p.to_dict() for p in publish_images(self.spool.outbox, job.id, pngs)]
-        finished = time.time()
-        parts = {"load_s": started - picked + out.timings.get("prepare_s", 0.0),
-                 "inference_s": out.timings.get("inference_s", 0.0),
-                 "write_s": time.perf_counter() - write_start,
-                 "model_load_s": self.model_load_s}
-        for warning in out.warnings:
-            log.warning("image warning", warning=warning)
-        return results.succeeded(dataclasses.replace(job, seed=base), warnings=out.warnings, input=input_rec, images=images, sampler=out.scheduler,
-                                 renderer=self.description, times=results.timings(queued, started, finished, parts))
-
-    def _failure(self, entry: Entry, err: SbrenderError, input_rec: dict[str, Any], queued: float,
-                 started: float, result_id: str) -> dict[str, Any]:
-        times = results.timings(queued, started, time.time(), {})
-        return results.failed(entry, err, input=input_rec, renderer=self.description, times=times,
-                              job_id=result_id)
-
     # --- status ------------------------------------------------------------------------
 
-    def _on_step(self, job_id: str, step: int, steps: int) -> bool:
+    def _on_step(self, job_ids: list[str], step: int, steps: int) -> bool:
         """After each denoising step: report progress; True stops the render (a stop
-        request, or the job was cancelled)."""
-        self._set_status("rendering", job=job_id, step=step, steps=steps)
+        request, or one of its jobs was cancelled)."""
+        batch = {"batch": job_ids} if len(job_ids) > 1 else {}
+        self._set_status("rendering", job=job_ids[0], step=step, steps=steps, **batch)
         self.notifier.watchdog()  # the render progresses
         self._note_stop()
+        self._collect()
         now = time.monotonic()
-        if now - self._cancels_checked >= CANCEL_CHECK_S:
+        if now - self._cancels_checked >= CANCEL_CHECK_S or step == 1:
             # Jobs cancelled while waiting get their result now, not after this render.
             self._cancels_checked = now
             self._look_at_inbox()
-            while (pick := self._cancelled_pick(running=job_id)) is not None:
-                self._process(pick)
-        return self.should_exit.is_set() or self.spool.is_cancelled(job_id)
+            while (pick := self._cancelled_pick(running=job_ids)) is not None:
+                self._process([pick])
+            self._cancel_running = any(self.spool.is_cancelled(i) for i in job_ids)
+        return self.should_exit.is_set() or self._cancel_running
 
     def _set_status(self, state: str, *, force: bool = False, **current: Any) -> None:
         if self.status.update(state, force=force, current=current or None, device=self.description.get("device"),
@@ -427,6 +543,35 @@ def _metrics(settings: Settings, owner: str) -> Any:
     from .metrics import Metrics
 
     return Metrics(Path(where) if where else settings.state / "metrics", owner)
+
+
+@dataclasses.dataclass
+class Slot:
+    """One picked entry on its way from claim to published result."""
+
+    cand: Candidate
+    entry: Entry
+    input_rec: dict[str, Any]
+    result_id: str
+    picked: float
+    started: float
+    seed: int = 0
+
+    @property
+    def job(self) -> Job:
+        assert isinstance(self.entry, Job)
+        return self.entry
+
+    @property
+    def queued(self) -> float:
+        return self.cand.info.mtime_ns / 1e9
+
+
+def _batch_key(entry: Entry) -> tuple[Any, ...] | None:
+    """Jobs with equal keys can share one pipeline call."""
+    if not isinstance(entry, Job):
+        return None
+    return (entry.width, entry.height, entry.steps, entry.sampler, entry.guidance_scale)
 
 
 def _random_seed(claim: str, job: Job) -> int:

@@ -12,19 +12,19 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
-import hashlib
 import io
 import json
 import os
 import secrets
-from collections.abc import Iterable
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-from .errors import SpoolError
+from .errors import SbrenderError, SpoolError
 from .peers import owner_name
 
 TEMP_PREFIX = "."
@@ -126,6 +126,117 @@ def atomic_write(folder: Path, name: str, data: bytes, *, sync_dir: bool = True,
     return final
 
 
+def flush(folder: Path, paths: list[Path]) -> None:
+    """Make written files durable: one ``fsync`` for one file; for several, one
+    ``syncfs`` of the folder's filesystem (Linux; it reports write errors since
+    5.8), else an ``fsync`` each. Raises ``OSError``."""
+    libc = _libc()
+    if len(paths) > 1 and libc is not None and hasattr(libc, "syncfs"):
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            if libc.syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err), str(folder))
+        finally:
+            os.close(fd)
+        return
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@dataclass
+class Publication:
+    """What one job publishes: its images (maybe none), then its result JSON."""
+
+    json_name: str
+    files: list[tuple[str, bytes]]
+    finish: Callable[[float], dict[str, Any]]  # the result, given the seconds the writes took
+    fail: Callable[[SbrenderError], dict[str, Any]]  # the result when the images could not be written
+
+
+def commit(folder: Path, pubs: list[Publication]) -> list[dict[str, Any] | None]:
+    """Publish several jobs with one flush per phase (a group commit): all images
+    written, flushed, renamed into place; then all result JSONs written, flushed,
+    renamed, and the folder synced. A JSON never names an image that is not
+    durably there. Per job: the result published, or None when it could not be
+    (the job's file then stays claimed and is rendered again at the next start).
+    A job whose images cannot be written gets a failed result instead."""
+    start = time.perf_counter()
+    temps: list[list[tuple[Path, Path]]] = [[] for _ in pubs]
+    errors: dict[int, SbrenderError] = {}
+    for i, pub in enumerate(pubs):
+        try:
+            for name, data in pub.files:
+                _check_name(name)
+                temps[i].append((folder / temp_name(name), folder / name))
+                write_synced(temps[i][-1][0], data, durable=False)
+        except (OSError, SpoolError) as err:
+            errors[i] = err if isinstance(err, SpoolError) else _write_error(folder / pub.files[0][0], err)
+    written = [temp for i, pairs in enumerate(temps) if i not in errors for temp, _ in pairs]
+    try:
+        if written:
+            flush(folder, written)
+        for i, pairs in enumerate(temps):
+            if i not in errors:
+                for temp, final in pairs:
+                    os.replace(temp, final)  # over a planted symlink, never through it
+    except OSError as err:
+        for i, pub in enumerate(pubs):
+            if pub.files and i not in errors:
+                errors[i] = _write_error(folder, err)
+    for pairs in temps:
+        for temp, _ in pairs:
+            _unlink(temp)
+    seconds = time.perf_counter() - start
+    results = [pub.fail(errors[i]) if i in errors else pub.finish(seconds) for i, pub in enumerate(pubs)]
+    out: list[dict[str, Any] | None] = [None] * len(pubs)
+    staged: list[tuple[int, Path, Path]] = []
+    for i, (pub, result) in enumerate(zip(pubs, results)):
+        text = json.dumps(result, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+        temp = folder / temp_name(pub.json_name)
+        try:
+            _check_name(pub.json_name)
+            write_synced(temp, text.encode("utf-8"), durable=False)
+            staged.append((i, temp, folder / pub.json_name))
+        except (OSError, SpoolError):
+            _unlink(temp)
+    try:
+        if staged:
+            flush(folder, [temp for _, temp, _ in staged])
+        for i, temp, final in staged:
+            os.replace(temp, final)
+            out[i] = results[i]
+        if staged:
+            fsync_dir(folder)
+    except OSError:
+        return [None] * len(pubs)  # not surely durable: published again after a restart
+    finally:
+        for _, temp, _ in staged:
+            _unlink(temp)
+    return out
+
+
+def _check_name(name: str) -> None:
+    if os.sep in name or name.startswith(".") or "\x00" in name:
+        raise SpoolError(f"refusing to write unsafe file name {name!r}")
+
+
+def _write_error(path: Path, err: OSError) -> SpoolError:
+    return SpoolError(f"cannot write {path}: {err.strerror or err}",
+                      hint="check free space and permissions of the folder")
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def write_json(folder: Path, name: str, data: dict[str, Any], *, durable: bool = True) -> Path:
     text = json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     return atomic_write(folder, name, text.encode("utf-8"), durable=durable)
@@ -196,22 +307,6 @@ class PublishedImage:
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.file, "seed": self.seed, "width": self.width, "height": self.height,
                 "sha256": self.sha256}
-
-
-def publish_images(folder: Path, job_id: str, pngs: Iterable[tuple[bytes, int, int, int]]) -> list[PublishedImage]:
-    """Write encoded PNGs (data, seed, width, height) under the job's names, one
-    directory fsync at the end."""
-    items = list(pngs)
-    published = []
-    for name, (data, seed, width, height) in zip(image_names(job_id, len(items)), items):
-        atomic_write(folder, name, data, sync_dir=False)
-        published.append(PublishedImage(name, seed, width, height, hashlib.sha256(data).hexdigest()))
-    if items:
-        try:
-            fsync_dir(folder)
-        except OSError as err:
-            raise SpoolError(f"cannot sync {folder}: {err.strerror}") from None
-    return published
 
 
 def result_name(job_id: str) -> str:

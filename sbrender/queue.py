@@ -15,14 +15,14 @@ from __future__ import annotations
 import heapq
 import itertools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import ids
 from .errors import UnsafeFileError
 from .jobfile import read_bytes
-from .jobs import BadJob, Entry, Rules, parse_job_bytes
+from .jobs import BadJob, Entry, Job, Rules, parse_job_bytes
 from .spool import FileInfo, Spool
 from .watcher import Seen, is_complete
 
@@ -40,6 +40,8 @@ class Candidate:
     any_failed: bool = False
     # Jobs to fail instead of render (see Daemon._recover), by id.
     doomed: dict[str, Exception] = field(default_factory=dict)
+    in_flight: int = 0  # entries dispatched whose results are not yet published
+    stuck: bool = False  # a result could not be published: the file stays claimed
 
     @property
     def name(self) -> str:
@@ -159,18 +161,42 @@ class JobQueue:
 
     # --- taking work ---------------------------------------------------------------
 
+    def _peek(self) -> Pick | None:
+        """The next entry to process, left in the heap; stale heap items are dropped."""
+        while self._heap:
+            _, _, name, generation, index = self._heap[0]
+            cand = self.candidates.get(name)
+            if cand is None or cand.generation != generation or index >= len(cand.entries) \
+                    or cand.entries[index].id in cand.finished:
+                heapq.heappop(self._heap)
+                continue
+            return Pick(cand, cand.entries[index])
+        return None
+
     def pop(self) -> Pick | None:
         """The next entry to process, or None when nothing is ready."""
-        while self._heap:
-            _, _, name, generation, index = heapq.heappop(self._heap)
-            cand = self.candidates.get(name)
-            if cand is None or cand.generation != generation or index >= len(cand.entries):
-                continue
-            entry = cand.entries[index]
-            if entry.id in cand.finished:
-                continue
-            return Pick(cand, entry)
-        return None
+        pick = self._peek()
+        if pick is not None:
+            heapq.heappop(self._heap)
+        return pick
+
+    def pop_batch(self, max_images: int, key: Callable[[Entry], Hashable | None]) -> list[Pick]:
+        """The next entry and those right behind it in queue order that can share its
+        pipeline call (the same ``key``, not None), up to ``max_images`` images. Only
+        consecutive entries: a batch never overtakes an entry it cannot take along."""
+        first = self.pop()
+        if first is None:
+            return []
+        picks = [first]
+        want = key(first.entry)
+        images = _images(first.entry)
+        while want is not None and (pick := self._peek()) is not None:
+            if key(pick.entry) != want or images + _images(pick.entry) > max_images:
+                break
+            heapq.heappop(self._heap)
+            picks.append(pick)
+            images += _images(pick.entry)
+        return picks
 
     def reload_claimed(self, cand: Candidate, info: FileInfo) -> bool:
         """After the claim, read the file from the work folder. True when its content
@@ -187,11 +213,28 @@ class JobQueue:
         self._load(cand, final=True)
         return False
 
-    def finish(self, cand: Candidate, entry: Entry, ok: bool) -> bool:
-        """Mark an entry done; True when its whole file is done."""
+    def requeue(self, pick: Pick) -> None:
+        """A popped entry that could not be processed now: back in its place."""
+        cand = pick.candidate
+        index = next((i for i, e in enumerate(cand.entries) if e is pick.entry), None)
+        if index is not None and self.candidates.get(cand.name) is cand:
+            heapq.heappush(self._heap, (_sort_key(pick.entry, cand.info, index), next(self._seq), cand.name,
+                                        cand.generation, index))
+
+    def stale(self, pick: Pick) -> bool:
+        """Whether the file was read again since this entry was popped."""
+        return all(e is not pick.entry for e in pick.candidate.entries)
+
+    def dispatch(self, cand: Candidate, entry: Entry) -> None:
+        """An entry handed on to be published: never picked again."""
         cand.finished.add(entry.id)
+        cand.in_flight += 1
+
+    def finish(self, cand: Candidate, ok: bool) -> bool:
+        """A dispatched entry's result is published; True when its whole file is done."""
+        cand.in_flight -= 1
         cand.any_failed |= not ok
-        return not cand.pending()
+        return not cand.pending() and not cand.in_flight and not cand.stuck
 
     def find(self, job_id: str) -> Pick | None:
         """The pending entry with this id, if the queue holds it."""
@@ -211,6 +254,10 @@ class JobQueue:
 
     def __len__(self) -> int:
         return sum(len(c.pending()) for c in self.candidates.values())
+
+
+def _images(entry: Entry) -> int:
+    return entry.count if isinstance(entry, Job) else 1
 
 
 def _file_id(name: str) -> str:

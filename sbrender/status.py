@@ -2,10 +2,10 @@
 
 What the daemon is doing (loading, idle, rendering, paused, stopping), its
 current job and step, queue depth, counts and a heartbeat. Written on every
-change (each denoising step too; without fsync: it describes only the
-present), and at least
-every ``HEARTBEAT_S`` by a thread of its own, so that peers on other hosts can
-tell a busy daemon (a model load, a long step) from a dead one.
+change (without fsync: it describes only the present): state changes at once,
+denoising steps by the heartbeat thread (the latest step, as fast as the file
+system takes it); and at least every ``HEARTBEAT_S``, so that peers on other
+hosts can tell a busy daemon (a model load, a long step) from a dead one.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ class StatusFile:
         self.data: dict[str, Any] = {}
         self._written = 0.0
         self._lock = threading.Lock()
+        self._dirty = threading.Event()  # a step to write, for the heartbeat thread
+        self._thread: threading.Thread | None = None
 
     def update(self, state: str, *, force: bool = False, current: dict[str, Any] | None = None,
                **fields: Any) -> bool:
@@ -51,7 +53,12 @@ class StatusFile:
         # refreshes "heartbeat" alone, so a hung loop shows as stalled.
         self.data = {**self.fixed, "state": state, "current": current, **fields, "heartbeat": iso(now),
                      "progress_at": iso(now)}
-        self._write()
+        if force or state != "rendering" or self._thread is None:
+            self._write()
+        else:
+            # A new step: written by the status thread, so that a render thread
+            # bound by kernel launches never waits on a file system call.
+            self._dirty.set()
         return True
 
     def _write(self) -> None:
@@ -67,16 +74,27 @@ class StatusFile:
         does; ``on_beat(state)`` is called on each beat."""
 
         def beat() -> None:
-            while not stop.wait(HEARTBEAT_S):
+            next_beat = time.monotonic() + HEARTBEAT_S
+            while not stop.is_set():
+                if self._dirty.wait(max(0.0, next_beat - time.monotonic())):
+                    self._dirty.clear()
+                    self._write()
+                    continue
+                next_beat = time.monotonic() + HEARTBEAT_S
                 if on_beat is not None:
                     on_beat(self.data.get("state"))
                 if self.data and time.time() - self._written >= HEARTBEAT_S:
                     self.data = {**self.data, "heartbeat": iso(time.time())}
                     self._write()
 
-        thread = threading.Thread(target=beat, name="sbrender-heartbeat", daemon=True)
-        thread.start()
-        return thread
+        def stopper() -> None:
+            stop.wait()
+            self._dirty.set()
+
+        self._thread = threading.Thread(target=beat, name="sbrender-heartbeat", daemon=True)
+        self._thread.start()
+        threading.Thread(target=stopper, name="sbrender-heartbeat-stop", daemon=True).start()
+        return self._thread
 
     def text(self) -> str:
         """One line for people (systemd's STATUS=, `sbrender status`)."""
@@ -95,7 +113,9 @@ def describe(data: dict[str, Any]) -> str:
     current = data.get("current") or {}
     queued = f"{data.get('queued', 0)} queued"
     if state == "rendering":
-        return f"rendering {current.get('job')} step {current.get('step', 0)}/{current.get('steps', '?')}, {queued}"
+        more = len(current.get("batch", [])) - 1
+        job = f"{current.get('job')}" + (f" +{more}" if more > 0 else "")
+        return f"rendering {job} step {current.get('step', 0)}/{current.get('steps', '?')}, {queued}"
     if state == "loading":
         return f"loading model {data.get('model')}"
     if state == "paused":

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import os
 from pathlib import Path
@@ -14,7 +12,7 @@ from PIL import Image
 
 from sbrender import ids
 from sbrender.errors import SpoolError
-from sbrender.outputs import (atomic_write, encode_png, image_names, infotext, publish_images, read_json,
+from sbrender.outputs import (Publication, atomic_write, commit, encode_png, image_names, infotext, read_json,
                               write_json)
 
 # --- ids ----------------------------------------------------------------------------------
@@ -209,16 +207,32 @@ def test_png_carries_the_parameters_chunk(tmp_path: Path, text: str) -> None:
         assert read.convert("RGB").getpixel((0, 0)) == (200, 30, 30)
 
 
-def test_publish_images_writes_each_png_under_the_job_names(tmp_path: Path) -> None:
-    pngs = [(encode_png(Image.new("RGB", (8, 8), (k, k, k)), {"parameters": f"image {k}"}), 100 + k, 8, 8)
-            for k in range(3)]
-    published = publish_images(tmp_path, "cat", pngs)
-    assert [p.file for p in published] == ["cat-1.png", "cat-2.png", "cat-3.png"]
-    assert sorted(os.listdir(tmp_path)) == ["cat-1.png", "cat-2.png", "cat-3.png"]
-    for item, (data, seed, _, _) in zip(published, pngs):
-        on_disk = (tmp_path / item.file).read_bytes()
-        assert on_disk == data
-        assert item.to_dict() == {"file": item.file, "seed": seed, "width": 8, "height": 8,
-                                  "sha256": hashlib.sha256(on_disk).hexdigest()}
-        with Image.open(io.BytesIO(on_disk)) as image:
-            assert image.text["parameters"] == f"image {seed - 100}"
+def _pub(name: str, files: list[tuple[str, bytes]]) -> Publication:
+    return Publication(f"{name}.json", files, lambda seconds: {"id": name, "status": "succeeded", "files":
+                                                               [f for f, _ in files]},
+                       lambda err: {"id": name, "status": "failed", "error": str(err)})
+
+
+def test_commit_publishes_a_group_images_first_and_leaves_no_temp_files(tmp_path: Path) -> None:
+    pngs = [encode_png(Image.new("RGB", (8, 8), (k, k, k)), {"parameters": f"image {k}"}) for k in range(3)]
+    pubs = [_pub("cat", [("cat-1.png", pngs[0]), ("cat-2.png", pngs[1])]), _pub("dog", [("dog.png", pngs[2])]),
+            _pub("bad", [])]
+    out = commit(tmp_path, pubs)
+    assert [r["status"] for r in out] == ["succeeded"] * 3
+    assert sorted(os.listdir(tmp_path)) == ["bad.json", "cat-1.png", "cat-2.png", "cat.json", "dog.json", "dog.png"]
+    assert (tmp_path / "cat-2.png").read_bytes() == pngs[1]
+    assert json.loads((tmp_path / "dog.json").read_text()) == {"id": "dog", "status": "succeeded",
+                                                               "files": ["dog.png"]}
+
+
+def test_commit_fails_only_the_job_whose_images_cannot_be_written(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    pubs = [_pub("ok", [("ok.png", b"png")]), _pub("evil", [("../escape.png", b"png")])]
+    out = commit(tmp_path, pubs)
+    assert out[0] is not None and out[0]["status"] == "succeeded"
+    assert out[1] is not None and out[1]["status"] == "failed" and "unsafe file name" in out[1]["error"]
+    assert sorted(os.listdir(tmp_path)) == ["evil.json", "ok.json", "ok.png", "sub"]
+
+
+def test_commit_into_a_folder_that_is_gone_publishes_nothing(tmp_path: Path) -> None:
+    assert commit(tmp_path / "gone", [_pub("cat", [("cat.png", b"png")])]) == [None]
