@@ -106,6 +106,58 @@ def run(config_file: str | None, once: bool, **flags: Any) -> None:
     sys.exit(Daemon(settings, DiffusersRenderer(settings)).run(once=once))
 
 
+@main.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="Config file: model, device, dtype and perf.* are read from it as for `run`.")
+@click.option("--model", help="Model to time (default: the configured one) [SBRENDER_MODEL].")
+@click.option("--device", type=click.Choice(["auto", "cuda", "cpu", "mps"]), help="[SBRENDER_DEVICE]")
+@click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]), help="[SBRENDER_DTYPE]")
+@click.option("--size", default="512x512", show_default=True, help="WIDTHxHEIGHT of every job.")
+@click.option("--steps", type=int, default=28, show_default=True)
+@click.option("--jobs", "n_jobs", type=int, default=16, show_default=True, help="Jobs per run.")
+@click.option("--batch", type=int, default=4, show_default=True,
+              help="Also run the plain loop and the daemon batched (perf.batch_size); 1: unbatched only.")
+@click.option("--latency-jobs", type=int, default=10, show_default=True,
+              help="Jobs dropped one at a time into an idle daemon, for the drop-to-start latency.")
+@click.option("--set", "extra", multiple=True, metavar="KEY=VALUE",
+              help="Any setting, e.g. --set perf.compile=default --set perf.channels_last=true (repeatable).")
+@click.option("--report", type=click.Path(dir_okay=False), help="Write the full report here as JSON.")
+@_errors_exit
+def bench(config_file: str | None, size: str, steps: int, n_jobs: int, batch: int, latency_jobs: int,
+          extra: tuple[str, ...], report: str | None, **flags: Any) -> None:
+    """Time a plain diffusers loop against the daemon on the same jobs; print ratios.
+
+    Loads the model once; runs the plain loop (pipeline call, then PNG save) and
+    the real daemon (files in, results out) in one process, unbatched and at
+    --batch; then drops --latency-jobs jobs one by one. docs/PERFORMANCE.md has
+    measured tables and the commands behind them."""
+    overrides: dict[str, Any] = dict(flags)
+    for item in extra:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE", hint="e.g. --set perf.compile=default")
+        overrides[key.strip()] = value
+    unknown = [k for k in overrides if k not in {s.key for s in SETTINGS}]
+    if unknown:
+        raise ConfigError(f"--set: unknown setting {unknown[0]}", hint="`sbrender config` lists them")
+    settings = _settings(config_file, **overrides)
+    parsed = _parse_size(size)
+    assert parsed is not None
+    if min(n_jobs, batch, steps) < 1 or latency_jobs < 0:
+        raise ConfigError("--jobs, --batch and --steps must be at least 1, --latency-jobs at least 0")
+    from . import bench as benchmark
+    from . import logs
+
+    logs.configure("console", "warning")
+    plan = benchmark.Plan(jobs=n_jobs, width=parsed[0], height=parsed[1], steps=steps, batch_size=batch,
+                          latency_jobs=latency_jobs, sampler=settings["defaults.sampler"],
+                          guidance_scale=settings["defaults.guidance_scale"])
+    result = benchmark.run(settings, plan, say=lambda text: click.echo(text, err=True))
+    if report:
+        Path(report).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    click.echo(benchmark.table(result))
+
+
 def _parse_size(value: str | None) -> tuple[int, int] | None:
     if value is None:
         return None

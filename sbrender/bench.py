@@ -1,0 +1,314 @@
+"""``sbrender bench``: the same jobs as a plain diffusers loop and through the daemon.
+
+One process, one loaded model, one run: (a) the loop every user could write
+(``pipe(...)`` then ``image.save(...)``, model already loaded), batched too when
+asked; (b) the real ``Daemon`` (watcher, queue, claims, writer thread, result
+JSONs, fsyncs) in a thread of this process, fed through ``Client.submit`` into a
+fresh spool, sharing the warm pipeline so both sides use the same weights,
+kernels and compiled graphs. Then a latency phase: jobs dropped one at a time
+into an idle daemon. Every figure that matters is a ratio of two numbers taken
+in this one run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .client import Client
+from .config import Settings
+from .jobs import Job
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    jobs: int = 16
+    width: int = 64
+    height: int = 64
+    steps: int = 28
+    batch_size: int = 4  # 1: no batched runs
+    latency_jobs: int = 10
+    sampler: str = "DPM++ 2M Karras"
+    guidance_scale: float = 7.0
+
+    def job(self, k: int) -> Job:
+        return Job(id=f"bench-{k:05d}", prompt=f"a lighthouse on a cliff at dusk, study {k}", negative_prompt="",
+                   steps=self.steps, guidance_scale=self.guidance_scale, width=self.width, height=self.height,
+                   seed=1000 + k, count=1, sampler=self.sampler, priority=0)
+
+
+class Preloaded:
+    """The bench's loaded renderer, handed to the daemon as if it loaded it."""
+
+    def __init__(self, renderer: Any, on_render: Callable[[float, float, int], None]) -> None:
+        self.renderer = renderer
+        self.on_render = on_render
+
+    def load(self) -> float:
+        return 0.0
+
+    def describe(self) -> dict[str, Any]:
+        return self.renderer.describe()
+
+    def render(self, job: Job, seeds: list[int], on_step: Any = None) -> Any:
+        return self._timed(lambda: self.renderer.render(job, seeds, on_step), len(seeds))
+
+    def render_batch(self, items: list[tuple[Job, list[int]]], on_step: Any = None) -> Any:
+        return self._timed(lambda: self.renderer.render_batch(items, on_step), sum(len(s) for _, s in items))
+
+    def _timed(self, call: Callable[[], Any], images: int) -> Any:
+        start = time.perf_counter()
+        out = call()
+        self.on_render(start, time.perf_counter(), images)
+        return out
+
+
+def _sync(renderer: Any) -> None:
+    if renderer.device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def plain_loop(renderer: Any, jobs: list[Job], batch: int, folder: Path) -> float:
+    """What a user writes: load once, call the pipeline, save each PNG. Seconds taken."""
+    import torch
+
+    pipe = renderer.pipe
+    renderer._use_sampler(jobs[0].sampler)
+    folder.mkdir(parents=True, exist_ok=True)
+    _sync(renderer)
+    start = time.perf_counter()
+    for first in range(0, len(jobs), batch):
+        chunk = jobs[first:first + batch]
+        images = pipe(prompt=[j.prompt for j in chunk], num_inference_steps=chunk[0].steps,
+                      guidance_scale=chunk[0].guidance_scale, width=chunk[0].width, height=chunk[0].height,
+                      generator=[torch.Generator("cpu").manual_seed(j.seed or 0) for j in chunk]).images
+        for job, image in zip(chunk, images):
+            image.save(folder / f"{job.id}.png")
+    return time.perf_counter() - start
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+    return {"p50_ms": round(at(0.5) * 1000, 2), "p90_ms": round(at(0.9) * 1000, 2),
+            "p99_ms": round(at(0.99) * 1000, 2), "max_ms": round(ordered[-1] * 1000, 2)}
+
+
+class DaemonRun:
+    """A real daemon on a fresh spool in a thread, over the preloaded renderer."""
+
+    def __init__(self, settings: Settings, renderer: Any, root: Path, batch: int) -> None:
+        from .daemon import Daemon
+
+        values = {**settings.values, "inbox": str(root / "inbox"), "outbox": str(root / "outbox"),
+                  "state": str(root / "state"), "metrics_dir": "off", "perf.batch_size": batch}
+        self.settings = dataclasses.replace(settings, values=values)
+        self.spans: list[tuple[float, float, int]] = []
+        self.daemon = Daemon(self.settings, Preloaded(renderer, lambda a, b, n: self.spans.append((a, b, n))))
+        self.client = Client.from_settings(self.settings)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._serve, name="bench-daemon", daemon=True)
+
+    def _serve(self) -> None:
+        try:
+            self.daemon.run()
+        except BaseException as err:  # noqa: BLE001 - reported by the bench
+            self.error = err
+            self.daemon.ready.set()
+
+    def __enter__(self) -> DaemonRun:
+        self.thread.start()
+        self.daemon.ready.wait()
+        if self.error is not None:
+            raise self.error
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.daemon.stop()
+        self.thread.join()
+
+    def submit(self, job: Job) -> tuple[str, float]:
+        """One job through ``Client.submit`` (validate, temp file, fsync, rename)."""
+        job_id = self.client.submit(job.prompt, job_id=job.id, **_fields(job))
+        return job_id, time.time()
+
+    def drop_all(self, jobs: list[Job], staging: Path) -> dict[str, float]:
+        """Many jobs at once: files written and synced beforehand, then renamed into
+        the inbox in one burst, as a queue that fills faster than it renders."""
+        staging.mkdir(parents=True, exist_ok=True)
+        for job in jobs:
+            (staging / f"{job.id}.json").write_text(json.dumps({"prompt": job.prompt, **_fields(job)}))
+        os.sync()
+        dropped = {}
+        for job in jobs:
+            os.rename(staging / f"{job.id}.json", self.client.inbox / f"{job.id}.json")
+            dropped[job.id] = time.time()
+        return dropped
+
+    def wait_all(self, ids: list[str], timeout: float) -> dict[str, dict[str, Any]]:
+        """Results by id, read as they appear; the time each was first seen."""
+        results: dict[str, dict[str, Any]] = {}
+        deadline = time.monotonic() + timeout
+        while len(results) < len(ids):
+            if self.error is not None:
+                raise self.error
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(results)} of {len(ids)} results after {timeout:.0f} s")
+            for job_id in ids:  # in queue order: stop at the first not yet there
+                if job_id in results:
+                    continue
+                if (result := self.client.result(job_id)) is None:
+                    break
+                # The result's own clock (ms), so that polling gently costs no precision.
+                result["_seen"] = _epoch(result["timings"]["finished_at"])
+                results[job_id] = result
+            time.sleep(0.02)  # the daemon shares this process: poll lightly
+        bad = [r["id"] for r in results.values() if r["status"] != "succeeded"]
+        if bad:
+            raise RuntimeError(f"bench jobs failed: {bad[:3]} ({results[bad[0]].get('error')})")
+        return results
+
+
+def _fields(job: Job) -> dict[str, Any]:
+    return {"steps": job.steps, "guidance_scale": job.guidance_scale, "width": job.width, "height": job.height,
+            "seed": job.seed, "sampler": job.sampler}
+
+
+def _epoch(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def _idle(spans: list[tuple[float, float, int]]) -> dict[str, Any]:
+    """The renderer's idle time between consecutive pipeline calls."""
+    ordered = sorted(spans)
+    gaps = [b[0] - a[1] for a, b in zip(ordered, ordered[1:])]
+    busy = sum(end - start for start, end, _ in ordered)
+    wall = ordered[-1][1] - ordered[0][0] if ordered else 0.0
+    return {"calls": len(ordered), "gap": _percentiles(gaps), "idle_fraction": round(1 - busy / wall, 5) if wall else 0.0,
+            "mean_gap_ms": round(statistics.fmean(gaps) * 1000, 3) if gaps else 0.0}
+
+
+def daemon_phase(settings: Settings, renderer: Any, plan: Plan, batch: int, root: Path,
+                 timeout: float) -> dict[str, Any]:
+    jobs = [plan.job(k) for k in range(plan.jobs)]
+    with DaemonRun(settings, renderer, root, batch) as run:
+        _sync(renderer)
+        start = time.time()
+        dropped = run.drop_all(jobs, root / "staging")
+        results = run.wait_all(list(dropped), timeout)
+        elapsed = max(r["_seen"] for r in results.values()) - start
+        idle = _idle(run.spans)
+        latency = _latency_phase(run, plan) if plan.latency_jobs else {}
+    return {"batch_size": batch, "seconds": round(elapsed, 4), "images_per_s": round(plan.jobs / elapsed, 4),
+            "renderer_idle": idle, "latency_one_at_a_time": latency,
+            "queued_drop_to_result": _percentiles([r["_seen"] - dropped[i] for i, r in results.items()])}
+
+
+def _latency_phase(run: DaemonRun, plan: Plan) -> dict[str, Any]:
+    """Jobs dropped one at a time into an idle daemon: how soon it starts, how soon
+    the result is there."""
+    to_start, to_result = [], []
+    for k in range(plan.latency_jobs):
+        before = len(run.spans)
+        job = dataclasses.replace(plan.job(plan.jobs + k), id=f"latency-{k:04d}")
+        time.sleep(0.05)  # idle, waiting on the watcher, as in real use
+        job_id, dropped = run.submit(job)
+        result = run.wait_all([job_id], 600)[job_id]
+        started = run.spans[before][0]  # perf_counter: convert via the offset below
+        to_start.append(started - (dropped - _offset()))
+        to_result.append(result["_seen"] - dropped)
+    return {"drop_to_render_start": _percentiles(to_start), "drop_to_result": _percentiles(to_result)}
+
+
+def _offset() -> float:
+    """time.time() minus time.perf_counter(), to put both clocks on one axis."""
+    return time.time() - time.perf_counter()
+
+
+def run(settings: Settings, plan: Plan, timeout: float = 3600.0,
+        say: Callable[[str], None] = print) -> dict[str, Any]:
+    from .pipeline import DiffusersRenderer
+
+    batches = sorted({1, plan.batch_size})
+    values = {**settings.values, "perf.batch_size": max(batches)}
+    settings = dataclasses.replace(settings, values=values)
+    renderer = DiffusersRenderer(settings)
+    say(f"loading {settings.model} on {renderer.device} ({renderer.dtype}) ...")
+    load_s = renderer.load()
+    jobs = [plan.job(k) for k in range(plan.jobs)]
+    with tempfile.TemporaryDirectory(prefix="sbrender-bench-") as scratch:
+        root = Path(scratch)
+        say("warm-up ...")
+        for batch in batches:
+            plain_loop(renderer, jobs[:batch], batch, root / "warm")
+        report: dict[str, Any] = {"plan": dataclasses.asdict(plan), "model_load_s": round(load_s, 3),
+                                  "renderer": renderer.describe(), "device_name": _device_name(renderer),
+                                  "plain": {}, "daemon": {}}
+        for batch in batches:
+            say(f"plain loop, batch {batch} ...")
+            seconds = plain_loop(renderer, jobs, batch, root / f"plain-{batch}")
+            report["plain"][str(batch)] = {"seconds": round(seconds, 4), "images_per_s": round(plan.jobs / seconds, 4)}
+            say(f"daemon, batch {batch} ...")
+            report["daemon"][str(batch)] = daemon_phase(settings, renderer, plan, batch, root / f"daemon-{batch}",
+                                                        timeout)
+    base = report["plain"]["1"]["images_per_s"]
+    report["ratios"] = {
+        **{f"daemon_b{b}/plain_b1": round(report["daemon"][str(b)]["images_per_s"] / base, 4) for b in batches},
+        **{f"daemon_b{b}/plain_b{b}": round(report["daemon"][str(b)]["images_per_s"]
+                                            / report["plain"][str(b)]["images_per_s"], 4) for b in batches},
+        **{f"plain_b{b}/plain_b1": round(report["plain"][str(b)]["images_per_s"] / base, 4) for b in batches if b > 1},
+    }
+    return report
+
+
+def _device_name(renderer: Any) -> str:
+    if renderer.device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(0)
+    import platform
+
+    return f"{platform.processor() or platform.machine()} CPU"
+
+
+def table(report: dict[str, Any]) -> str:
+    """The report as the few lines a person reads."""
+    plan = report["plan"]
+    lines = [f"{report['renderer']['model']['name']} on {report['device_name']} ({report['renderer']['dtype']}), "
+             f"{plan['width']}x{plan['height']}, {plan['steps']} steps, {plan['jobs']} jobs, "
+             f"perf {report['renderer'].get('perf', {})}",
+             f"{'run':<18}{'images/s':>10}{'s/image':>10}{'idle gap p50':>14}{'idle %':>8}"]
+    for kind in ("plain", "daemon"):
+        for batch, row in report[kind].items():
+            idle = row.get("renderer_idle", {})
+            gap = idle.get("gap", {}).get("p50_ms")
+            gap_text = "" if gap is None else f"{gap:.1f} ms"
+            idle_text = f"{100 * idle['idle_fraction']:.2f}" if idle else ""
+            name = f"{kind} batch {batch}"
+            lines.append(f"{name:<18}{row['images_per_s']:>10.3f}{1 / row['images_per_s']:>10.3f}"
+                         f"{gap_text:>14}{idle_text:>8}")
+    for batch, row in report["daemon"].items():
+        lat = row.get("latency_one_at_a_time", {})
+        if lat:
+            s, r = lat["drop_to_render_start"], lat["drop_to_result"]
+            lines.append(f"daemon batch {batch}: drop to render start p50 {s['p50_ms']} ms, p90 {s['p90_ms']} ms; "
+                         f"drop to result p50 {r['p50_ms']} ms")
+    lines.append("ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in report["ratios"].items()))
+    return "\n".join(lines)
