@@ -29,6 +29,7 @@ from .config import Settings
 from .errors import (DuplicateJobError, JobCancelled, RenderError, SbrenderError, ShutdownRequested,
                      SpoolError)
 from .jobs import SEED_MAX, BadJob, Entry, Job, Rules
+from .models import infotext_name
 from .outputs import encode_png, infotext, publish_images, read_json, write_json
 from .queue import Candidate, JobQueue, Pick
 from .renderer import Renderer
@@ -368,11 +369,13 @@ class Daemon:
         out = self.renderer.render(job, seeds, on_step=lambda i, n: self._on_step(job.id, i, n))
         write_start = time.perf_counter()
         params = {**job.params(), "seed": base}
-        model_name = self.description.get("model", {}).get("name", "")
+        model = self.description.get("model", {})
+        model_name = model.get("name", "")
         record = json.dumps({"id": job.id, **params, "model": model_name, "metadata": job.metadata})
         pngs = []
         for image, seed in zip(out.images, out.seeds):
-            text = {"parameters": infotext(params, seed, model_name), "sbrender": record}
+            text = {"parameters": infotext(params, seed, infotext_name(model), model.get("hash", "")),
+                    "sbrender": record}
             pngs.append((encode_png(image, text), seed, image.width, image.height))
         images = [p.to_dict() for p in publish_images(self.spool.outbox, job.id, pngs)]
         finished = time.time()
