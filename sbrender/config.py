@@ -118,13 +118,17 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("model", "stable-diffusion-v1-5/stable-diffusion-v1-5", _text,
-            "Hugging Face repo id, local diffusers folder, or a built-in: tiny-random, sd15-random (random weights, noise)"),
+            "Hugging Face repo id, local diffusers folder, .safetensors checkpoint, or a built-in: "
+            "tiny-random, sd15-random (random weights, noise)"),
     Setting("offline", False, _bool, "load only local files: never contact the Hugging Face hub"),
+    Setting("model_config", "", _any_text,
+            "for a .safetensors checkpoint: a diffusers folder of its architecture (configs only), "
+            "or such a repo id in the HF cache"),
     Setting("device", "auto", _choice("auto", "cuda", "cpu", "mps"), "auto: cuda, else mps, else cpu"),
     Setting("dtype", "auto", _choice("auto", "float16", "bfloat16", "float32"),
             "auto: float16 on cuda and mps, float32 on cpu"),
     Setting("safety_checker", False, _bool, "run the SD1.5 safety checker (black images for NSFW)"),
-    Setting("cache", "", _any_text, "where built-in models are built; empty: $XDG_CACHE_HOME/sbrender"),
+    Setting("cache", "", _any_text, "built-in models and checkpoint hashes; empty: $XDG_CACHE_HOME/sbrender"),
     Setting("metrics_dir", "", _any_text,
             "Prometheus textfile folder (node_exporter); empty: <state>/metrics; 'off': no metrics"),
     Setting("perf.batch_size", 1, _number(int, 1, 64),
@@ -307,8 +311,9 @@ def load_settings(
             values[key] = str(Path(values[key]).expanduser().absolute())
     # A model path given relative to the working directory must keep working
     # after the daemon is started elsewhere.
-    if values["model"] not in BUILTINS and Path(values["model"]).expanduser().exists():
-        values["model"] = str(Path(values["model"]).expanduser().absolute())
+    for key in ("model", "model_config"):
+        if values[key] and values[key] not in BUILTINS and Path(values[key]).expanduser().exists():
+            values[key] = str(Path(values[key]).expanduser().absolute())
     settings = Settings(values, {k: s for k, (_, s) in raw.items()}, path)
     _check_consistency(settings)
     return settings

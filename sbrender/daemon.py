@@ -29,6 +29,7 @@ from .config import Settings
 from .errors import (DuplicateJobError, JobCancelled, RenderError, SbrenderError, ShutdownRequested,
                      SpoolError)
 from .jobs import SEED_MAX, BadJob, Entry, Job, Rules
+from .models import infotext_name
 from .outputs import PublishedImage, Publication, encode_png, image_names, infotext, read_json
 from .queue import Candidate, JobQueue, Pick
 from .renderer import Renderer, RenderOutput
@@ -395,16 +396,19 @@ class Daemon:
         """What the writer does for a rendered job: encode and hash the PNGs; the
         result is built once they are written."""
         job = dataclasses.replace(slot.job, seed=slot.seed)
-        model_name = self.description.get("model", {}).get("name", "")
+        model = self.description.get("model", {})
+        model_name, model_hash = model.get("name", ""), model.get("hash", "")
 
         def work() -> Publication:
             encode_start = time.perf_counter()
             params = job.params()
-            record = json.dumps({"id": job.id, **params, "model": model_name, "metadata": job.metadata})
+            record = json.dumps({"id": job.id, **params, "model": model_name,
+                                 **({"model_hash": model_hash} if model_hash else {}), "metadata": job.metadata})
             names = image_names(job.id, len(out.images))
             files, images = [], []
             for name, image, seed in zip(names, out.images, out.seeds):
-                text = {"parameters": infotext(params, seed, model_name), "sbrender": record}
+                text = {"parameters": infotext(params, seed, infotext_name(model), model_hash),
+                        "sbrender": record}
                 data = encode_png(image, text)
                 files.append((name, data))
                 images.append(PublishedImage(name, seed, image.width, image.height,

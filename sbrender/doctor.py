@@ -116,11 +116,16 @@ def check_model(s: Settings) -> list[Finding]:
     try:
         if s.model in models.BUILTINS:
             return [Finding(OK, "model", f"{s.model}: built-in, random weights (images are noise)")]
-        ref = models.resolve(s.model, s.cache)
+        ref = models.resolve(s.model, s.cache, s["model_config"])
     except ModelError as err:
         return [Finding(FAIL, "model", err.message, err.hint or "")]
     if ref.kind == "folder":
         return [Finding(OK, "model", f"local folder {ref.location}")]
+    if ref.kind == "checkpoint":
+        size = Path(ref.location).stat().st_size
+        shown = f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
+        return [Finding(OK, "model", f"checkpoint {ref.location} ({shown}, model hash {ref.sha256[:10]}); "
+                                     f"configs from {ref.config}")]
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(ref.location, "model_index.json")

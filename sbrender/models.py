@@ -1,17 +1,22 @@
 """Model sources: one table, one loader.
 
 A model setting names a built-in model (``tiny-random``), a local diffusers
-folder, or a Hugging Face repo id. Every kind ends in the same
+folder, a Hugging Face repo id, or a single ``.safetensors`` checkpoint (the
+original LDM layout of A1111's community models). The first three end in the same
 ``StableDiffusionPipeline.from_pretrained`` call: built-in models are built once
-from configs, saved to the cache, and loaded from there like any folder.
+from configs, saved to the cache, and loaded from there like any folder. A
+checkpoint goes through ``from_single_file`` with the config files of a local
+diffusers folder (``model_config``), never the network.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,6 +27,16 @@ from .errors import ModelError
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 RANDOM_NOTE = "random weights: images are noise; for tests and plumbing only"
+CHECKPOINT_SUFFIX = ".safetensors"
+# Pickled checkpoints: loading one runs whatever code it holds.
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+ARCH_HINT = ("model_config must be of the checkpoint's architecture: SD1.5 configs for an SD1.5 checkpoint, "
+             "SD2 configs for SD2; SDXL checkpoints are not supported")
+HASHES_FILE = "model-hashes.json"  # in the cache folder
+CONFIG_HINT = ("set model_config (SBRENDER_MODEL_CONFIG) to a diffusers folder of the checkpoint's architecture; "
+               "for SD1.5 checkpoints, the config files of stable-diffusion-v1-5 (a few KB): `hf download "
+               "stable-diffusion-v1-5/stable-diffusion-v1-5 --include '*.json' --include '*.txt' --local-dir "
+               "sd15-config`, then model_config: sd15-config")
 
 
 @dataclass(frozen=True)
@@ -29,16 +44,32 @@ class ModelRef:
     """Where a model comes from, as recorded in every result."""
 
     name: str  # as configured
-    kind: str  # "builtin" | "folder" | "hub"
-    location: str  # folder path or repo id handed to from_pretrained
+    kind: str  # "builtin" | "folder" | "hub" | "checkpoint"
+    location: str  # folder path or repo id handed to from_pretrained; the checkpoint file
     random_weights: bool = False
+    config: str = ""  # checkpoint: the diffusers folder its component configs come from
+    sha256: str = ""  # checkpoint: of the whole file
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "source": self.kind, "location": self.location,
                                "random_weights": self.random_weights}
+        if self.config:
+            out["config"] = self.config
+        if self.sha256:
+            # A1111's names: "hash" is its "Model hash" (civitai's AutoV2).
+            out["sha256"] = self.sha256
+            out["hash"] = self.sha256[:10]
         if self.random_weights:
             out["note"] = RANDOM_NOTE
         return out
+
+
+def infotext_name(record: dict[str, Any]) -> str:
+    """The ``Model:`` of a PNG's infotext for a ``ModelRef.to_dict`` record: a
+    checkpoint's file name without its suffix, as A1111 writes it; else the name."""
+    if record.get("source") == "checkpoint":
+        return Path(record["location"]).stem
+    return str(record.get("name", ""))
 
 
 # --- built-in models ------------------------------------------------------------
@@ -174,12 +205,15 @@ def ensure_builtin(builtin: Builtin, cache: Path) -> Path:
 
 # --- resolving a model setting --------------------------------------------------
 
-def resolve(name: str, cache: Path) -> ModelRef:
-    """Which source a model setting names; a folder that is not there is an error here."""
+def resolve(name: str, cache: Path, config: str = "") -> ModelRef:
+    """Which source a model setting names; a folder or file that is not there is an
+    error here. ``config`` is the ``model_config`` setting, used by checkpoints."""
     if name in BUILTINS:
         builtin = BUILTINS[name]
         return ModelRef(name, "builtin", str(ensure_builtin(builtin, cache)), builtin.random_weights)
     path = Path(name).expanduser()
+    if path.suffix.lower() in (CHECKPOINT_SUFFIX, *PICKLE_SUFFIXES) or path.is_file():
+        return _checkpoint(name, path, cache, config)
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise ModelError(f"model folder {path} has no model_index.json",
@@ -193,14 +227,128 @@ def resolve(name: str, cache: Path) -> ModelRef:
              "stable-diffusion-v1-5/stable-diffusion-v1-5")
 
 
+# --- single-file checkpoints ----------------------------------------------------
+
+def _checkpoint(name: str, path: Path, cache: Path, config: str) -> ModelRef:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelError(f"model {path} is a pickled checkpoint ({path.suffix}); loading one can run any code "
+                         "it holds, so sbrender does not", hint="use the model's .safetensors download, or "
+                         "convert the file once, where you trust it, with safetensors.torch.save_file")
+    if not path.is_file():
+        raise ModelError(f"model checkpoint {path} does not exist" if not path.exists() else
+                         f"model checkpoint {path} is not a file", hint="check the model path")
+    if path.suffix.lower() != CHECKPOINT_SUFFIX:
+        raise ModelError(f"model file {path} is not a {CHECKPOINT_SUFFIX} checkpoint",
+                         hint="point model at a .safetensors checkpoint, a diffusers folder or a repo id")
+    _check_safetensors(path)
+    folder = _config_folder(path, config)
+    return ModelRef(name, "checkpoint", str(path.absolute()), config=str(folder), sha256=file_sha256(path, cache))
+
+
+def _check_safetensors(path: Path) -> None:
+    """Refuse a file that is not a whole safetensors checkpoint of an SD UNet
+    (truncated downloads, other files, LoRAs), reading only its header."""
+    def bad(why: str, hint: str = "download the file again") -> ModelError:
+        return ModelError(f"model checkpoint {path} {why}", hint=hint)
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            (length,) = struct.unpack("<Q", head) if len(head) == 8 else (-1,)
+            if not 2 <= length <= min(size - 8, 100 << 20):
+                raise bad("is not a safetensors file (no valid header)")
+            header = json.loads(f.read(length))
+    except OSError as err:
+        raise bad(f"cannot be read: {err.strerror or err}", "check the path and permissions") from None
+    except ValueError:
+        raise bad("is not a safetensors file (its header is not valid JSON)") from None
+    try:
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, ValueError, AttributeError):
+        raise bad("is not a safetensors file (bad tensor table)") from None
+    if size != 8 + length + end:
+        raise bad(f"is incomplete or damaged: {size} bytes where its header says {8 + length + end}")
+    if not any(k.startswith("model.diffusion_model.") for k in header):
+        raise bad("holds no Stable Diffusion UNet (no model.diffusion_model.* weights)",
+                  "model takes a full checkpoint; a LoRA, VAE or embedding file cannot be the model")
+
+
+def _config_folder(path: Path, setting: str) -> Path:
+    """The diffusers folder whose configs describe the checkpoint: a local folder,
+    or a repo id already in the Hugging Face cache (never downloaded)."""
+    if not setting:
+        raise ModelError(f"model checkpoint {path} needs model_config: a single file holds weights but not "
+                         "the configs diffusers builds the pipeline from", hint=CONFIG_HINT)
+    folder = Path(setting).expanduser()
+    if folder.is_file():
+        raise ModelError(f"model_config {folder} is a file; it must be a diffusers folder (model_index.json and "
+                         "one config per component), not an original LDM .yaml", hint=CONFIG_HINT)
+    if folder.is_dir():
+        if not (folder / "model_index.json").is_file():
+            raise ModelError(f"model_config folder {folder} has no model_index.json", hint=CONFIG_HINT)
+        return folder.absolute()
+    if HUB_ID.fullmatch(setting) and not setting.startswith((".", "~")):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(setting, "model_index.json")
+        if isinstance(cached, str):
+            return Path(cached).parent
+        raise ModelError(f"model_config {setting} is not in the Hugging Face cache (configs for a checkpoint "
+                         "are never downloaded)", hint=f"`hf download {setting} --include '*.json' --include "
+                         "'*.txt'`, or set model_config to a local diffusers folder")
+    raise ModelError(f"model_config {setting} is neither an existing folder nor a Hugging Face repo id",
+                     hint=CONFIG_HINT)
+
+
+def file_sha256(path: Path, cache: Path) -> str:
+    """The sha256 of a file, cached in ``cache/model-hashes.json`` by path, size and
+    modification time: a 4 GB checkpoint is read once, not at every start."""
+    stat = path.stat()
+    key = str(path.absolute())
+    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    store = cache / HASHES_FILE
+    try:
+        known = json.loads(store.read_text(encoding="utf-8"))
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(key)
+    if isinstance(entry, dict) and {k: entry.get(k) for k in stamp} == stamp and isinstance(entry.get("sha256"), str):
+        return entry["sha256"]
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except OSError as err:
+        raise ModelError(f"cannot read model checkpoint {path}: {err.strerror or err}") from None
+    known[key] = {**stamp, "sha256": digest.hexdigest()}
+    try:  # a cache: a folder we cannot write only costs a rehash next time
+        store.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(prefix=f".{HASHES_FILE}.", dir=store.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(known, f, indent=1)
+        os.replace(temp, store)
+    except OSError:
+        pass
+    return digest.hexdigest()
+
+
+# --- loading --------------------------------------------------------------------
+
 def load_pipeline(ref: ModelRef, *, dtype: Any, offline: bool, safety_checker: bool) -> Any:
-    """``StableDiffusionPipeline.from_pretrained`` for any source; errors say what to fix."""
+    """``StableDiffusionPipeline.from_pretrained`` (``from_single_file`` for a
+    checkpoint) for any source; errors say what to fix."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()
     local_only = offline or ref.kind != "hub"
     extra: dict[str, Any] = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
+    if ref.kind == "checkpoint":
+        return _load_checkpoint(ref, dtype, extra)
     try:
         return StableDiffusionPipeline.from_pretrained(ref.location, torch_dtype=dtype,
                                                        local_files_only=local_only, **extra)
@@ -215,6 +363,57 @@ def load_pipeline(ref: ModelRef, *, dtype: Any, offline: bool, safety_checker: b
                              f"({where}): {_first_line(err)}", hint=how) from None
         raise ModelError(f"cannot load model from {ref.location}: {_first_line(err)}",
                          hint="check that the folder holds a complete Stable Diffusion pipeline") from None
+
+
+def _load_checkpoint(ref: ModelRef, dtype: Any, extra: dict[str, Any]) -> Any:
+    """``from_single_file`` with a local config folder: with ``config`` an existing
+    folder and ``local_files_only``, diffusers reads the configs from that folder
+    and never asks the hub (without ``config`` it would guess a repo and download)."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
+
+    if not extra:  # safety checker on: a single file never holds one; take it from the config folder
+        extra = {"safety_checker": _safety_checker(ref, dtype)}
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(ref.location, config=ref.config, local_files_only=True,
+                                                        torch_dtype=dtype, **extra)
+    except OSError as err:
+        raise ModelError(f"cannot load checkpoint {ref.location} with the configs in {ref.config}: "
+                         f"{_first_line(err)}", hint=CONFIG_HINT) from None
+    except (ValueError, RuntimeError, KeyError, TypeError, SingleFileComponentError) as err:
+        # Weights of another architecture: diffusers' errors vary by where the shapes part.
+        # A weight the checkpoint lacks is left unallocated ("meta") and fails when moved.
+        # Only diffusers' first sentence: the rest advises loading with random weights.
+        why = ("lacks weights the configs need" if "meta tensor" in str(err) else
+               f"{type(err).__name__}: {_first_line(err).split('. ')[0].replace('  ', ' ')}")
+        raise ModelError(f"checkpoint {ref.location} does not fit the configs in {ref.config}: {why}",
+                         hint=ARCH_HINT) from None
+    missing = [f"{part}.{key}" for part in ("unet", "vae", "text_encoder")
+               for key, tensor in getattr(pipe, part).state_dict().items() if tensor.device == torch.device("meta")]
+    if missing:
+        raise ModelError(f"checkpoint {ref.location} does not fit the configs in {ref.config}: it lacks "
+                         f"{len(missing)} weight(s) they need, such as {missing[0]}", hint=ARCH_HINT)
+    return pipe
+
+
+def _safety_checker(ref: ModelRef, dtype: Any) -> Any:
+    """The config folder's safety checker, or None where its model_index lists none."""
+    index = json.loads((Path(ref.config) / "model_index.json").read_text(encoding="utf-8"))
+    if (index.get("safety_checker") or [None])[0] is None:
+        return None
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    folder = Path(ref.config) / "safety_checker"
+    try:
+        if not folder.is_dir():
+            raise OSError("no safety_checker folder")
+        return StableDiffusionSafetyChecker.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ModelError(f"safety_checker is on but model_config {ref.config} holds no safety checker weights "
+                         f"({_first_line(err)})", hint="download them into it (`hf download "
+                         "stable-diffusion-v1-5/stable-diffusion-v1-5 --include 'safety_checker/*' --local-dir "
+                         f"{ref.config}`), or set safety_checker: false") from None
 
 
 def _first_line(err: BaseException) -> str:

@@ -254,10 +254,11 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 # --- PNGs ---------------------------------------------------------------------
 
-def infotext(params: dict[str, Any], seed: int, model: str) -> str:
+def infotext(params: dict[str, Any], seed: int, model: str, model_hash: str = "") -> str:
     """AUTOMATIC1111's ``parameters`` text, which PNG Info, civitai and image
     browsers read: prompt, ``Negative prompt: ...``, then ``Key: value`` pairs in
-    A1111's field order."""
+    A1111's field order. ``model_hash``: A1111's "Model hash" (a checkpoint
+    file's sha256, 10 hex digits), left out when empty."""
 
     def value(v: Any) -> str:
         text = str(v)
@@ -271,6 +272,7 @@ def infotext(params: dict[str, Any], seed: int, model: str) -> str:
         ("CFG scale", int(cfg) if float(cfg).is_integer() else cfg),
         ("Seed", seed),
         ("Size", f"{params['width']}x{params['height']}"),
+        *([("Model hash", model_hash)] if model_hash else []),
         ("Model", model),
     ]
     lines = [params["prompt"]]

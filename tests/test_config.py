@@ -106,6 +106,15 @@ def test_relative_folders_are_made_absolute(empty_cwd: Path) -> None:
     assert settings.inbox == empty_cwd / "spool" / "in"
 
 
+def test_relative_model_and_model_config_paths_are_made_absolute(empty_cwd: Path) -> None:
+    (empty_cwd / "sd15-config").mkdir()
+    (empty_cwd / "dreamshaper.safetensors").write_bytes(b"")
+    settings = load_settings(env={"SBRENDER_MODEL": "dreamshaper.safetensors", "SBRENDER_MODEL_CONFIG": "sd15-config"})
+    assert settings.model == str(empty_cwd / "dreamshaper.safetensors")
+    assert settings["model_config"] == str(empty_cwd / "sd15-config")
+    assert settings.sources["model_config"] == "environment variable SBRENDER_MODEL_CONFIG"
+
+
 # --- bad files and names ------------------------------------------------------------------
 
 

@@ -50,3 +50,13 @@ def test_png_info_reads_our_parameters(prompt: str, negative: str) -> None:
     assert (parsed["Steps"], parsed["Sampler"], parsed["CFG scale"], parsed["Seed"], parsed["Size"]) == (
         "28", "DPM++ 2M Karras", "7.5", "1234", "512x768")
     assert parsed["Model"] == "my-model, v2"
+
+
+def test_model_hash_comes_right_before_model_as_in_a1111() -> None:
+    params = {"prompt": "a cat", "negative_prompt": "", "steps": 20, "sampler": "Euler a",
+              "guidance_scale": 7, "width": 512, "height": 512}
+    text = infotext(params, 7, "dreamshaper_8", "879db523c3")
+    assert text.endswith("Size: 512x512, Model hash: 879db523c3, Model: dreamshaper_8")
+    parsed = parse_generation_parameters(text)
+    assert parsed["Model hash"] == "879db523c3" and parsed["Model"] == "dreamshaper_8"
+    assert "Model hash" not in parse_generation_parameters(infotext(params, 7, "tiny-random"))
