@@ -110,7 +110,9 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 
 class DaemonRun:
-    """A real daemon on a fresh spool in a thread, over the preloaded renderer."""
+    """A real daemon on a fresh spool, over the preloaded renderer. It runs in the
+    calling thread, as ``sbrender run`` does (compiled graphs and CUDA graph trees
+    are per thread); the jobs are fed and awaited from another."""
 
     def __init__(self, settings: Settings, renderer: Any, root: Path, batch: int) -> None:
         from .daemon import Daemon
@@ -122,25 +124,34 @@ class DaemonRun:
         self.daemon = Daemon(self.settings, Preloaded(renderer, lambda a, b, n: self.spans.append((a, b, n))))
         self.client = Client.from_settings(self.settings)
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._serve, name="bench-daemon", daemon=True)
 
-    def _serve(self) -> None:
+    def serve(self, feed: Callable[[DaemonRun], Any]) -> Any:
+        """Run the daemon here until ``feed(self)``, in a thread, is done; its value."""
+        out: dict[str, Any] = {}
+
+        def feeder() -> None:
+            try:
+                self.daemon.ready.wait()
+                if self.error is None:
+                    out["value"] = feed(self)
+            except BaseException as err:  # noqa: BLE001 - re-raised below
+                out["error"] = err
+            finally:
+                self.daemon.stop()
+
+        thread = threading.Thread(target=feeder, name="bench-feeder", daemon=True)
+        thread.start()
         try:
             self.daemon.run()
-        except BaseException as err:  # noqa: BLE001 - reported by the bench
+        except BaseException as err:
             self.error = err
             self.daemon.ready.set()
-
-    def __enter__(self) -> DaemonRun:
-        self.thread.start()
-        self.daemon.ready.wait()
-        if self.error is not None:
-            raise self.error
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.daemon.stop()
-        self.thread.join()
+            raise
+        finally:
+            thread.join()
+        if "error" in out:
+            raise out["error"]
+        return out["value"]
 
     def submit(self, job: Job) -> tuple[str, float]:
         """One job through ``Client.submit`` (validate, temp file, fsync, rename)."""
@@ -208,7 +219,8 @@ def _idle(spans: list[tuple[float, float, int]]) -> dict[str, Any]:
 def daemon_phase(settings: Settings, renderer: Any, plan: Plan, batch: int, root: Path,
                  timeout: float) -> dict[str, Any]:
     jobs = [plan.job(k) for k in range(plan.jobs)]
-    with DaemonRun(settings, renderer, root, batch) as run:
+
+    def feed(run: DaemonRun) -> dict[str, Any]:
         _sync(renderer)
         start = time.time()
         dropped = run.drop_all(jobs, root / "staging")
@@ -216,9 +228,12 @@ def daemon_phase(settings: Settings, renderer: Any, plan: Plan, batch: int, root
         elapsed = max(r["_seen"] for r in results.values()) - start
         idle = _idle(run.spans)
         latency = _latency_phase(run, plan) if plan.latency_jobs else {}
-    return {"batch_size": batch, "seconds": round(elapsed, 4), "images_per_s": round(plan.jobs / elapsed, 4),
-            "renderer_idle": idle, "latency_one_at_a_time": latency,
-            "queued_drop_to_result": _percentiles([r["_seen"] - dropped[i] for i, r in results.items()])}
+        return {"batch_size": batch, "seconds": round(elapsed, 4), "images_per_s": round(plan.jobs / elapsed, 4),
+                "renderer_idle": idle, "latency_one_at_a_time": latency,
+                "queued_drop_to_result": _percentiles([r["_seen"] - dropped[i] for i, r in results.items()]),
+                "write_s": _percentiles([r["timings"]["write_s"] for r in results.values()])}
+
+    return DaemonRun(settings, renderer, root, batch).serve(feed)
 
 
 def _latency_phase(run: DaemonRun, plan: Plan) -> dict[str, Any]:
@@ -242,7 +257,26 @@ def _offset() -> float:
     return time.time() - time.perf_counter()
 
 
-def run(settings: Settings, plan: Plan, timeout: float = 3600.0,
+def disk_probe(folder: Path) -> dict[str, float]:
+    """What one durable write costs where the bench spools: a 1 MiB file and a
+    small one, each written and fsynced (medians of 5, milliseconds)."""
+    out = {}
+    for label, size in (("fsync_1mib_ms", 1 << 20), ("fsync_1kib_ms", 1 << 10)):
+        times = []
+        for k in range(5):
+            path = folder / f".probe-{k}"
+            start = time.perf_counter()
+            with open(path, "wb") as f:
+                f.write(os.urandom(size))
+                f.flush()
+                os.fsync(f.fileno())
+            times.append(time.perf_counter() - start)
+            path.unlink()
+        out[label] = round(statistics.median(times) * 1000, 2)
+    return out
+
+
+def run(settings: Settings, plan: Plan, timeout: float = 3600.0, spool_dir: Path | None = None,
         say: Callable[[str], None] = print) -> dict[str, Any]:
     from .pipeline import DiffusersRenderer
 
@@ -253,13 +287,14 @@ def run(settings: Settings, plan: Plan, timeout: float = 3600.0,
     say(f"loading {settings.model} on {renderer.device} ({renderer.dtype}) ...")
     load_s = renderer.load()
     jobs = [plan.job(k) for k in range(plan.jobs)]
-    with tempfile.TemporaryDirectory(prefix="sbrender-bench-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="sbrender-bench-", dir=spool_dir) as scratch:
         root = Path(scratch)
         say("warm-up ...")
         for batch in batches:
             plain_loop(renderer, jobs[:batch], batch, root / "warm")
         report: dict[str, Any] = {"plan": dataclasses.asdict(plan), "model_load_s": round(load_s, 3),
                                   "renderer": renderer.describe(), "device_name": _device_name(renderer),
+                                  "spool": {"folder": str(root.parent), **disk_probe(root)},
                                   "plain": {}, "daemon": {}}
         for batch in batches:
             say(f"plain loop, batch {batch} ...")
@@ -294,6 +329,8 @@ def table(report: dict[str, Any]) -> str:
     lines = [f"{report['renderer']['model']['name']} on {report['device_name']} ({report['renderer']['dtype']}), "
              f"{plan['width']}x{plan['height']}, {plan['steps']} steps, {plan['jobs']} jobs, "
              f"perf {report['renderer'].get('perf', {})}",
+             f"spool on {report['spool']['folder']}: write+fsync 1 MiB {report['spool']['fsync_1mib_ms']} ms, "
+             f"1 KiB {report['spool']['fsync_1kib_ms']} ms",
              f"{'run':<18}{'images/s':>10}{'s/image':>10}{'idle gap p50':>14}{'idle %':>8}"]
     for kind in ("plain", "daemon"):
         for batch, row in report[kind].items():

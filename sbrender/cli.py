@@ -121,10 +121,13 @@ def run(config_file: str | None, once: bool, **flags: Any) -> None:
               help="Jobs dropped one at a time into an idle daemon, for the drop-to-start latency.")
 @click.option("--set", "extra", multiple=True, metavar="KEY=VALUE",
               help="Any setting, e.g. --set perf.compile=default --set perf.channels_last=true (repeatable).")
+@click.option("--spool", "spool_dir", type=click.Path(file_okay=False, exists=True),
+              help="Make the bench's spool in this folder (default: the system temp folder); use the disk "
+                   "your real spool is on.")
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the full report here as JSON.")
 @_errors_exit
 def bench(config_file: str | None, size: str, steps: int, n_jobs: int, batch: int, latency_jobs: int,
-          extra: tuple[str, ...], report: str | None, **flags: Any) -> None:
+          extra: tuple[str, ...], spool_dir: str | None, report: str | None, **flags: Any) -> None:
     """Time a plain diffusers loop against the daemon on the same jobs; print ratios.
 
     Loads the model once; runs the plain loop (pipeline call, then PNG save) and
@@ -152,7 +155,8 @@ def bench(config_file: str | None, size: str, steps: int, n_jobs: int, batch: in
     plan = benchmark.Plan(jobs=n_jobs, width=parsed[0], height=parsed[1], steps=steps, batch_size=batch,
                           latency_jobs=latency_jobs, sampler=settings["defaults.sampler"],
                           guidance_scale=settings["defaults.guidance_scale"])
-    result = benchmark.run(settings, plan, say=lambda text: click.echo(text, err=True))
+    result = benchmark.run(settings, plan, spool_dir=Path(spool_dir) if spool_dir else None,
+                           say=lambda text: click.echo(text, err=True))
     if report:
         Path(report).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     click.echo(benchmark.table(result))

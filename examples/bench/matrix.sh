@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The benchmark matrix behind docs/PERFORMANCE.md: `sbrender bench` once per
-# set of perf switches, each run a JSON report in $REPORTS plus its table.
-#   MODEL=sd15-random SIZE=512x512 examples/bench/matrix.sh     (a GPU box)
+# set of perf switches, each run's JSON report and table in $REPORTS.
+#   examples/bench/matrix.sh                       every GPU row (sd15-random, 512x512)
+#   examples/bench/matrix.sh eager compiled        some rows
 #   MODEL=tiny-random SIZE=64x64 JOBS=24 examples/bench/matrix.sh cpu
 # PYTHON picks the interpreter (default: .venv/bin/python, else python3).
 set -uo pipefail
-SET=${1:-gpu}
 MODEL=${MODEL:-sd15-random}
 SIZE=${SIZE:-512x512}
 JOBS=${JOBS:-8}
@@ -20,16 +20,26 @@ bench() {  # name, then sbrender bench arguments
     2> >(grep -v '^\[transformers\]' >&2) | tee "$REPORTS/$name.txt"
 }
 
-if [ "$SET" = cpu ]; then
-  bench cpu-eager --jobs "$JOBS" --batch 4 --latency-jobs 20
-  bench cpu-eager-b8 --jobs "$JOBS" --batch 8 --latency-jobs 0
-  exit
-fi
-bench eager --jobs "$JOBS" --batch 4 --latency-jobs 5
-bench channels-last --jobs "$JOBS" --batch 4 --latency-jobs 0 --set perf.channels_last=true
-bench fuse-qkv --jobs "$JOBS" --batch 4 --latency-jobs 0 --set perf.fuse_qkv=true
-bench classic-attention --jobs 4 --batch 1 --latency-jobs 0 --set perf.attention=classic
-bench compiled --jobs 16 --batch 8 --latency-jobs 5 --set perf.compile=default \
-  --set perf.channels_last=true --set perf.fuse_qkv=true
-bench vae-tiling-on --size 1024x1024 --jobs 2 --batch 1 --latency-jobs 0 --set perf.vae_tiling=on
-bench vae-tiling-off --size 1024x1024 --jobs 2 --batch 1 --latency-jobs 0 --set perf.vae_tiling=off
+row() {
+  case $1 in
+    cpu) bench cpu --jobs "$JOBS" --batch 4 --latency-jobs 20 ;;
+    eager) bench eager --jobs "$JOBS" --batch 4 --latency-jobs 5 ;;
+    eager-tmpfs) bench eager-tmpfs --jobs "$JOBS" --batch 4 --latency-jobs 0 --spool /dev/shm ;;
+    no-cudnn-benchmark) bench no-cudnn-benchmark --jobs "$JOBS" --batch 1 --latency-jobs 0 \
+        --set perf.cudnn_benchmark=false ;;
+    channels-last) bench channels-last --jobs "$JOBS" --batch 4 --latency-jobs 0 --set perf.channels_last=true ;;
+    fuse-qkv) bench fuse-qkv --jobs "$JOBS" --batch 4 --latency-jobs 0 --set perf.fuse_qkv=true ;;
+    classic-attention) bench classic-attention --jobs 4 --batch 1 --latency-jobs 0 --set perf.attention=classic ;;
+    compiled) bench compiled --jobs 16 --batch 8 --latency-jobs 5 --set perf.compile=default \
+        --set perf.channels_last=true --set perf.fuse_qkv=true ;;
+    graphs) bench graphs --jobs 16 --batch 8 --latency-jobs 5 --set perf.compile=reduce-overhead \
+        --set perf.channels_last=true --set perf.fuse_qkv=true ;;
+    vae-tiling) bench vae-tiling-off --size 1024x1024 --jobs 2 --batch 1 --latency-jobs 0 --set perf.vae_tiling=off
+                bench vae-tiling-on --size 1024x1024 --jobs 2 --batch 1 --latency-jobs 0 --set perf.vae_tiling=on ;;
+    *) echo "unknown row $1" >&2; return 2 ;;
+  esac
+}
+
+rows=("$@")
+[ ${#rows[@]} -eq 0 ] && rows=(eager eager-tmpfs no-cudnn-benchmark channels-last fuse-qkv classic-attention compiled graphs vae-tiling)
+for r in "${rows[@]}"; do row "$r"; done
