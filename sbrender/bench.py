@@ -89,9 +89,10 @@ def plain_loop(renderer: Any, jobs: list[Job], batch: int, folder: Path) -> floa
     start = time.perf_counter()
     for first in range(0, len(jobs), batch):
         chunk = jobs[first:first + batch]
-        images = pipe(prompt=[j.prompt for j in chunk], num_inference_steps=chunk[0].steps,
-                      guidance_scale=chunk[0].guidance_scale, width=chunk[0].width, height=chunk[0].height,
-                      generator=[torch.Generator("cpu").manual_seed(j.seed or 0) for j in chunk]).images
+        with torch.inference_mode():  # as the daemon renders: the same compiled graphs serve both
+            images = pipe(prompt=[j.prompt for j in chunk], num_inference_steps=chunk[0].steps,
+                          guidance_scale=chunk[0].guidance_scale, width=chunk[0].width, height=chunk[0].height,
+                          generator=[torch.Generator("cpu").manual_seed(j.seed or 0) for j in chunk]).images
         for job, image in zip(chunk, images):
             image.save(folder / f"{job.id}.png")
     return time.perf_counter() - start

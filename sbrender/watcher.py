@@ -10,6 +10,7 @@ polling mode) are read once they have been quiet for a settle interval.
 from __future__ import annotations
 
 import enum
+import importlib
 import os
 import threading
 import time
@@ -146,7 +147,28 @@ def _make_observer(mode: str) -> BaseObserver | None:
         if mode == "inotify":
             raise
         return None
+    _shorten_move_pairing()
     return InotifyObserver()
+
+
+MOVE_PAIR_S = 0.01
+
+
+def _shorten_move_pairing() -> None:
+    """watchdog holds each unpaired IN_MOVED_FROM for 0.5 s, waiting for its
+    IN_MOVED_TO, and every event queued behind it waits too. Each claim moves a
+    file out of the inbox, so a job dropped just after a claim was noticed up to
+    half a second late. The kernel queues both halves of a rename together, so
+    a short wait pairs them; a pair that is split anyway reads as a delete and a
+    create, which the hints handle."""
+    for module, name in (("watchdog.observers.inotify_move_event_grouper", "InotifyMoveEventGrouper"),
+                         ("watchdog.observers.inotify_buffer", "InotifyBuffer")):  # watchdog 7; 4 to 6
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+        if getattr(cls, "delay", 0) > MOVE_PAIR_S:
+            cls.delay = MOVE_PAIR_S
 
 
 class InboxWatcher:

@@ -34,6 +34,8 @@ row() {
         --set perf.channels_last=true --set perf.fuse_qkv=true ;;
     graphs) bench graphs --jobs 16 --batch 8 --latency-jobs 5 --set perf.compile=reduce-overhead \
         --set perf.channels_last=true --set perf.fuse_qkv=true ;;
+    graphs-b16) bench graphs-b16 --jobs 32 --batch 16 --latency-jobs 5 --set perf.compile=reduce-overhead \
+        --set perf.channels_last=true --set perf.fuse_qkv=true ;;
     vae-tiling) bench vae-tiling-off --size 1024x1024 --jobs 2 --batch 1 --latency-jobs 0 --set perf.vae_tiling=off
                 bench vae-tiling-on --size 1024x1024 --jobs 2 --batch 1 --latency-jobs 0 --set perf.vae_tiling=on ;;
     *) echo "unknown row $1" >&2; return 2 ;;
