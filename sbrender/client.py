@@ -234,19 +234,21 @@ class Client:
         """Every job the spool knows: pending, running, then finished, oldest first."""
         running = {job for d in self.daemons() if d["alive"] and d.get("state") == "rendering"
                    for job in _rendering(d.get("current") or {})}
+        results = list(_scandir(self.outbox, ".json"))
+        finished = {path.stem for path in results}  # one listing, not a stat per pending job
         seen: set[str] = set()
         out: list[JobState] = []
         for folder in (*self._work_folders(), self.inbox):
             for path, mtime, entries in _job_files(folder, self.rules):
                 for entry in entries:
-                    if entry.id in seen or (self.outbox / f"{entry.id}.json").exists():
+                    if entry.id in seen or entry.id in finished:
                         continue
                     seen.add(entry.id)
                     state = RUNNING if entry.id in running else PENDING
                     prompt = entry.prompt if isinstance(entry, Job) else ""
                     error = str(entry.error) if isinstance(entry, BadJob) else None
                     out.append(JobState(entry.id, state, prompt, mtime, path.name, error))
-        for path in _scandir(self.outbox, ".json"):
+        for path in results:
             result = read_json(path)
             if result is None or "status" not in result:
                 continue
@@ -328,12 +330,12 @@ def _job_files(folder: Path, rules: Rules) -> Iterator[tuple[Path, float, list[E
     for name in names:
         if not ids.is_job_file_name(name):
             continue
-        path = folder / name
+        path = os.path.join(folder, name)
         try:
             mtime = os.lstat(path).st_mtime
         except FileNotFoundError:
             continue
-        yield path, mtime, validate_file(path, rules)
+        yield Path(path), mtime, validate_file(Path(path), rules)
 
 
 def _parse_time(text: Any) -> float | None:

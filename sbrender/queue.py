@@ -77,6 +77,7 @@ class JobQueue:
         self.waiting: set[str] = set()  # in the inbox, not yet complete
         self._heap: list[tuple[tuple[int, int, str, int], int, str, int, int]] = []
         self._by_id: dict[str, str] = {}  # job id -> candidate name, for cancels
+        self._pending = 0  # len(): pending entries over all candidates
         self._seq = itertools.count()
         # Never reused, so heap entries of a forgotten file cannot match a new one of that name.
         self._generations = itertools.count(1)
@@ -86,8 +87,8 @@ class JobQueue:
     def add_claimed(self, info: FileInfo) -> Candidate:
         """A file already in the work folder (a restart after a crash or stop)."""
         cand = Candidate(info, claimed=True, generation=next(self._generations))
-        self.candidates[info.name] = cand
         self._load(cand, final=True)
+        self._put(cand)
         return cand
 
     def full_scan(self) -> None:
@@ -112,6 +113,7 @@ class JobQueue:
 
     def _forget(self, name: str) -> None:
         cand = self.candidates.pop(name, None)
+        self._pending -= len(cand.pending()) if cand is not None else 0
         for entry in cand.entries if cand is not None else ():
             if self._by_id.get(entry.id) == name:
                 del self._by_id[entry.id]
@@ -129,10 +131,17 @@ class JobQueue:
             return
         cand = Candidate(info, claimed=False, generation=next(self._generations))
         if self._load(cand, final=False):
-            self.candidates[info.name] = cand
+            self._put(cand)
             self.waiting.discard(info.name)
         else:
             self.waiting.add(info.name)
+
+    def _put(self, cand: Candidate) -> None:
+        old = self.candidates.get(cand.name)
+        if old is not None:
+            self._pending -= len(old.pending())
+        self.candidates[cand.name] = cand
+        self._pending += len(cand.pending())
 
     def _load(self, cand: Candidate, final: bool) -> bool:
         """Read and parse; False when the file looks unfinished and should be retried."""
@@ -209,8 +218,10 @@ class JobQueue:
             data = None
         if data == cand.data:
             return True
+        self._pending -= len(cand.pending()) if self.candidates.get(cand.name) is cand else 0
         cand.generation = next(self._generations)
         self._load(cand, final=True)
+        self._pending += len(cand.pending()) if self.candidates.get(cand.name) is cand else 0
         return False
 
     def requeue(self, pick: Pick) -> None:
@@ -227,6 +238,8 @@ class JobQueue:
 
     def dispatch(self, cand: Candidate, entry: Entry) -> None:
         """An entry handed on to be published: never picked again."""
+        if entry.id not in cand.finished and self.candidates.get(cand.name) is cand:
+            self._pending -= 1
         cand.finished.add(entry.id)
         cand.in_flight += 1
 
@@ -253,7 +266,8 @@ class JobQueue:
             self.waiting.add(cand.name)
 
     def __len__(self) -> int:
-        return sum(len(c.pending()) for c in self.candidates.values())
+        """Pending entries, kept as a running count: asked at every status update."""
+        return self._pending
 
 
 def _images(entry: Entry) -> int:

@@ -109,8 +109,11 @@ def test_a_batch_never_takes_a_job_past_one_it_cannot_take(tmp_path: Path) -> No
         return (entry.width, entry.height)
 
     taken = []
+    assert len(queue) == 5
     while batch := queue.pop_batch(4, key):
         taken.append([p.entry.id for p in batch])
         for pick in batch:
             queue.dispatch(pick.candidate, pick.entry)
+        assert len(queue) == sum(len(c.pending()) for c in queue.candidates.values())
     assert taken == [["a"], ["b"], ["c", "d"], ["e"]]
+    assert len(queue) == 0
