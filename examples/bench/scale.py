@@ -17,7 +17,6 @@ that what is timed is the daemon's own work per job, not a model. Reports:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
