@@ -305,16 +305,18 @@ def jobs(config_file: str | None, inbox: str | None, outbox: str | None, state: 
     client = Client.from_settings(_settings(config_file, inbox=inbox, outbox=outbox, state=state))
     listed = [j for j in client.jobs() if only is None or j.state == only]
     if as_json:
-        click.echo(json.dumps([j.to_dict() for j in listed], indent=2))
+        # One job per line: readable, and json's C encoder (indent= would not use it).
+        click.echo("[" + ",\n ".join(json.dumps(j.to_dict(), ensure_ascii=False) for j in listed) + "]")
         return
     if not listed:
         click.echo("no jobs")
         return
     width = max(len(j.id) for j in listed)
-    click.echo(f"{'ID':<{width}}  {'STATE':<9}  {'AGE':>4}  PROMPT")
+    lines = [f"{'ID':<{width}}  {'STATE':<9}  {'AGE':>4}  PROMPT"]
     for j in listed:
         text = j.prompt if j.state != "failed" else f"{j.prompt}  [{j.error}]"
-        click.echo(f"{j.id:<{width}}  {j.state:<9}  {_age(j.since):>4}  {text[:80]}")
+        lines.append(f"{j.id:<{width}}  {j.state:<9}  {_age(j.since):>4}  {text[:80]}")
+    click.echo("\n".join(lines))
 
 
 @main.command()

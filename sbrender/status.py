@@ -3,8 +3,8 @@
 What the daemon is doing (loading, idle, rendering, paused, stopping), its
 current job and step, queue depth, counts and a heartbeat. Written on every
 change (without fsync: it describes only the present): state changes at once,
-denoising steps by the heartbeat thread (the latest step, as fast as the file
-system takes it); and at least every ``HEARTBEAT_S``, so that peers on other
+denoising steps by the heartbeat thread (the latest step, at most every
+``STEP_WRITE_S``); and at least every ``HEARTBEAT_S``, so that peers on other
 hosts can tell a busy daemon (a model load, a long step) from a dead one.
 """
 
@@ -26,6 +26,7 @@ from .results import iso
 log = structlog.get_logger("sbrender")
 
 MIN_INTERVAL_S = 1.0
+STEP_WRITE_S = 0.1  # step updates are written at most this often
 HEARTBEAT_S = 5.0
 
 
@@ -79,6 +80,9 @@ class StatusFile:
                 if self._dirty.wait(max(0.0, next_beat - time.monotonic())):
                     self._dirty.clear()
                     self._write()
+                    # At most STEP_WRITE_S apart: the file shows the latest step, and
+                    # the render thread is not asked for the GIL at every step.
+                    stop.wait(STEP_WRITE_S)
                     continue
                 next_beat = time.monotonic() + HEARTBEAT_S
                 if on_beat is not None:
