@@ -76,6 +76,8 @@ class Daemon:
         self._identity: dict[Any, tuple[int, int]] = {}
         self._problems: list[str] = []
         self.writer = Writer(settings.outbox, self.wake)
+        self._solo: set[str] = set()  # ids of a batch that was rendering when a daemon died
+        self._blocked: dict[str, float] = {}  # names whose claim failed: not before this time
 
     # --- life cycle ------------------------------------------------------------------
 
@@ -122,25 +124,33 @@ class Daemon:
         power cut). The job a dead daemon was rendering gets a crash counted;
         one that was being rendered at ``limits.max_crashes`` deaths fails
         instead of taking the next daemon down too."""
-        owners: dict[str, str | None] = {}
+        owners: dict[str, list[str]] = {}
         for owner, info in list(self.spool.orphans()):
             if owner not in owners:
                 status = peers.read_status(self.spool.daemons / f"{owner}.json") or {}
-                rendering = status.get("state") == "rendering"
-                owners[owner] = (status.get("current") or {}).get("job") if rendering else None
+                current = status.get("current") or {} if status.get("state") == "rendering" else {}
+                owners[owner] = [str(i) for i in current.get("batch") or [current.get("job")] if i]
             path = self.spool.adopt(info)
             adopted = FileInfo.of(path) if path is not None else None
             if adopted is None:
                 continue  # a peer was quicker
             cand = self.queue.add_claimed(adopted)
-            culprit = next((e for e in cand.entries if e.id == owners[owner]), None)
-            crashes = self.spool.count_attempt(adopted.claim_token, culprit.id) if culprit else 0
-            log.warning("recovered a file claimed by a daemon that is gone", file=info.name,
-                        previous_owner=owner or "unknown", rendering=owners[owner], crashes=crashes)
-            if culprit is not None and crashes >= self.settings["limits.max_crashes"]:
-                error = RenderError(f"a daemon died {crashes} times while rendering this job; not trying again",
-                                    hint="check the daemon's log for the crash; `sbrender retry ID` re-queues it")
-                cand.doomed[culprit.id] = error  # fails with its params and metadata, retryable
+            rendering = owners[owner]
+            for culprit in (e for e in cand.entries if e.id in rendering):
+                crashes = self.spool.count_attempt(adopted.claim_token, culprit.id)
+                if len(rendering) > 1:
+                    # Which job of the batch crashed is unknown: each renders alone
+                    # from now on, so only the guilty one keeps counting crashes.
+                    self._solo.add(culprit.id)
+                log.warning("recovered a file claimed by a daemon that is gone", file=info.name,
+                            previous_owner=owner or "unknown", rendering=culprit.id, crashes=crashes)
+                if crashes >= self.settings["limits.max_crashes"]:
+                    error = RenderError(f"a daemon died {crashes} times while rendering this job; not trying again",
+                                        hint="check the daemon's log for the crash; `sbrender retry ID` re-queues it")
+                    cand.doomed[culprit.id] = error  # fails with its params and metadata, retryable
+            if not any(e.id in rendering for e in cand.entries):
+                log.warning("recovered a file claimed by a daemon that is gone", file=info.name,
+                            previous_owner=owner or "unknown")
         # Temp files are listed (outbox and all) only at start and when a peer
         # was found gone, not at every rescan.
         if owners or not self._temps_cleaned:
@@ -168,7 +178,10 @@ class Daemon:
             self._look_at_inbox()
             self._collect()
             cancelled = self._cancelled_pick()
-            picks = [cancelled] if cancelled else self.queue.pop_batch(self.settings["perf.batch_size"], _batch_key)
+            if cancelled:
+                self._process([cancelled], cancelled=True)
+                continue
+            picks = self.queue.pop_batch(self.settings["perf.batch_size"], self._batch_key)
             if picks:
                 self._process(picks)
                 continue
@@ -205,7 +218,7 @@ class Daemon:
                 continue
             if self.spool.result_path(job_id).exists():
                 self.spool.clear_cancel(job_id)
-            elif (pick := self.queue.find(job_id)) is not None:
+            elif (pick := self.queue.find(job_id)) is not None and not self._claim_blocked(pick.candidate.name):
                 return pick
         return None
 
@@ -263,18 +276,19 @@ class Daemon:
 
     # --- jobs ----------------------------------------------------------------------------
 
-    def _process(self, picks: list[Pick]) -> None:
+    def _process(self, picks: list[Pick], cancelled: bool = False) -> None:
         """Claim the picked entries' files, settle what needs no render (bad, doomed,
         cancelled, already published), render the rest in one call, and hand the
-        results to the writer thread."""
+        results to the writer thread. ``cancelled``: picks taken out of turn because
+        they were cancelled, never rendered."""
         picked = time.time()
         slots: list[Slot] = []
-        for pick in self._claimed(picks):
+        for pick in self._claimed(picks, popped=not cancelled):
             with structlog.contextvars.bound_contextvars(job_id=pick.entry.id):
                 slot = self._prepare(pick, picked)
                 if slot is None:
                     continue
-                refusal = self._refusal(slot)
+                refusal = JobCancelled("cancelled before it started") if cancelled else self._refusal(slot)
                 if refusal is None:
                     slots.append(slot)
                 else:
@@ -284,17 +298,25 @@ class Daemon:
         if self.metrics:
             self.metrics.write(len(self.queue))
 
-    def _claimed(self, picks: list[Pick]) -> list[Pick]:
+    def _claimed(self, picks: list[Pick], popped: bool = True) -> list[Pick]:
         """The picks whose files this daemon now holds, unchanged since parsed."""
         out: list[Pick] = []
         for pick in picks:
             cand = pick.candidate
+            if not cand.claimed and self._claim_blocked(cand.name):
+                if popped:
+                    self.queue.defer(pick)
+                continue
             if not cand.claimed:
                 try:
                     path = self.spool.claim(cand.name)
                 except SpoolError as err:
+                    # Tried again after the next rescan, not at once: a name that
+                    # cannot be claimed (still held in our work folder) must not spin.
                     log.warning("cannot claim file yet", file=cand.name, reason=str(err))
-                    self.queue.requeue(pick)
+                    self._blocked[cand.name] = time.monotonic() + self.settings["watch.rescan_seconds"]
+                    if popped:
+                        self.queue.defer(pick)
                     continue
                 info = FileInfo.of(path) if path is not None else None
                 if info is None:
@@ -350,27 +372,37 @@ class Daemon:
         except ShutdownRequested:
             self._interrupted(slots)
             return
-        except RenderError as err:
-            if len(slots) > 1:
-                # One job's trouble (or a batch too big for the GPU) must not fail its
-                # neighbours: each is tried alone.
-                log.warning("batch failed; rendering its jobs one by one", jobs=ids, error=str(err))
-                for slot in slots:
-                    self._render([slot])
-                return
-            outs = [err]
         except SbrenderError as err:
+            if self._one_by_one(slots, err):
+                return
             outs = [err] * len(slots)
         except Exception as err:  # noqa: BLE001 - a bug must fail these jobs, not the daemon
             log.exception("unexpected error while rendering")
-            outs = [RenderError(f"unexpected {type(err).__name__}: {err}",
-                                hint="this is a bug in sbrender or a library; please report it")] * len(slots)
+            error = RenderError(f"unexpected {type(err).__name__}: {err}",
+                                hint="this is a bug in sbrender or a library; please report it")
+            if self._one_by_one(slots, error):
+                return
+            outs = [error] * len(slots)
         info = {"jobs": ids, "images": sum(len(seeds) for _, seeds in items)} if len(ids) > 1 else None
         for slot, out in zip(slots, outs):
             if isinstance(out, SbrenderError):
                 self._publish(slot, self._failure_work(slot, out))
             else:
                 self._publish(slot, self._success_work(slot, out, info))
+
+    def _one_by_one(self, slots: list[Slot], err: SbrenderError) -> bool:
+        """After a batch failed: render each job alone, so that one job's trouble
+        (or a batch too big for the GPU) does not fail its neighbours. False for a
+        single job: its failure is its own."""
+        if len(slots) == 1:
+            return False
+        log.warning("batch failed; rendering its jobs one by one", jobs=[s.entry.id for s in slots], error=str(err))
+        for k, slot in enumerate(slots):
+            if self.should_exit.is_set():
+                self._interrupted(slots[k:])
+                break
+            self._render([slot])
+        return True
 
     def _interrupted(self, slots: list[Slot]) -> None:
         """A render stopped between steps: cancelled jobs get their result; the rest
@@ -400,6 +432,15 @@ class Daemon:
         model_name, model_hash = model.get("name", ""), model.get("hash", "")
 
         def work() -> Publication:
+            try:
+                return encode()
+            except Exception as err:  # noqa: BLE001 - this job fails, with a result
+                log.exception("cannot encode the images", job_id=job.id)
+                error = RenderError(f"cannot encode the images: {type(err).__name__}: {err}")
+                return Publication(f"{slot.result_id}.json", [], lambda _: self._failed(slot, error),
+                                   lambda e: self._failed(slot, e))
+
+        def encode() -> Publication:
             encode_start = time.perf_counter()
             params = job.params()
             record = json.dumps({"id": job.id, **params, "model": model_name,
@@ -480,6 +521,16 @@ class Daemon:
             if self.metrics:
                 self.metrics.write(len(self.queue))
 
+    def _batch_key(self, entry: Entry) -> tuple[Any, ...] | None:
+        return None if entry.id in self._solo else _batch_key_of(entry)
+
+    def _claim_blocked(self, name: str) -> bool:
+        until = self._blocked.get(name)
+        if until is not None and until <= time.monotonic():
+            del self._blocked[name]
+            return False
+        return until is not None
+
     def _finish_writes(self) -> None:
         self.writer.drain()
         self._collect()
@@ -517,15 +568,19 @@ class Daemon:
         self._set_status("rendering", job=job_ids[0], step=step, steps=steps, **batch)
         self.notifier.watchdog()  # the render progresses
         self._note_stop()
-        self._collect()
-        now = time.monotonic()
-        if now - self._cancels_checked >= CANCEL_CHECK_S or step == 1:
-            # Jobs cancelled while waiting get their result now, not after this render.
-            self._cancels_checked = now
-            self._look_at_inbox()
-            while (pick := self._cancelled_pick(running=job_ids)) is not None:
-                self._process([pick])
-            self._cancel_running = any(self.spool.is_cancelled(i) for i in job_ids)
+        try:
+            # Bookkeeping between steps must never fail the render it runs inside.
+            self._collect()
+            now = time.monotonic()
+            if now - self._cancels_checked >= CANCEL_CHECK_S or step == 1:
+                # Jobs cancelled while waiting get their result now, not after this render.
+                self._cancels_checked = now
+                self._look_at_inbox()
+                while (pick := self._cancelled_pick(running=job_ids)) is not None:
+                    self._process([pick], cancelled=True)
+                self._cancel_running = any(self.spool.is_cancelled(i) for i in job_ids)
+        except Exception:  # noqa: BLE001
+            log.exception("error between denoising steps; the render goes on")
         return self.should_exit.is_set() or self._cancel_running
 
     def _set_status(self, state: str, *, force: bool = False, **current: Any) -> None:
@@ -571,7 +626,7 @@ class Slot:
         return self.cand.info.mtime_ns / 1e9
 
 
-def _batch_key(entry: Entry) -> tuple[Any, ...] | None:
+def _batch_key_of(entry: Entry) -> tuple[Any, ...] | None:
     """Jobs with equal keys can share one pipeline call."""
     if not isinstance(entry, Job):
         return None

@@ -127,9 +127,9 @@ def atomic_write(folder: Path, name: str, data: bytes, *, sync_dir: bool = True,
 
 
 def flush(folder: Path, paths: list[Path]) -> None:
-    """Make written files durable: one ``fsync`` for one file; for several, one
-    ``syncfs`` of the folder's filesystem (Linux; it reports write errors since
-    5.8), else an ``fsync`` each. Raises ``OSError``."""
+    """Make written files durable: for several, one ``syncfs`` of the folder's
+    filesystem first (Linux), which writes them all back in one go; then an
+    ``fsync`` of each, which reports that file's write errors. Raises ``OSError``."""
     libc = _libc()
     if len(paths) > 1 and libc is not None and hasattr(libc, "syncfs"):
         fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -139,7 +139,8 @@ def flush(folder: Path, paths: list[Path]) -> None:
                 raise OSError(err, os.strerror(err), str(folder))
         finally:
             os.close(fd)
-        return
+        # Then an fsync each, now nearly free: a write-back error is reported to
+        # one syncfs caller only, maybe a peer's; each file's own fsync reports it.
     for path in paths:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         try:
@@ -180,14 +181,17 @@ def commit(folder: Path, pubs: list[Publication]) -> list[dict[str, Any] | None]
     try:
         if written:
             flush(folder, written)
-        for i, pairs in enumerate(temps):
-            if i not in errors:
-                for temp, final in pairs:
-                    os.replace(temp, final)  # over a planted symlink, never through it
     except OSError as err:
         for i, pub in enumerate(pubs):
             if pub.files and i not in errors:
                 errors[i] = _write_error(folder, err)
+    for i, pairs in enumerate(temps):
+        try:
+            if i not in errors:
+                for temp, final in pairs:
+                    os.replace(temp, final)  # over a planted symlink, never through it
+        except OSError as err:
+            errors[i] = _write_error(final, err)
     for pairs in temps:
         for temp, _ in pairs:
             _unlink(temp)
@@ -207,13 +211,17 @@ def commit(folder: Path, pubs: list[Publication]) -> list[dict[str, Any] | None]
     try:
         if staged:
             flush(folder, [temp for _, temp, _ in staged])
-        for i, temp, final in staged:
-            os.replace(temp, final)
-            out[i] = results[i]
-        if staged:
+            for i, temp, final in staged:
+                try:
+                    os.replace(temp, final)
+                    out[i] = results[i]
+                except OSError:
+                    pass  # this job's result stays unpublished (None)
             fsync_dir(folder)
     except OSError:
-        return [None] * len(pubs)  # not surely durable: published again after a restart
+        # Not surely durable: unpublished here, published again after a restart
+        # (a result already in place with this claim is not redone).
+        return [None] * len(pubs)
     finally:
         for _, temp, _ in staged:
             _unlink(temp)

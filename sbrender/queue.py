@@ -78,6 +78,7 @@ class JobQueue:
         self._heap: list[tuple[tuple[int, int, str, int], int, str, int, int]] = []
         self._by_id: dict[str, str] = {}  # job id -> candidate name, for cancels
         self._pending = 0  # len(): pending entries over all candidates
+        self._deferred: list[Pick] = []  # popped, could not be claimed; back at the next full scan
         self._seq = itertools.count()
         # Never reused, so heap entries of a forgotten file cannot match a new one of that name.
         self._generations = itertools.count(1)
@@ -92,7 +93,11 @@ class JobQueue:
         return cand
 
     def full_scan(self) -> None:
-        """Look at every inbox file: the folder is the truth, events are only hints."""
+        """Look at every inbox file: the folder is the truth, events are only hints.
+        Entries deferred since the last scan are back in their places."""
+        deferred, self._deferred = self._deferred, []
+        for pick in deferred:
+            self.requeue(pick)
         files = {f.name: f for f in self.spool.inbox_files()}
         for name, cand in list(self.candidates.items()):
             if not cand.claimed and name not in files:
@@ -231,6 +236,11 @@ class JobQueue:
         if index is not None and self.candidates.get(cand.name) is cand:
             heapq.heappush(self._heap, (_sort_key(pick.entry, cand.info, index), next(self._seq), cand.name,
                                         cand.generation, index))
+
+    def defer(self, pick: Pick) -> None:
+        """A popped entry whose file cannot be claimed now: back in the queue at
+        the next full scan, not at once (it would be picked again and again)."""
+        self._deferred.append(pick)
 
     def stale(self, pick: Pick) -> bool:
         """Whether the file was read again since this entry was popped."""

@@ -54,7 +54,7 @@ class StatusFile:
         # refreshes "heartbeat" alone, so a hung loop shows as stalled.
         self.data = {**self.fixed, "state": state, "current": current, **fields, "heartbeat": iso(now),
                      "progress_at": iso(now)}
-        if force or state != "rendering" or self._thread is None:
+        if force or state != "rendering" or self._thread is None or not self._thread.is_alive():
             self._write()
         else:
             # A new step: written by the status thread, so that a render thread

@@ -5,6 +5,7 @@ keeps its seed, and that one job's trouble stays its own."""
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -117,3 +118,19 @@ def test_a_batch_never_takes_a_job_past_one_it_cannot_take(tmp_path: Path) -> No
         assert len(queue) == sum(len(c.pending()) for c in queue.candidates.values())
     assert taken == [["a"], ["b"], ["c", "d"], ["e"]]
     assert len(queue) == 0
+
+
+def test_a_batch_that_kills_the_daemon_blames_only_the_guilty_job(spool: Spool, model_cache: Path) -> None:
+    """The daemon dies mid-batch: nobody knows which job did it, so after the
+    restart each job of that batch renders alone, and only the one that keeps
+    killing daemons reaches limits.max_crashes."""
+    _drop_all(spool, [(f"b{k}.yaml", f"prompt: job {k}\nseed: {k}\nsteps: 3\n") for k in range(4)])
+    env = daemon_env(model_cache, SBRENDER_PERF_BATCH_SIZE="4", SBRENDER_TEST_FAULTS="b2=crash",
+                     SBRENDER_LIMITS_MAX_CRASHES="2")
+    codes = [sbrender("run", "--once", *spool.cli_args(), env=env, cwd=spool.root).returncode for _ in range(3)]
+    assert codes == [-signal.SIGKILL, -signal.SIGKILL, 0]
+    results = _results(spool)
+    assert {k: r["status"] for k, r in results.items()} == {"b0": "succeeded", "b1": "succeeded", "b2": "failed",
+                                                            "b3": "succeeded"}
+    assert "a daemon died 2 times while rendering this job" in results["b2"]["error"]["message"]
+    assert not list((spool.state / "work").glob("*/*")), "nothing is left claimed"
