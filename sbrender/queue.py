@@ -98,12 +98,13 @@ class JobQueue:
         deferred, self._deferred = self._deferred, []
         for pick in deferred:
             self.requeue(pick)
-        files = {f.name: f for f in self.spool.inbox_files()}
-        for name, cand in list(self.candidates.items()):
-            if not cand.claimed and name not in files:
-                self._forget(name)
-        for info in files.values():
+        seen: set[str] = set()
+        for info in self.spool.inbox_files():
+            seen.add(info.name)
             self._consider(info)
+        for name, cand in list(self.candidates.items()):
+            if not cand.claimed and name not in seen:
+                self._forget(name)
 
     def refresh(self, names: Iterable[str]) -> None:
         """Look again at some inbox names (from events, or still settling)."""

@@ -138,20 +138,24 @@ class Spool:
     # --- listing -----------------------------------------------------------------
 
     def _list(self, folder: Path) -> list[FileInfo]:
-        out = []
+        return list(self._iter(folder))
+
+    @staticmethod
+    def _iter(folder: Path) -> Iterator[FileInfo]:
         try:
             with os.scandir(folder) as it:
                 for entry in it:
                     if is_job_file_name(entry.name):
                         info = FileInfo.of(Path(entry.path))
                         if info is not None:
-                            out.append(info)
+                            yield info
         except FileNotFoundError:
-            return []
-        return out
+            return
 
-    def inbox_files(self) -> list[FileInfo]:
-        return self._list(self.inbox)
+    def inbox_files(self) -> Iterator[FileInfo]:
+        """The inbox's job files, one at a time: a rescan of a large queue holds no
+        list of them all."""
+        return self._iter(self.inbox)
 
     def claimed_files(self) -> list[FileInfo]:
         return self._list(self.work)
