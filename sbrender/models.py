@@ -102,10 +102,26 @@ def _byte_level_tokenizer(folder: Path) -> Any:
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
 
 
+def _save_pipeline(target: Path, unet: Any, vae: Any, text_encoder: Any, dtype: Any = None) -> None:
+    """The built components as a diffusers folder, with SD1.5's scheduler and the
+    download-free tokenizer, loadable by ``from_pretrained`` like any model."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+
+    scheduler = DPMSolverMultistepScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        steps_offset=1)
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = _byte_level_tokenizer(Path(scratch) / "tokenizer")
+        pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+        (pipe if dtype is None else pipe.to(dtype)).save_pretrained(target)
+
+
 def build_tiny_random(target: Path) -> None:
     """Save a tiny SD pipeline of the real component classes with fixed random weights."""
     import torch
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.random.fork_rng(devices=[]):
@@ -123,23 +139,15 @@ def build_tiny_random(target: Path) -> None:
         text_encoder = CLIPTextModel(CLIPTextConfig(
             bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05,
             num_attention_heads=4, num_hidden_layers=5, pad_token_id=1, vocab_size=1000))
-    scheduler = DPMSolverMultistepScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        steps_offset=1)
-    with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = _byte_level_tokenizer(Path(scratch) / "tokenizer")
-        pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-        pipe.save_pretrained(target)
+    _save_pipeline(target, unet, vae, text_encoder)
 
 
 def build_sd15_random(target: Path) -> None:
     """SD1.5's real architecture (UNet 860M, CLIP ViT-L/14 text encoder, SD VAE)
     with fixed random weights: SD1.5's compute per step, no download. Saved in
-    float16 (1.7 GB) and built once per cache."""
+    float16 (2 GB) and built once per cache."""
     import torch
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     with torch.random.fork_rng(devices=[]):
@@ -157,15 +165,7 @@ def build_sd15_random(target: Path) -> None:
             vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
             num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
             bos_token_id=0, eos_token_id=2, pad_token_id=1))
-    scheduler = DPMSolverMultistepScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        steps_offset=1)
-    with tempfile.TemporaryDirectory() as scratch:
-        tokenizer = _byte_level_tokenizer(Path(scratch) / "tokenizer")
-        pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-        pipe.to(torch.float16).save_pretrained(target)
+    _save_pipeline(target, unet, vae, text_encoder, dtype=torch.float16)
 
 
 @dataclass(frozen=True)
