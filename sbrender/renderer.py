@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from PIL import Image
 
+from .errors import RenderError
 from .jobs import Job
 
 # Called after each denoising step with (step, total); returning True stops the render.
@@ -37,3 +38,9 @@ class Renderer(Protocol):
 
     def render(self, job: Job, seeds: list[int], on_step: StepCallback | None = None) -> RenderOutput:
         """Render ``job.count`` images with the given seeds. Raises ``RenderError``."""
+
+    def render_batch(self, items: list[tuple[Job, list[int]]],
+                     on_step: StepCallback | None = None) -> list[RenderOutput | RenderError]:
+        """Render jobs that share size, steps, sampler and CFG in one call (used when
+        ``perf.batch_size`` > 1): per job its images, or the error that spoils only
+        that job. Raises ``RenderError`` when the whole call fails."""
