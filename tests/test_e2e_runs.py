@@ -273,10 +273,14 @@ def test_second_signal_forces_exit(spool: Spool, model_cache: Path) -> None:
     daemon.wait_ready()
     spool.drop("stuck.yaml", "prompt: slow steps\nsteps: 50\n")
     deadline = time.monotonic() + 60
-    while (_status(spool).get("current") or {}).get("step", 0) < 1:  # a step just ended
+    while (_status(spool).get("current") or {}).get("step", 0) < 1:  # the first step's 10 s sleep ended
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    # The next step's callback sleeps 10 s (the fault): both signals land inside it.
+    # The status file is written while the loop still does its between-steps
+    # bookkeeping; a signal landing there would stop the render at once, before
+    # the second. A second later the next step's 10 s sleep (the fault) has
+    # surely begun: both signals land inside it.
+    time.sleep(1.0)
     daemon.proc.send_signal(signal.SIGINT)
     time.sleep(0.3)
     daemon.proc.send_signal(signal.SIGINT)
