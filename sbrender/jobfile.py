@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -30,7 +29,7 @@ _KINDS = {
 }
 
 
-def read_bytes(path: Path, max_bytes: int) -> bytes:
+def read_bytes(path: str | os.PathLike[str], max_bytes: int) -> bytes:
     """The content of a job file, or ``UnsafeFileError`` saying why it was not read."""
     try:
         fd = os.open(path, _OPEN_FLAGS)
@@ -136,9 +135,12 @@ def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+_JSON = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_object_without_duplicates)
+
+
 def parse_json(text: str) -> Any:
     try:
-        return json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_object_without_duplicates)
+        return _JSON.decode(text)
     except json.JSONDecodeError as err:
         raise JobError(f"not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})") from None
     except RecursionError:

@@ -20,12 +20,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from PIL import Image, PngImagePlugin
+from typing import TYPE_CHECKING, Any
 
 from .errors import SbrenderError, SpoolError
 from .peers import owner_name
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 TEMP_PREFIX = "."
 TEMP_SUFFIX = ".tmp"
@@ -291,6 +292,8 @@ def infotext(params: dict[str, Any], seed: int, model: str, model_hash: str = ""
 
 
 def encode_png(image: Image.Image, text: dict[str, str]) -> bytes:
+    from PIL import PngImagePlugin  # here, not at the top: the CLI and client never encode
+
     info = PngImagePlugin.PngInfo()
     for key, val in text.items():
         info.add_itxt(key, val) if not val.isascii() else info.add_text(key, val)
