@@ -3,11 +3,12 @@
 One process, one loaded model, one run: (a) the loop every user could write
 (``pipe(...)`` then ``image.save(...)``, model already loaded), batched too when
 asked; (b) the real ``Daemon`` (watcher, queue, claims, writer thread, result
-JSONs, fsyncs) in a thread of this process, fed through ``Client.submit`` into a
-fresh spool, sharing the warm pipeline so both sides use the same weights,
-kernels and compiled graphs. Then a latency phase: jobs dropped one at a time
-into an idle daemon. Every figure that matters is a ratio of two numbers taken
-in this one run.
+JSONs, fsyncs) in the main thread, as ``sbrender run`` runs it, fed from another
+thread into a fresh spool, sharing the warm pipeline so both sides use the same
+weights, kernels and compiled graphs. Each side runs ``rounds`` times, the two
+taking turns to go first. Then a latency phase: jobs dropped one at a time into
+an idle daemon. Every figure that matters is a ratio of two numbers taken in
+this one run.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Plan:
     steps: int = 28
     batch_size: int = 4  # 1: no batched runs
     latency_jobs: int = 10
+    rounds: int = 3  # plain loop and daemon, taking turns to go first
     sampler: str = "DPM++ 2M Karras"
     guidance_scale: float = 7.0
 
@@ -189,7 +191,9 @@ class DaemonRun:
                 # The result's own clock (ms), so that polling gently costs no precision.
                 result["_seen"] = _epoch(result["timings"]["finished_at"])
                 results[job_id] = result
-            time.sleep(0.02)  # the daemon shares this process: poll lightly
+            # The daemon shares this process (and, on a CPU, the render's cores): poll as
+            # Client.wait does; each result carries its own finish time to the ms.
+            time.sleep(0.1)
         bad = [r["id"] for r in results.values() if r["status"] != "succeeded"]
         if bad:
             raise RuntimeError(f"bench jobs failed: {bad[:3]} ({results[bad[0]].get('error')})")
@@ -223,10 +227,10 @@ def daemon_phase(settings: Settings, renderer: Any, plan: Plan, batch: int, root
 
     def feed(run: DaemonRun) -> dict[str, Any]:
         _sync(renderer)
-        start = time.time()
         dropped = run.drop_all(jobs, root / "staging")
         results = run.wait_all(list(dropped), timeout)
-        elapsed = max(r["_seen"] for r in results.values()) - start
+        # From the first job in the inbox (staging the files is the bench's work) to the last result.
+        elapsed = max(r["_seen"] for r in results.values()) - min(dropped.values())
         idle = _idle(run.spans)
         latency = _latency_phase(run, plan) if plan.latency_jobs else {}
         return {"batch_size": batch, "seconds": round(elapsed, 4), "images_per_s": round(plan.jobs / elapsed, 4),
@@ -298,18 +302,23 @@ def run(settings: Settings, plan: Plan, timeout: float = 3600.0, spool_dir: Path
                                   "spool": {"folder": str(root.parent), **disk_probe(root)},
                                   "plain": {}, "daemon": {}}
         for batch in batches:
-            # The plain loop runs before and after the daemon, and counts as their
-            # mean: a machine that drifts (clocks, neighbours) then biases neither.
-            say(f"plain loop, batch {batch} ...")
-            before = plain_loop(renderer, jobs, batch, root / f"plain-{batch}-a")
-            say(f"daemon, batch {batch} ...")
-            report["daemon"][str(batch)] = daemon_phase(settings, renderer, plan, batch, root / f"daemon-{batch}",
-                                                        timeout)
-            say(f"plain loop again, batch {batch} ...")
-            after = plain_loop(renderer, jobs, batch, root / f"plain-{batch}-b")
-            seconds = (before + after) / 2
-            report["plain"][str(batch)] = {"seconds": round(seconds, 4), "images_per_s": round(plan.jobs / seconds, 4),
-                                           "runs_s": [round(before, 4), round(after, 4)]}
+            plain_s, daemon_rows = [], []
+            for k in range(plan.rounds):
+                # The two sides take turns to go first (plain, daemon | daemon, plain | ...)
+                # and count as their means: a machine that drifts (clocks, neighbours)
+                # then biases neither. The latency phase runs in the last round only.
+                for side in ("plain", "daemon") if k % 2 == 0 else ("daemon", "plain"):
+                    say(f"{side}, batch {batch}, round {k + 1} of {plan.rounds} ...")
+                    if side == "plain":
+                        plain_s.append(plain_loop(renderer, jobs, batch, root / f"plain-{batch}-{k}"))
+                        continue
+                    round_plan = plan if k == plan.rounds - 1 else dataclasses.replace(plan, latency_jobs=0)
+                    daemon_rows.append(daemon_phase(settings, renderer, round_plan, batch,
+                                                    root / f"daemon-{batch}-{k}", timeout))
+            daemon_s = [row["seconds"] for row in daemon_rows]
+            report["plain"][str(batch)] = _mean_row(plan.jobs, plain_s)
+            report["daemon"][str(batch)] = {**daemon_rows[-1], **_mean_row(plan.jobs, daemon_s),
+                                            "round_ratios": [round(p / d, 4) for p, d in zip(plain_s, daemon_s)]}
     base = report["plain"]["1"]["images_per_s"]
     report["ratios"] = {
         **{f"daemon_b{b}/plain_b1": round(report["daemon"][str(b)]["images_per_s"] / base, 4) for b in batches},
@@ -318,6 +327,11 @@ def run(settings: Settings, plan: Plan, timeout: float = 3600.0, spool_dir: Path
         **{f"plain_b{b}/plain_b1": round(report["plain"][str(b)]["images_per_s"] / base, 4) for b in batches if b > 1},
     }
     return report
+
+
+def _mean_row(jobs: int, seconds: list[float]) -> dict[str, Any]:
+    mean = statistics.fmean(seconds)
+    return {"seconds": round(mean, 4), "images_per_s": round(jobs / mean, 4), "runs_s": [round(s, 4) for s in seconds]}
 
 
 def _device_name(renderer: Any) -> str:
@@ -354,5 +368,8 @@ def table(report: dict[str, Any]) -> str:
             s, r = lat["drop_to_render_start"], lat["drop_to_result"]
             lines.append(f"daemon batch {batch}: drop to render start p50 {s['p50_ms']} ms, p90 {s['p90_ms']} ms; "
                          f"drop to result p50 {r['p50_ms']} ms")
+    for batch, row in report["daemon"].items():
+        if len(row.get("round_ratios", [])) > 1:  # how far single runs scatter on this machine
+            lines.append(f"daemon/plain by round, batch {batch}: " + " ".join(f"{r:.3f}" for r in row["round_ratios"]))
     lines.append("ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in report["ratios"].items()))
     return "\n".join(lines)

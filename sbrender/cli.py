@@ -119,6 +119,8 @@ def run(config_file: str | None, once: bool, **flags: Any) -> None:
               help="Also run the plain loop and the daemon batched (perf.batch_size); 1: unbatched only.")
 @click.option("--latency-jobs", type=int, default=10, show_default=True,
               help="Jobs dropped one at a time into an idle daemon, for the drop-to-start latency.")
+@click.option("--rounds", type=int, default=3, show_default=True,
+              help="Runs of each side, taking turns to go first; the ratios are of their means.")
 @click.option("--set", "extra", multiple=True, metavar="KEY=VALUE",
               help="Any setting, e.g. --set perf.compile=default --set perf.channels_last=true (repeatable).")
 @click.option("--spool", "spool_dir", type=click.Path(file_okay=False, exists=True),
@@ -126,14 +128,15 @@ def run(config_file: str | None, once: bool, **flags: Any) -> None:
                    "your real spool is on.")
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the full report here as JSON.")
 @_errors_exit
-def bench(config_file: str | None, size: str, steps: int, n_jobs: int, batch: int, latency_jobs: int,
+def bench(config_file: str | None, size: str, steps: int, n_jobs: int, batch: int, latency_jobs: int, rounds: int,
           extra: tuple[str, ...], spool_dir: str | None, report: str | None, **flags: Any) -> None:
     """Time a plain diffusers loop against the daemon on the same jobs; print ratios.
 
     Loads the model once; runs the plain loop (pipeline call, then PNG save) and
     the real daemon (files in, results out) in one process, unbatched and at
-    --batch; then drops --latency-jobs jobs one by one. docs/PERFORMANCE.md has
-    measured tables and the commands behind them."""
+    --batch, --rounds times each, taking turns to go first; then drops
+    --latency-jobs jobs one by one. docs/PERFORMANCE.md has measured tables and
+    the commands behind them."""
     overrides: dict[str, Any] = dict(flags)
     for item in extra:
         key, sep, value = item.partition("=")
@@ -146,14 +149,14 @@ def bench(config_file: str | None, size: str, steps: int, n_jobs: int, batch: in
     settings = _settings(config_file, **overrides)
     parsed = _parse_size(size)
     assert parsed is not None
-    if min(n_jobs, batch, steps) < 1 or latency_jobs < 0:
-        raise ConfigError("--jobs, --batch and --steps must be at least 1, --latency-jobs at least 0")
+    if min(n_jobs, batch, steps, rounds) < 1 or latency_jobs < 0:
+        raise ConfigError("--jobs, --batch, --steps and --rounds must be at least 1, --latency-jobs at least 0")
     from . import bench as benchmark
     from . import logs
 
     logs.configure("console", "warning")
     plan = benchmark.Plan(jobs=n_jobs, width=parsed[0], height=parsed[1], steps=steps, batch_size=batch,
-                          latency_jobs=latency_jobs, sampler=settings["defaults.sampler"],
+                          latency_jobs=latency_jobs, rounds=rounds, sampler=settings["defaults.sampler"],
                           guidance_scale=settings["defaults.guidance_scale"])
     result = benchmark.run(settings, plan, spool_dir=Path(spool_dir) if spool_dir else None,
                            say=lambda text: click.echo(text, err=True))

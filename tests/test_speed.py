@@ -35,12 +35,18 @@ def _renderer(model_cache: Path, **perf: Any) -> Any:
 def test_bench_times_the_plain_loop_and_the_daemon_and_writes_a_report(tmp_path: Path, model_cache: Path) -> None:
     report = tmp_path / "report.json"
     proc = sbrender("bench", "--model", "tiny-random", "--size", "64x64", "--steps", "2", "--jobs", "4",
-                    "--batch", "2", "--latency-jobs", "2", "--spool", str(tmp_path), "--report", str(report),
-                    env=daemon_env(model_cache), cwd=tmp_path, timeout=600, check=True)
+                    "--batch", "2", "--latency-jobs", "2", "--rounds", "2", "--spool", str(tmp_path),
+                    "--report", str(report), env=daemon_env(model_cache), cwd=tmp_path, timeout=600, check=True)
     data = json.loads(report.read_text())
     assert set(data["plain"]) == set(data["daemon"]) == {"1", "2"}
     for row in (*data["plain"].values(), *data["daemon"].values()):
         assert row["images_per_s"] > 0
+        assert len(row["runs_s"]) == 2, "each side ran once per round"
+        assert row["seconds"] == pytest.approx(sum(row["runs_s"]) / 2, abs=1e-3)
+    unbatched = data["daemon"]["1"]
+    assert len(unbatched["round_ratios"]) == 2
+    assert data["ratios"]["daemon_b1/plain_b1"] == pytest.approx(data["plain"]["1"]["seconds"] / unbatched["seconds"],
+                                                                 rel=1e-3)
     batched = data["daemon"]["2"]
     assert batched["renderer_idle"]["calls"] == 2, "4 jobs dropped at once render as 2 batches of 2"
     assert batched["latency_one_at_a_time"]["drop_to_render_start"]["p50_ms"] > 0
@@ -49,6 +55,7 @@ def test_bench_times_the_plain_loop_and_the_daemon_and_writes_a_report(tmp_path:
     assert data["renderer"]["perf"]["attention"] == "sdpa"
     assert data["spool"]["fsync_1mib_ms"] > 0
     assert "ratios: daemon_b1/plain_b1" in proc.stdout
+    assert "daemon/plain by round, batch 1: " in proc.stdout
     assert not list(tmp_path.glob("sbrender-bench-*")), "the bench's spool is removed"
 
 
