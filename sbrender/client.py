@@ -234,21 +234,20 @@ class Client:
         """Every job the spool knows: pending, running, then finished, oldest first."""
         running = {job for d in self.daemons() if d["alive"] and d.get("state") == "rendering"
                    for job in _rendering(d.get("current") or {})}
-        results = list(_scandir(self.outbox, ".json"))
-        finished = {path.stem for path in results}  # one listing, not a stat per pending job
-        seen: set[str] = set()
-        out: list[JobState] = []
-        for folder in (*self._work_folders(), self.inbox):
+        # The folders in the order files move through them (inbox, work, outbox):
+        # a file that moves on while we look is then seen twice, never not at all.
+        pending: dict[str, JobState] = {}
+        for folder in self._flow():
             for path, mtime, entries in _job_files(folder, self.rules):
                 for entry in entries:
-                    if entry.id in seen or entry.id in finished:
-                        continue
-                    seen.add(entry.id)
-                    state = RUNNING if entry.id in running else PENDING
-                    prompt = entry.prompt if isinstance(entry, Job) else ""
-                    error = str(entry.error) if isinstance(entry, BadJob) else None
-                    out.append(JobState(entry.id, state, prompt, mtime, os.path.basename(path), error))
-        for path in results:
+                    if entry.id not in pending:
+                        prompt = entry.prompt if isinstance(entry, Job) else ""
+                        error = str(entry.error) if isinstance(entry, BadJob) else None
+                        pending[entry.id] = JobState(entry.id, RUNNING if entry.id in running else PENDING, prompt,
+                                                     mtime, os.path.basename(path), error)
+        out: list[JobState] = []
+        for path in _scandir(self.outbox, ".json"):
+            pending.pop(path.stem, None)  # finished: its result, not the file seen before it moved
             result = read_json(path)
             if result is None or "status" not in result:
                 continue
@@ -257,16 +256,22 @@ class Client:
                                 _parse_time(result.get("timings", {}).get("finished_at")) or path.stat().st_mtime,
                                 str(result.get("input", {}).get("file", "")),
                                 (result.get("error") or {}).get("message")))
+        out.extend(pending.values())
         order = {RUNNING: 0, PENDING: 1}
         out.sort(key=lambda j: (order.get(j.state, 2), j.since, j.id))
         return out
+
+    def _flow(self) -> list[Path]:
+        """Where unfinished job files are, in the order they move: the inbox, then
+        the daemons' work folders."""
+        return [self.inbox, *self._work_folders()]
 
     def show(self, job_id: str) -> dict[str, Any] | None:
         """The result JSON, or for a job not finished yet its state and parameters."""
         result = self.result(job_id)
         if result is not None:
             return result
-        for folder in (*self._work_folders(), self.inbox):
+        for folder in self._flow():
             for path, _, entries in _job_files(folder, self.rules):
                 for entry in entries:
                     if entry.id == job_id:

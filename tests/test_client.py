@@ -167,6 +167,30 @@ def test_a_finished_job_is_listed_once(client: Client) -> None:
     assert [(j.id, j.state) for j in client.jobs()] == [("cat", SUCCEEDED)]
 
 
+def test_a_job_moving_on_while_jobs_lists_is_listed_once(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon claims a file just after the inbox is listed, and publishes its
+    result and archives it just after its work folder is listed: the job is
+    still listed, once, as finished."""
+    import sbrender.client as client_module
+
+    work = client.state / "work" / "host-1-2"
+    work.mkdir()
+    (client.inbox / "cat.yaml").write_text("prompt: a cat\n")
+    listdir = os.listdir
+
+    def racing_listdir(folder: Any) -> list[str]:
+        names = listdir(folder)
+        if Path(folder) == client.inbox and (client.inbox / "cat.yaml").exists():
+            os.rename(client.inbox / "cat.yaml", work / "cat.yaml")  # claimed
+        elif Path(folder) == work and (work / "cat.yaml").exists():
+            result(client, "cat", SUCCEEDED, "a cat", "2026-01-01T00:00:00.000Z")  # published
+            os.unlink(work / "cat.yaml")  # archived
+        return names
+
+    monkeypatch.setattr(client_module.os, "listdir", racing_listdir)
+    assert [(j.id, j.state) for j in client.jobs()] == [("cat", SUCCEEDED)]
+
+
 def claim(client: Client, owner: str, name: str, text: str, state: str = "rendering") -> None:
     """A file claimed by daemon ``owner``, with that daemon's status file saying it renders it."""
     work = client.state / "work" / owner
