@@ -584,8 +584,9 @@ class Daemon:
         return self.should_exit.is_set() or self._cancel_running
 
     def _set_status(self, state: str, *, force: bool = False, **current: Any) -> None:
-        if self.status.update(state, force=force, current=current or None, device=self.description.get("device"),
-                              queued=len(self.queue), **self.counts):
+        updated = self.status.update(state, force=force, current=current or None,
+                                     device=self.description.get("device"), queued=len(self.queue), **self.counts)
+        if updated and self.notifier.enabled:  # at every step: no text made for no one
             self.notifier.status(self.status.text())
 
     def _on_beat(self, state: str | None) -> None:

@@ -52,8 +52,9 @@ class StatusFile:
             return False
         # progress_at comes only from here (the main thread); the heartbeat thread
         # refreshes "heartbeat" alone, so a hung loop shows as stalled.
-        self.data = {**self.fixed, "state": state, "current": current, **fields, "heartbeat": iso(now),
-                     "progress_at": iso(now)}
+        stamp = iso(now)
+        self.data = {**self.fixed, "state": state, "current": current, **fields, "heartbeat": stamp,
+                     "progress_at": stamp}
         if force or state != "rendering" or self._thread is None or not self._thread.is_alive():
             self._write()
         else:
