@@ -234,17 +234,19 @@ class Client:
         """Every job the spool knows: pending, running, then finished, oldest first."""
         running = {job for d in self.daemons() if d["alive"] and d.get("state") == "rendering"
                    for job in _rendering(d.get("current") or {})}
-        # The folders in the order files move through them (inbox, work, outbox):
-        # a file that moves on while we look is then seen twice, never not at all.
         pending: dict[str, JobState] = {}
-        for folder in self._flow():
-            for path, mtime, entries in _job_files(folder, self.rules):
-                for entry in entries:
-                    if entry.id not in pending:
-                        prompt = entry.prompt if isinstance(entry, Job) else ""
-                        error = str(entry.error) if isinstance(entry, BadJob) else None
-                        pending[entry.id] = JobState(entry.id, RUNNING if entry.id in running else PENDING, prompt,
-                                                     mtime, os.path.basename(path), error)
+        claimed: set[str] = set()
+        for path, mtime, entry, in_work in self._unfinished():
+            if entry.id in claimed or (entry.id in pending and not in_work):
+                continue  # a claimed file wins over a same-named one queued behind it
+            if in_work:
+                claimed.add(entry.id)
+            prompt = entry.prompt if isinstance(entry, Job) else ""
+            error = str(entry.error) if isinstance(entry, BadJob) else None
+            pending[entry.id] = JobState(entry.id, RUNNING if entry.id in running else PENDING, prompt, mtime,
+                                         os.path.basename(path), error)
+        # The outbox last, in the order files move: a job finished while we looked
+        # was seen unfinished too, and is shown once, by its result.
         out: list[JobState] = []
         for path in _scandir(self.outbox, ".json"):
             pending.pop(path.stem, None)  # finished: its result, not the file seen before it moved
@@ -261,30 +263,42 @@ class Client:
         out.sort(key=lambda j: (order.get(j.state, 2), j.since, j.id))
         return out
 
-    def _flow(self) -> list[Path]:
-        """Where unfinished job files are, in the order they move: the inbox, then
-        the daemons' work folders."""
-        return [self.inbox, *self._work_folders()]
+    def _unfinished(self) -> Iterator[tuple[str, float, Entry, bool]]:
+        """``(path, mtime, entry, claimed)`` for each entry of each job file not
+        finished yet. The inbox is read first, then the daemons' work folders,
+        listed only then: the order files move in, so a file claimed while we
+        look is seen twice, not missed (one that a daemon adopts from a dead
+        peer's folder meanwhile can still be)."""
+        for path, mtime, entries in _job_files(self.inbox, self.rules):
+            for entry in entries:
+                yield path, mtime, entry, False
+        for folder in self._work_folders():
+            for path, mtime, entries in _job_files(folder, self.rules):
+                for entry in entries:
+                    yield path, mtime, entry, True
 
     def show(self, job_id: str) -> dict[str, Any] | None:
         """The result JSON, or for a job not finished yet its state and parameters."""
         result = self.result(job_id)
         if result is not None:
             return result
-        for folder in self._flow():
-            for path, _, entries in _job_files(folder, self.rules):
-                for entry in entries:
-                    if entry.id == job_id:
-                        state = self.status(job_id)
-                        out: dict[str, Any] = {"id": job_id, "status": state.state if state else PENDING,
-                                               "file": str(path)}
-                        if isinstance(entry, Job):
-                            out["params"] = entry.params()
-                            out["metadata"] = entry.metadata
-                        else:
-                            out["error"] = entry.error.to_dict()
-                        return out
-        return None
+        found: tuple[str, Entry] | None = None
+        for path, _, entry, in_work in self._unfinished():
+            if entry.id == job_id and (found is None or in_work):
+                found = (path, entry)
+                if in_work:
+                    break  # the claimed file, not a same-named one queued behind it
+        if found is None:
+            return None
+        path, entry = found
+        state = self.status(job_id)
+        out: dict[str, Any] = {"id": job_id, "status": state.state if state else PENDING, "file": str(path)}
+        if isinstance(entry, Job):
+            out["params"] = entry.params()
+            out["metadata"] = entry.metadata
+        else:
+            out["error"] = entry.error.to_dict()
+        return out
 
 
 def validate_file(path: str | os.PathLike[str], rules: Rules, name: str | None = None) -> list[Entry]:

@@ -191,6 +191,26 @@ def test_a_job_moving_on_while_jobs_lists_is_listed_once(client: Client, monkeyp
     assert [(j.id, j.state) for j in client.jobs()] == [("cat", SUCCEEDED)]
 
 
+def test_a_daemon_starting_while_jobs_lists_the_inbox_is_looked_at(client: Client,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The work folders are listed after the inbox is read: a daemon that makes
+    its folder and claims a file meanwhile is seen."""
+    import sbrender.client as client_module
+
+    (client.inbox / "cat.yaml").write_text("prompt: a cat\n")
+    listdir = os.listdir
+
+    def racing_listdir(folder: Any) -> list[str]:
+        names = listdir(folder)
+        if Path(folder) == client.inbox and (client.inbox / "cat.yaml").exists():
+            (client.state / "work" / "host-1-2").mkdir()
+            os.rename(client.inbox / "cat.yaml", client.state / "work" / "host-1-2" / "cat.yaml")
+        return names
+
+    monkeypatch.setattr(client_module.os, "listdir", racing_listdir)
+    assert [(j.id, j.state) for j in client.jobs()] == [("cat", PENDING)]
+
+
 def claim(client: Client, owner: str, name: str, text: str, state: str = "rendering") -> None:
     """A file claimed by daemon ``owner``, with that daemon's status file saying it renders it."""
     work = client.state / "work" / owner
@@ -209,6 +229,17 @@ def test_the_job_a_live_daemon_renders_is_running(client: Client) -> None:
     assert state is not None and state.state == RUNNING
     assert client.status("nobody") is None
     assert client.is_known("cat")
+
+
+def test_a_claimed_file_wins_over_a_same_named_one_queued_behind_it(client: Client) -> None:
+    """Dropping cat.yaml again while cat renders leaves the new file in the inbox
+    (spool.claim): jobs and show describe the file being rendered."""
+    claim(client, owner_name(), "cat.yaml", "prompt: the running cat\n")
+    (client.inbox / "cat.yaml").write_text("prompt: a resubmitted dog\n")
+    assert [(j.id, j.state, j.prompt) for j in client.jobs()] == [("cat", RUNNING, "the running cat")]
+    shown = client.show("cat")
+    assert shown is not None and shown["params"]["prompt"] == "the running cat"
+    assert shown["file"] == str(client.state / "work" / owner_name() / "cat.yaml")
 
 
 def test_the_job_of_a_dead_daemon_is_pending_again(client: Client) -> None:
