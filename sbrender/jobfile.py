@@ -140,6 +140,8 @@ _JSON = json.JSONDecoder(parse_constant=_reject_constant, object_pairs_hook=_obj
 
 def parse_json(text: str) -> Any:
     try:
+        if text.startswith("\ufeff"):  # json.loads checks this; the decoder itself does not
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
         return _JSON.decode(text)
     except json.JSONDecodeError as err:
         raise JobError(f"not valid JSON: {err.msg} (line {err.lineno}, column {err.colno})") from None

@@ -251,6 +251,11 @@ def test_ordinary_variations_are_accepted(tmp_path: Path, name: str, data: bytes
     assert entry.prompt == "a cat"
 
 
+def test_a_second_bom_says_so(tmp_path: Path) -> None:
+    assert failure(tmp_path, "cat.json", b'\xef\xbb\xbf\xef\xbb\xbf{"prompt": "a cat"}').message == (
+        "not valid JSON: Unexpected UTF-8 BOM (decode using utf-8-sig) (line 1, column 1)")
+
+
 def test_yaml_scalars_that_are_not_plain_json_types_fail_field_checks(tmp_path: Path) -> None:
     assert failure(tmp_path, "a.yaml", b"prompt: !!binary aGVsbG8=\n").message == "prompt must be a string, not bytes"
     assert failure(tmp_path, "b.yaml", b"prompt: 2026-01-01\n").message == "prompt must be a string, not date"
