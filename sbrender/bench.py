@@ -37,7 +37,7 @@ class Plan:
     steps: int = 28
     batch_size: int = 4  # 1: no batched runs
     latency_jobs: int = 10
-    rounds: int = 3  # plain loop and daemon, taking turns to go first
+    rounds: int = 4  # plain loop and daemon taking turns to go first: an even count balances drift
     sampler: str = "DPM++ 2M Karras"
     guidance_scale: float = 7.0
 
@@ -211,34 +211,54 @@ def _epoch(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
-def _idle(spans: list[tuple[float, float, int]]) -> dict[str, Any]:
-    """The renderer's idle time between consecutive pipeline calls."""
-    ordered = sorted(spans)
-    gaps = [b[0] - a[1] for a, b in zip(ordered, ordered[1:])]
-    busy = sum(end - start for start, end, _ in ordered)
-    wall = ordered[-1][1] - ordered[0][0] if ordered else 0.0
-    return {"calls": len(ordered), "gap": _percentiles(gaps), "idle_fraction": round(1 - busy / wall, 5) if wall else 0.0,
+def _idle(rounds: list[list[tuple[float, float, int]]]) -> dict[str, Any]:
+    """The renderer's idle time between consecutive pipeline calls, over the
+    daemon runs of every round (each ``(start, end, images)`` spans)."""
+    gaps: list[float] = []
+    busy = wall = 0.0
+    calls = 0
+    for spans in rounds:
+        ordered = sorted(spans)
+        gaps += [b[0] - a[1] for a, b in zip(ordered, ordered[1:])]
+        busy += sum(end - start for start, end, _ in ordered)
+        wall += ordered[-1][1] - ordered[0][0] if ordered else 0.0
+        calls += len(ordered)
+    return {"calls": calls, "gap": _percentiles(gaps), "idle_fraction": round(1 - busy / wall, 5) if wall else 0.0,
             "mean_gap_ms": round(statistics.fmean(gaps) * 1000, 3) if gaps else 0.0}
 
 
 def daemon_phase(settings: Settings, renderer: Any, plan: Plan, batch: int, root: Path,
                  timeout: float) -> dict[str, Any]:
+    """One daemon run of the plan's jobs, all dropped at once: its seconds, the
+    renderer's call spans, each job's drop-to-result and write seconds; then the
+    latency phase when the plan asks for one."""
     jobs = [plan.job(k) for k in range(plan.jobs)]
 
     def feed(run: DaemonRun) -> dict[str, Any]:
         _sync(renderer)
         dropped = run.drop_all(jobs, root / "staging")
         results = run.wait_all(list(dropped), timeout)
-        # From the first job in the inbox (staging the files is the bench's work) to the last result.
+        # From the first job in the inbox (staging the files is the bench's work) to
+        # the last result's finish time, stamped as its images are written.
         elapsed = max(r["_seen"] for r in results.values()) - min(dropped.values())
-        idle = _idle(run.spans)
-        latency = _latency_phase(run, plan) if plan.latency_jobs else {}
-        return {"batch_size": batch, "seconds": round(elapsed, 4), "images_per_s": round(plan.jobs / elapsed, 4),
-                "renderer_idle": idle, "latency_one_at_a_time": latency,
-                "queued_drop_to_result": _percentiles([r["_seen"] - dropped[i] for i, r in results.items()]),
-                "write_s": _percentiles([r["timings"]["write_s"] for r in results.values()])}
+        spans = list(run.spans)
+        return {"seconds": elapsed, "spans": spans,
+                "queued_drop_to_result": [r["_seen"] - dropped[i] for i, r in results.items()],
+                "write_s": [r["timings"]["write_s"] for r in results.values()],
+                "latency": _latency_phase(run, plan) if plan.latency_jobs else {}}
 
     return DaemonRun(settings, renderer, root, batch).serve(feed)
+
+
+def _daemon_row(batch: int, jobs: int, runs: list[dict[str, Any]], plain_s: list[float]) -> dict[str, Any]:
+    """The daemon's figures over every round; the latency phase is the last round's."""
+    daemon_s = [r["seconds"] for r in runs]
+    return {"batch_size": batch, **_mean_row(jobs, daemon_s),
+            "round_ratios": [round(p / d, 4) for p, d in zip(plain_s, daemon_s)],
+            "renderer_idle": _idle([r["spans"] for r in runs]),
+            "queued_drop_to_result": _percentiles([x for r in runs for x in r["queued_drop_to_result"]]),
+            "write_s": _percentiles([x for r in runs for x in r["write_s"]]),
+            "latency_one_at_a_time": runs[-1]["latency"]}
 
 
 def _latency_phase(run: DaemonRun, plan: Plan) -> dict[str, Any]:
@@ -302,7 +322,7 @@ def run(settings: Settings, plan: Plan, timeout: float = 3600.0, spool_dir: Path
                                   "spool": {"folder": str(root.parent), **disk_probe(root)},
                                   "plain": {}, "daemon": {}}
         for batch in batches:
-            plain_s, daemon_rows = [], []
+            plain_s, daemon_runs = [], []
             for k in range(plan.rounds):
                 # The two sides take turns to go first (plain, daemon | daemon, plain | ...)
                 # and count as their means: a machine that drifts (clocks, neighbours)
@@ -313,12 +333,10 @@ def run(settings: Settings, plan: Plan, timeout: float = 3600.0, spool_dir: Path
                         plain_s.append(plain_loop(renderer, jobs, batch, root / f"plain-{batch}-{k}"))
                         continue
                     round_plan = plan if k == plan.rounds - 1 else dataclasses.replace(plan, latency_jobs=0)
-                    daemon_rows.append(daemon_phase(settings, renderer, round_plan, batch,
+                    daemon_runs.append(daemon_phase(settings, renderer, round_plan, batch,
                                                     root / f"daemon-{batch}-{k}", timeout))
-            daemon_s = [row["seconds"] for row in daemon_rows]
             report["plain"][str(batch)] = _mean_row(plan.jobs, plain_s)
-            report["daemon"][str(batch)] = {**daemon_rows[-1], **_mean_row(plan.jobs, daemon_s),
-                                            "round_ratios": [round(p / d, 4) for p, d in zip(plain_s, daemon_s)]}
+            report["daemon"][str(batch)] = _daemon_row(batch, plan.jobs, daemon_runs, plain_s)
     base = report["plain"]["1"]["images_per_s"]
     report["ratios"] = {
         **{f"daemon_b{b}/plain_b1": round(report["daemon"][str(b)]["images_per_s"] / base, 4) for b in batches},

@@ -119,8 +119,9 @@ def run(config_file: str | None, once: bool, **flags: Any) -> None:
               help="Also run the plain loop and the daemon batched (perf.batch_size); 1: unbatched only.")
 @click.option("--latency-jobs", type=int, default=10, show_default=True,
               help="Jobs dropped one at a time into an idle daemon, for the drop-to-start latency.")
-@click.option("--rounds", type=int, default=3, show_default=True,
-              help="Runs of each side, taking turns to go first; the ratios are of their means.")
+@click.option("--rounds", type=int, default=4, show_default=True,
+              help="Runs of each side, taking turns to go first (an even count balances drift); "
+                   "the ratios are of their means.")
 @click.option("--set", "extra", multiple=True, metavar="KEY=VALUE",
               help="Any setting, e.g. --set perf.compile=default --set perf.channels_last=true (repeatable).")
 @click.option("--spool", "spool_dir", type=click.Path(file_okay=False, exists=True),
