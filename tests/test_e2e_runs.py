@@ -278,9 +278,9 @@ def test_second_signal_forces_exit(spool: Spool, model_cache: Path) -> None:
         time.sleep(0.01)
     # The status file is written while the loop still does its between-steps
     # bookkeeping; a signal landing there would stop the render at once, before
-    # the second. A second later the next step's 10 s sleep (the fault) has
-    # surely begun: both signals land inside it.
-    time.sleep(1.0)
+    # the second. Two seconds later the next step's 10 s sleep (the fault) has
+    # begun, even on a loaded machine: both signals land inside it.
+    time.sleep(2.0)
     daemon.proc.send_signal(signal.SIGINT)
     time.sleep(0.3)
     daemon.proc.send_signal(signal.SIGINT)
