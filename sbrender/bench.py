@@ -161,16 +161,17 @@ class DaemonRun:
         job_id = self.client.submit(job.prompt, job_id=job.id, **_fields(job))
         return job_id, time.time()
 
-    def drop_all(self, jobs: list[Job], staging: Path) -> dict[str, float]:
-        """Many jobs at once: files written and synced beforehand, then renamed into
-        the inbox in one burst, as a queue that fills faster than it renders."""
-        staging.mkdir(parents=True, exist_ok=True)
+    def drop_all(self, jobs: list[Job]) -> dict[str, float]:
+        """Many jobs at once: files written and synced beforehand under hidden temp
+        names in the inbox (as ``Client.submit`` writes them), then renamed into
+        place in one burst, as a queue that fills faster than it renders."""
+        inbox = self.client.inbox
         for job in jobs:
-            (staging / f"{job.id}.json").write_text(json.dumps({"prompt": job.prompt, **_fields(job)}))
+            (inbox / f".{job.id}.json.tmp").write_text(json.dumps({"prompt": job.prompt, **_fields(job)}))
         os.sync()
         dropped = {}
         for job in jobs:
-            os.rename(staging / f"{job.id}.json", self.client.inbox / f"{job.id}.json")
+            os.rename(inbox / f".{job.id}.json.tmp", inbox / f"{job.id}.json")
             dropped[job.id] = time.time()
         return dropped
 
@@ -236,7 +237,7 @@ def daemon_phase(settings: Settings, renderer: Any, plan: Plan, batch: int, root
 
     def feed(run: DaemonRun) -> dict[str, Any]:
         _sync(renderer)
-        dropped = run.drop_all(jobs, root / "staging")
+        dropped = run.drop_all(jobs)
         results = run.wait_all(list(dropped), timeout)
         # From the first job in the inbox (staging the files is the bench's work) to
         # the last result's finish time, stamped as its images are written.

@@ -193,7 +193,7 @@ class Daemon:
             self._set_status("idle")
             timeout = self._next_scan - time.monotonic()
             if self.queue.waiting:
-                timeout = min(timeout, 0.1)
+                timeout = min(timeout, self.queue.look_again_in(0.1))
             self.wake.wait(max(timeout, 0.0))
 
     def _look_at_inbox(self) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import time
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from .errors import UnsafeFileError
 from .jobfile import read_bytes
 from .jobs import BadJob, Entry, Job, Rules, parse_job_bytes
 from .spool import FileInfo, Spool
-from .watcher import Seen, is_complete
+from .watcher import Seen, settles_in
 
 
 @dataclass
@@ -75,6 +76,7 @@ class JobQueue:
         self.hint = hint
         self.candidates: dict[str, Candidate] = {}
         self.waiting: set[str] = set()  # in the inbox, not yet complete
+        self._settled_at = math.inf  # time.monotonic() when the first waiting file may be read
         self._heap: list[tuple[tuple[int, int, str, int], int, str, int, int]] = []
         self._by_id: dict[str, str] = {}  # job id -> candidate name, for cancels
         self._pending = 0  # len(): pending entries over all candidates
@@ -98,6 +100,7 @@ class JobQueue:
         deferred, self._deferred = self._deferred, []
         for pick in deferred:
             self.requeue(pick)
+        self._settled_at = math.inf  # recomputed: every inbox file is looked at again
         seen: set[str] = set()
         for info in self.spool.inbox_files():
             seen.add(info.name)
@@ -108,6 +111,7 @@ class JobQueue:
 
     def refresh(self, names: Iterable[str]) -> None:
         """Look again at some inbox names (from events, or still settling)."""
+        self._settled_at = math.inf  # recomputed: every waiting name is looked at again
         for name in set(names) | set(self.waiting):
             info = FileInfo.of(self.spool.inbox / name)
             if info is None:
@@ -132,9 +136,12 @@ class JobQueue:
             return
         if known is not None and known.info.key == info.key:
             return
-        if info.is_regular and not is_complete(self.hint(info.name), info.changed_ns, self.settle_s):
-            self.waiting.add(info.name)
-            return
+        if info.is_regular:
+            left = settles_in(self.hint(info.name), info.changed_ns, self.settle_s)
+            if left > 0:
+                self._settled_at = min(self._settled_at, time.monotonic() + left)
+                self.waiting.add(info.name)
+                return
         cand = Candidate(info, claimed=False, generation=next(self._generations))
         if self._load(cand, final=False):
             self._put(cand)
@@ -275,6 +282,12 @@ class JobQueue:
         self._forget(cand.name)
         if waiting:
             self.waiting.add(cand.name)
+
+    def look_again_in(self, most: float) -> float:
+        """How long to wait before looking at the waiting files again: ``most``, or
+        less when one of them may be read sooner (a file renamed in from another
+        folder, after its short grace; a file with no events, once settled)."""
+        return max(0.0, min(most, self._settled_at - time.monotonic()))
 
     def __len__(self) -> int:
         """Pending entries, kept as a running count: asked at every status update."""

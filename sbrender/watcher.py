@@ -72,20 +72,25 @@ class Hints:
             return self._seen.get(name)
 
 
-def is_complete(seen: Seen | None, changed_ns: int, settle_s: float, now: float | None = None) -> bool:
-    """Whether a file may be read now.
+def settles_in(seen: Seen | None, changed_ns: int, settle_s: float, now: float | None = None) -> float:
+    """Seconds until a file may be read; zero or less: it may be read now.
 
     ``changed_ns`` is the file's last change (max of mtime and ctime, wall clock).
     """
     quiet_s = time.time() - changed_ns / 1e9
     if seen is None:
-        return quiet_s >= settle_s
+        return settle_s - quiet_s
     now = time.monotonic() if now is None else now
     if seen.hint is Hint.COMPLETE:
-        return True
+        return 0.0
     if seen.hint is Hint.CREATED:
-        return now - seen.at >= CREATED_GRACE_S
-    return quiet_s >= STALE_WRITE_S
+        return CREATED_GRACE_S - (now - seen.at)
+    return STALE_WRITE_S - quiet_s
+
+
+def is_complete(seen: Seen | None, changed_ns: int, settle_s: float, now: float | None = None) -> bool:
+    """Whether a file may be read now."""
+    return settles_in(seen, changed_ns, settle_s, now) <= 0
 
 
 class _Handler(events.FileSystemEventHandler):

@@ -144,3 +144,31 @@ def test_one_sigterm_always_stops_a_busy_daemon(tmp_path: Path, attempt: int) ->
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "spool" / "inbox" / "endless.json").exists(), "the interrupted job went back"
+
+
+def test_the_loop_looks_again_when_a_waiting_file_may_be_read(tmp_path: Path) -> None:
+    """A file renamed in from another folder (a creation event, no writer) waits
+    only its short grace; a file with no event at all, its settle time. The
+    loop sleeps until then, not a fixed interval."""
+    from sbrender.jobs import Rules
+    from sbrender.queue import JobQueue
+    from sbrender.spool import Spool
+    from sbrender.watcher import CREATED_GRACE_S, Hint, Seen
+
+    spool = Spool(tmp_path / "inbox", tmp_path / "outbox", tmp_path / "state")
+    spool.prepare()
+    (spool.inbox / "moved.yaml").write_text("prompt: moved in\n")
+    hints = {"moved.yaml": Seen(Hint.CREATED, time.monotonic())}
+    queue = JobQueue(spool, Rules(), 5.0, hints.get)
+    queue.refresh(["moved.yaml"])
+    assert queue.waiting == {"moved.yaml"} and len(queue) == 0
+    assert 0 < queue.look_again_in(1.0) <= CREATED_GRACE_S
+    hints["moved.yaml"] = Seen(Hint.CREATED, time.monotonic() - 2 * CREATED_GRACE_S)  # the grace is over
+    queue.refresh([])
+    assert not queue.waiting and len(queue) == 1
+
+    (spool.inbox / "quiet.yaml").write_text("prompt: no events\n")  # polling: only its age tells
+    queue.refresh(["quiet.yaml"])
+    assert queue.waiting == {"quiet.yaml"}
+    assert 4.0 < queue.look_again_in(10.0) <= 5.0
+    assert queue.look_again_in(0.1) == 0.1
