@@ -127,6 +127,7 @@ class DaemonRun:
         self.daemon = Daemon(self.settings, Preloaded(renderer, lambda a, b, n: self.spans.append((a, b, n))))
         self.client = Client.from_settings(self.settings)
         self.error: BaseException | None = None
+        self.started = 0.0  # time.time() when the daemon was started
 
     def serve(self, feed: Callable[[DaemonRun], Any]) -> Any:
         """Run the daemon here until ``feed(self)``, in a thread, is done; its value."""
@@ -145,6 +146,7 @@ class DaemonRun:
         thread = threading.Thread(target=feeder, name="bench-feeder", daemon=True)
         thread.start()
         try:
+            self.started = time.time()
             self.daemon.run()
         except BaseException as err:
             self.error = err
@@ -161,19 +163,15 @@ class DaemonRun:
         job_id = self.client.submit(job.prompt, job_id=job.id, **_fields(job))
         return job_id, time.time()
 
-    def drop_all(self, jobs: list[Job]) -> dict[str, float]:
-        """Many jobs at once: files written and synced beforehand under hidden temp
-        names in the inbox (as ``Client.submit`` writes them), then renamed into
-        place in one burst, as a queue that fills faster than it renders."""
-        inbox = self.client.inbox
-        for job in jobs:
-            (inbox / f".{job.id}.json.tmp").write_text(json.dumps({"prompt": job.prompt, **_fields(job)}))
-        os.sync()
-        dropped = {}
-        for job in jobs:
-            os.rename(inbox / f".{job.id}.json.tmp", inbox / f"{job.id}.json")
-            dropped[job.id] = time.time()
-        return dropped
+    def queue_all(self, jobs: list[Job]) -> list[str]:
+        """Many jobs, through ``Client.submit``, before the daemon starts: a queue
+        that filled faster than it renders. Each batch then takes as many jobs as
+        it may from the first call on. They are given the settle time that files
+        found at start wait (they come with no watcher events)."""
+        self.client.inbox.mkdir(parents=True, exist_ok=True)
+        ids = [self.submit(job)[0] for job in jobs]
+        time.sleep(self.settings["watch.settle_seconds"] + 0.05)
+        return ids
 
     def wait_all(self, ids: list[str], timeout: float) -> dict[str, dict[str, Any]]:
         """Results by id, read as they appear; the time each was first seen."""
@@ -230,25 +228,26 @@ def _idle(rounds: list[list[tuple[float, float, int]]]) -> dict[str, Any]:
 
 def daemon_phase(settings: Settings, renderer: Any, plan: Plan, batch: int, root: Path,
                  timeout: float) -> dict[str, Any]:
-    """One daemon run of the plan's jobs, all dropped at once: its seconds, the
-    renderer's call spans, each job's drop-to-result and write seconds; then the
-    latency phase when the plan asks for one."""
+    """One daemon run of the plan's jobs, all queued when it starts: its seconds,
+    the renderer's call spans, each job's start-to-result and write seconds; then
+    the latency phase when the plan asks for one."""
     jobs = [plan.job(k) for k in range(plan.jobs)]
 
     def feed(run: DaemonRun) -> dict[str, Any]:
-        _sync(renderer)
-        dropped = run.drop_all(jobs)
-        results = run.wait_all(list(dropped), timeout)
-        # From the first job in the inbox (staging the files is the bench's work) to
-        # the last result's finish time, stamped as its images are written.
-        elapsed = max(r["_seen"] for r in results.values()) - min(dropped.values())
+        results = run.wait_all(ids, timeout)
+        # From the daemon's start (its scan of the full inbox included) to the last
+        # result's finish time, stamped as its images are written.
+        elapsed = max(r["_seen"] for r in results.values()) - run.started
         spans = list(run.spans)
         return {"seconds": elapsed, "spans": spans,
-                "queued_drop_to_result": [r["_seen"] - dropped[i] for i, r in results.items()],
+                "queued_start_to_result": [r["_seen"] - run.started for r in results.values()],
                 "write_s": [r["timings"]["write_s"] for r in results.values()],
                 "latency": _latency_phase(run, plan) if plan.latency_jobs else {}}
 
-    return DaemonRun(settings, renderer, root, batch).serve(feed)
+    run = DaemonRun(settings, renderer, root, batch)
+    _sync(renderer)
+    ids = run.queue_all(jobs)
+    return run.serve(feed)
 
 
 def _daemon_row(batch: int, jobs: int, runs: list[dict[str, Any]], plain_s: list[float]) -> dict[str, Any]:
@@ -257,7 +256,7 @@ def _daemon_row(batch: int, jobs: int, runs: list[dict[str, Any]], plain_s: list
     return {"batch_size": batch, **_mean_row(jobs, daemon_s),
             "round_ratios": [round(p / d, 4) for p, d in zip(plain_s, daemon_s)],
             "renderer_idle": _idle([r["spans"] for r in runs]),
-            "queued_drop_to_result": _percentiles([x for r in runs for x in r["queued_drop_to_result"]]),
+            "queued_start_to_result": _percentiles([x for r in runs for x in r["queued_start_to_result"]]),
             "write_s": _percentiles([x for r in runs for x in r["write_s"]]),
             "latency_one_at_a_time": runs[-1]["latency"]}
 
