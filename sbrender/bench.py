@@ -14,7 +14,6 @@ this one run.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import statistics
 import tempfile
