@@ -88,11 +88,6 @@ def settles_in(seen: Seen | None, changed_ns: int, settle_s: float, now: float |
     return STALE_WRITE_S - quiet_s
 
 
-def is_complete(seen: Seen | None, changed_ns: int, settle_s: float, now: float | None = None) -> bool:
-    """Whether a file may be read now."""
-    return settles_in(seen, changed_ns, settle_s, now) <= 0
-
-
 class _Handler(events.FileSystemEventHandler):
     """Turns events into hints and a wake-up. Never raises: an exception here
     would kill watchdog's thread silently."""
