@@ -59,6 +59,9 @@ class Preloaded:
     def describe(self) -> dict[str, Any]:
         return self.renderer.describe()
 
+    def batch_key(self, entry: Any) -> Any:
+        return self.renderer.batch_key(entry)
+
     def render(self, job: Job, seeds: list[int], on_step: Any = None) -> Any:
         return self._timed(lambda: self.renderer.render(job, seeds, on_step), len(seeds))
 
@@ -117,13 +120,13 @@ class DaemonRun:
     are per thread); the jobs are fed and awaited from another."""
 
     def __init__(self, settings: Settings, renderer: Any, root: Path, batch: int) -> None:
-        from .daemon import Daemon
+        from .service import Service
 
         values = {**settings.values, "inbox": str(root / "inbox"), "outbox": str(root / "outbox"),
                   "state": str(root / "state"), "metrics_dir": "off", "perf.batch_size": batch}
         self.settings = dataclasses.replace(settings, values=values)
         self.spans: list[tuple[float, float, int]] = []
-        self.daemon = Daemon(self.settings, Preloaded(renderer, lambda a, b, n: self.spans.append((a, b, n))))
+        self.daemon = Service(self.settings, Preloaded(renderer, lambda a, b, n: self.spans.append((a, b, n))))
         self.client = Client.from_settings(self.settings)
         self.error: BaseException | None = None
         self.started = 0.0  # time.time() when the daemon was started

@@ -100,10 +100,10 @@ def run(config_file: str | None, once: bool, **flags: Any) -> None:
     from . import logs
 
     logs.configure(settings["log.format"], settings["log.level"])
-    from .daemon import Daemon
+    from .service import Service
     from .pipeline import DiffusersRenderer
 
-    sys.exit(Daemon(settings, DiffusersRenderer(settings)).run(once=once))
+    sys.exit(Service(settings, DiffusersRenderer(settings)).run(once=once))
 
 
 @main.command()

@@ -75,9 +75,3 @@ class Notifier:
         if now - self._last_ping >= self.watchdog_interval:
             self._last_ping = now
             self.send("WATCHDOG=1")
-
-    def close(self) -> None:
-        with self._lock:
-            if self._sock is not None:
-                self._sock.close()
-                self._sock = None

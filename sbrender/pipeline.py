@@ -24,7 +24,7 @@ from . import __version__, faults, models, samplers, speedups
 from .config import Settings
 from .errors import RenderError, ShutdownRequested
 from .jobs import Job
-from .renderer import RenderOutput, StepCallback
+from .renderer import RenderOutput, StepCallback, call_key
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -126,6 +126,8 @@ class DiffusersRenderer:
         if wanted != self._vae_tiling:
             self.pipe.vae.enable_tiling() if wanted else self.pipe.vae.disable_tiling()
             self._vae_tiling = wanted
+
+    batch_key = staticmethod(call_key)
 
     def render(self, job: Job, seeds: list[int], on_step: StepCallback | None = None) -> RenderOutput:
         out = self.render_batch([(job, seeds)], on_step)[0]

@@ -39,8 +39,6 @@ class Candidate:
     generation: int = 0
     finished: set[str] = field(default_factory=set)
     any_failed: bool = False
-    # Jobs to fail instead of render (see Daemon._recover), by id.
-    doomed: dict[str, Exception] = field(default_factory=dict)
     in_flight: int = 0  # entries dispatched whose results are not yet published
     stuck: bool = False  # a result could not be published: the file stays claimed
 

@@ -7,14 +7,14 @@ another, but every capability is also shown through the real one.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from PIL import Image
 
 from .errors import RenderError
-from .jobs import Job
+from .jobs import Entry, Job
 
 # Called after each denoising step with (step, total); returning True stops the render.
 StepCallback = Callable[[int, int], bool]
@@ -36,6 +36,10 @@ class Renderer(Protocol):
     def describe(self) -> dict[str, Any]:
         """Model, device, dtype and library versions, for results and logs."""
 
+    def batch_key(self, entry: Entry) -> Hashable | None:
+        """Entries with equal keys may share one pipeline call (``render_batch``);
+        None renders alone. New job fields that change the call join the key here."""
+
     def render(self, job: Job, seeds: list[int], on_step: StepCallback | None = None) -> RenderOutput:
         """Render ``job.count`` images with the given seeds. Raises ``RenderError``."""
 
@@ -44,3 +48,11 @@ class Renderer(Protocol):
         """Render jobs that share size, steps, sampler and CFG in one call (used when
         ``perf.batch_size`` > 1): per job its images, or the error that spoils only
         that job. Raises ``RenderError`` when the whole call fails."""
+
+
+def call_key(entry: Entry) -> Hashable | None:
+    """What must be equal for jobs to share one diffusers call: size, steps,
+    sampler and CFG. None for an entry that is not a renderable job."""
+    if not isinstance(entry, Job):
+        return None
+    return (entry.width, entry.height, entry.steps, entry.sampler, entry.guidance_scale)

@@ -11,6 +11,8 @@ size, sha256), ``model``, ``sampler``, ``device``, ``dtype``, ``versions``,
 from __future__ import annotations
 
 import hashlib
+import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -68,3 +70,47 @@ def failed(entry: Entry, error: SbrenderError, *, input: dict[str, Any], rendere
     out["timings"] = times
     out["error"] = error.to_dict()
     return out
+
+
+@dataclass(frozen=True)
+class ImageToWrite:
+    """A rendered image and the PNG text chunks it will carry."""
+
+    name: str
+    image: Any  # PIL.Image.Image
+    seed: int
+    text: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A result on its way to the writer thread, as data: the result JSON but
+    for what only the writes decide (the images' hashes, the write time, when
+    it finished). ``result`` holds ``images`` and ``timings`` as placeholders."""
+
+    result_id: str
+    result: dict[str, Any]
+    queued: float  # epoch seconds, for the timings
+    started: float
+    parts: dict[str, float] = field(default_factory=dict)  # load_s, inference_s, ...; write_s is added
+    images: tuple[ImageToWrite, ...] = ()
+
+    @property
+    def json_name(self) -> str:
+        return f"{self.result_id}.json"
+
+    def finish(self, images: list[dict[str, Any]], write_s: float) -> dict[str, Any]:
+        """The result, once its images are written."""
+        parts = {**self.parts, "write_s": write_s} if self.parts else {}
+        return {**self.result, "images": images, "timings": timings(self.queued, self.started, time.time(), parts)}
+
+    def fail(self, error: SbrenderError) -> dict[str, Any]:
+        """The result when the images could not be encoded or written: failed, with
+        the job's parameters and metadata, without what only a success has."""
+        out = {k: v for k, v in self.result.items() if k not in _SUCCESS_ONLY}
+        status = CANCELLED if error.kind == "cancelled" else FAILED
+        return {**out, "status": status, "images": [], "timings": timings(self.queued, self.started, time.time(), {}),
+                "error": error.to_dict()}
+
+
+_SUCCESS_ONLY = ("sampler", "warnings", "batch")

@@ -175,16 +175,21 @@ class Spool:
             for info in self._list(self.works / owner):
                 yield owner, info
 
-    def forget_owner(self, owner: str) -> None:
-        """Remove a gone daemon's empty work folder and its status file."""
+    def forget_owner(self, owner: str) -> bool:
+        """Remove a gone (or stopping) daemon's empty work folder and its status
+        file. False when the folder still holds claimed files: they stay, with
+        the status file that names their owner, for recovery."""
         try:
             os.rmdir(self.works / owner)
-        except OSError:
-            return  # not empty (a file arrived meanwhile) or already gone
-        try:
-            os.unlink(self.daemons / f"{owner}.json")
         except FileNotFoundError:
             pass
+        except OSError:
+            return False  # not empty: a file is still claimed
+        try:
+            os.unlink(self.status_path(owner))
+        except FileNotFoundError:
+            pass
+        return True
 
     def adopt(self, info: FileInfo) -> Path | None:
         """Move an orphaned claimed file into our own work folder. None when a peer
@@ -318,6 +323,6 @@ class Spool:
                     pass
         return removed
 
-    @property
-    def status_path(self) -> Path:
-        return self.daemons / f"{self.owner}.json"
+    def status_path(self, owner: str) -> Path:
+        """``state/daemons/<owner>.json``: a daemon's status file."""
+        return self.daemons / f"{owner}.json"

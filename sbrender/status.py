@@ -31,9 +31,9 @@ HEARTBEAT_S = 5.0
 
 
 class StatusFile:
-    def __init__(self, folder: Path, owner: str, **fixed: Any) -> None:
-        self.folder = folder
-        self.name = f"{owner}.json"
+    def __init__(self, path: Path, owner: str, **fixed: Any) -> None:
+        self.folder = path.parent
+        self.name = path.name
         self.fixed = {"owner": owner, "pid": os.getpid(), "proc_start": peers.process_start(os.getpid()),
                       "host": peers.hostname(), **fixed}
         self.data: dict[str, Any] = {}

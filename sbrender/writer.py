@@ -3,45 +3,60 @@ in the order they were handed over, while the renderer starts the next job.
 What piled up while it wrote is published together, with one flush per phase
 (``outputs.commit``), so a slow disk costs a flush per group, not per file.
 
-It only publishes. What follows a publish (counting, archiving the input) is
-the daemon loop's, which collects finished work with ``completed()``; so queue
-state is touched by one thread only. The hand-over queue is bounded: when the
-disk falls behind, the renderer waits instead of piling images up in memory.
+It receives data (a ``results.Draft``: the images and the result but for what
+the writes decide) and reports data: per job, the result as published (a
+success, or a failure when its images could not be written), or None when
+nothing could be published. What follows a publish (counting, archiving the
+input) is the dispatcher's, on its own thread. The hand-over queue is
+bounded: when the disk falls behind, the renderer waits instead of piling
+images up in memory.
 """
 
 from __future__ import annotations
 
+import hashlib
 import queue
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import structlog
 
-from .outputs import Publication, commit
+from .errors import RenderError
+from .outputs import PublishedImage, Publication, commit, encode_png
+from .results import Draft
 
 log = structlog.get_logger("sbrender")
 
-Work = Callable[[], Any]
+Tag = TypeVar("Tag")
 
 
-class Writer:
+@dataclass(frozen=True)
+class Report(Generic[Tag]):
+    """What became of one handed-over draft."""
+
+    tag: Tag
+    result: dict[str, Any] | None  # as published; None: nothing could be published
+
+
+class Writer(Generic[Tag]):
     def __init__(self, folder: Path, wake: threading.Event, depth: int = 8) -> None:
         self.folder = folder
         self.wake = wake
-        self._tasks: queue.Queue[tuple[Work, Any] | None] = queue.Queue(maxsize=depth)
-        self._done: queue.SimpleQueue[tuple[Any, Any]] = queue.SimpleQueue()
+        self._tasks: queue.Queue[tuple[Draft, Tag] | None] = queue.Queue(maxsize=depth)
+        self._done: queue.SimpleQueue[Report[Tag]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
-    def put(self, work: Work, tag: Any) -> None:
-        """Run ``work`` (it returns a ``Publication``) on the writer thread and
-        publish what it returns; ``(tag, the published result)`` comes back through
-        ``completed()``, with None as the result when it could not be published."""
+    def put(self, draft: Draft, tag: Tag) -> None:
+        """Publish ``draft`` on the writer thread; its ``Report`` comes back through
+        ``completed()`` with ``tag``."""
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="sbrender-writer", daemon=True)
             self._thread.start()
-        self._tasks.put((work, tag))
+        self._tasks.put((draft, tag))
 
     def _run(self) -> None:
         stop = False
@@ -55,26 +70,19 @@ class Writer:
             if group[-1] is None:
                 stop = True
             items = [item for item in group if item is not None]
-            pubs: list[tuple[Any, Publication | None]] = []
-            for work, tag in items:
-                try:
-                    pubs.append((tag, work()))
-                except BaseException:  # noqa: BLE001 - one result lost, not the writer
-                    log.exception("unexpected error while publishing a result; its file stays claimed")
-                    pubs.append((tag, None))
-            ready = [pub for _, pub in pubs if pub is not None]
+            pubs = [_publication(draft) for draft, _ in items]
             try:
-                published = iter(commit(self.folder, ready) if ready else [])
-            except BaseException:  # noqa: BLE001
+                published = commit(self.folder, pubs) if pubs else []
+            except BaseException:  # noqa: BLE001 - these results lost, not the writer
                 log.exception("unexpected error while publishing results; their files stay claimed")
-                published = iter([None] * len(ready))
-            for tag, pub in pubs:
-                self._done.put((tag, next(published) if pub is not None else None))
+                published = [None] * len(pubs)
+            for (_, tag), result in zip(items, published):
+                self._done.put(Report(tag, result))
             for _ in group:
                 self._tasks.task_done()
             self.wake.set()
 
-    def completed(self) -> Iterator[tuple[Any, Any]]:
+    def completed(self) -> Iterator[Report[Tag]]:
         """What was published since the last call, in order; never waits."""
         while True:
             try:
@@ -95,3 +103,23 @@ class Writer:
             self._tasks.put(None)
             self._thread.join()
         self._thread = None
+
+
+def _publication(draft: Draft) -> Publication:
+    """Encode and hash the draft's images; the files to write and how the result
+    is finished. An image that cannot be encoded fails its job, with a result."""
+    start = time.perf_counter()
+    files: list[tuple[str, bytes]] = []
+    images: list[dict[str, Any]] = []
+    try:
+        for item in draft.images:
+            data = encode_png(item.image, item.text)
+            files.append((item.name, data))
+            images.append(PublishedImage(item.name, item.seed, item.image.width, item.image.height,
+                                         hashlib.sha256(data).hexdigest()).to_dict())
+    except Exception as err:  # noqa: BLE001 - this job fails, with a result
+        log.exception("cannot encode the images", job_id=draft.result.get("id"))
+        error = RenderError(f"cannot encode the images: {type(err).__name__}: {err}")
+        return Publication(draft.json_name, [], lambda _: draft.fail(error), draft.fail)
+    encode_s = time.perf_counter() - start
+    return Publication(draft.json_name, files, lambda write_s: draft.finish(images, encode_s + write_s), draft.fail)

@@ -202,6 +202,11 @@ def test_model_load_failure_stops_the_start(spool: Spool, model_cache: Path) -> 
                     cwd=spool.root)
     assert proc.returncode == 1 and "cannot load the model: injected fault" in proc.stderr
     assert (spool.inbox / "kept.yaml").exists()
+    # A failed start leaves no ghost: no status file stuck in "loading", no work folder.
+    assert not list((spool.state / "daemons").iterdir())
+    assert not list((spool.state / "work").iterdir())
+    status = sbrender("status", "--json", *spool.cli_args(), env=daemon_env(model_cache), cwd=spool.root)
+    assert json.loads(status.stdout)["daemons"] == [], status.stdout
 
 
 def test_state_on_another_filesystem_is_refused(spool: Spool, model_cache: Path) -> None:

@@ -25,6 +25,7 @@ class Listener:
         self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
         self.sock.settimeout(0.2)
         self.messages: list[dict[str, str]] = []
+        self.arrivals: list[float] = []  # time.monotonic() of each message
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -35,6 +36,7 @@ class Listener:
                 data = self.sock.recv(65536)
             except socket.timeout:
                 continue
+            self.arrivals.append(time.monotonic())
             self.messages.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
 
     def wait_for(self, key: str, value: str | None = None, timeout: float = 120) -> dict[str, str]:
@@ -105,4 +107,25 @@ def test_a_whole_daemon_run_as_systemd_sees_it(spool: Spool, model_cache: Path, 
         received.wait_for("STOPPING", "1")
     finally:
         daemon.stop()
+        received.close()
+
+
+def test_an_idle_daemon_pings_the_watchdog_well_within_its_deadline(spool: Spool, model_cache: Path) -> None:
+    """WatchdogSec=2: pings at least every second (half of it), even while the
+    loop would sleep until a rescan 30 s away."""
+    address = f"@sbrender-watchdog-{os.getpid()}-{time.monotonic_ns()}"
+    received = Listener(address)
+    daemon = DaemonProcess(spool, daemon_env(model_cache, NOTIFY_SOCKET=address, WATCHDOG_USEC="2000000",
+                                             SBRENDER_WATCH_RESCAN_SECONDS="30"))
+    try:
+        received.wait_for("READY", "1")
+        deadline = time.monotonic() + 60
+        while sum("WATCHDOG" in m for m in received.messages) < 5:
+            assert time.monotonic() < deadline, received.messages
+            time.sleep(0.05)
+        pings = [t for t, m in zip(received.arrivals, list(received.messages)) if "WATCHDOG" in m]
+        gaps = [b - a for a, b in zip(pings, pings[1:])]
+        assert max(gaps) < 2.0, f"pings {gaps} s apart: systemd kills a daemon silent for 2 s"
+    finally:
+        assert daemon.stop() == 0
         received.close()

@@ -21,9 +21,9 @@ import pytest
 from PIL import Image
 
 from sbrender.config import load_settings
-from sbrender.daemon import Daemon
+from sbrender.service import Service
 from sbrender.jobs import Job
-from sbrender.renderer import RenderOutput, StepCallback
+from sbrender.renderer import RenderOutput, StepCallback, call_key
 
 
 class SolidRenderer:
@@ -39,6 +39,8 @@ class SolidRenderer:
         return {"model": {"name": "solid", "source": "test", "location": "", "random_weights": True},
                 "device": "cpu", "dtype": "none", "versions": {}}
 
+    batch_key = staticmethod(call_key)
+
     def render(self, job: Job, seeds: list[int], on_step: StepCallback | None = None) -> RenderOutput:
         self.renders[job.id] += 1
         images = [Image.new("RGB", (job.width, job.height), (seed % 256, 0, 0)) for seed in seeds]
@@ -47,14 +49,14 @@ class SolidRenderer:
 
 @pytest.fixture(params=["inotify", "polling"])
 def running(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-            ) -> Iterator[tuple[Daemon, SolidRenderer, Path]]:
+            ) -> Iterator[tuple[Service, SolidRenderer, Path]]:
     monkeypatch.chdir(tmp_path)
     settings = load_settings(env={}, overrides={
         "inbox": str(tmp_path / "inbox"), "outbox": str(tmp_path / "outbox"), "state": str(tmp_path / "state"),
         "watch.mode": request.param, "watch.rescan_seconds": 0.5, "watch.settle_seconds": 0.2,
         "defaults.width": 64, "defaults.height": 64})
     renderer = SolidRenderer()
-    daemon = Daemon(settings, renderer)
+    daemon = Service(settings, renderer)
     thread = threading.Thread(target=daemon.run, name="daemon-under-test")
     thread.start()
     assert daemon.ready.wait(30), "the daemon did not get ready"
@@ -73,7 +75,7 @@ def _wait_for(paths: list[Path], timeout: float) -> None:
         time.sleep(0.1)
 
 
-def test_flood_of_5000_files_all_rendered_none_twice(running: tuple[Daemon, SolidRenderer, Path]) -> None:
+def test_flood_of_5000_files_all_rendered_none_twice(running: tuple[Service, SolidRenderer, Path]) -> None:
     """Dropped at once, more events than inotify's queue holds: the rescan finds what
     the events lost."""
     daemon, renderer, root = running
@@ -93,13 +95,14 @@ def test_flood_of_5000_files_all_rendered_none_twice(running: tuple[Daemon, Soli
 
 
 @pytest.mark.parametrize("running", ["inotify"], indirect=True)
-def test_dead_watcher_is_restarted(running: tuple[Daemon, SolidRenderer, Path]) -> None:
+def test_dead_watcher_is_restarted(running: tuple[Service, SolidRenderer, Path]) -> None:
     daemon, renderer, root = running
-    observer = daemon.watcher._observer
+    watcher = daemon.broker.watcher
+    observer = watcher._observer
     observer.stop()  # what an exception in watchdog's thread leaves behind
     observer.join()
     deadline = time.monotonic() + 30
-    while daemon.watcher._observer is observer or not daemon.watcher.alive():
+    while watcher._observer is observer or not watcher.alive():
         assert time.monotonic() < deadline, "the dead watcher was not replaced"
         time.sleep(0.05)
     (root / "inbox" / ".after.json.tmp").write_text(json.dumps({"prompt": "after the restart"}))
@@ -112,7 +115,7 @@ import os, random, signal, sys, threading, time
 sys.path.insert(0, {tests!r})
 from test_queue_mechanics import SolidRenderer
 from sbrender.config import load_settings
-from sbrender.daemon import Daemon
+from sbrender.service import Service
 from sbrender.errors import ShutdownRequested
 
 class Endless(SolidRenderer):
@@ -129,7 +132,7 @@ open(root + "/inbox/endless.json", "w").write('{{"prompt": "x"}}')
 settings = load_settings(env={{}}, overrides={{"inbox": root + "/inbox", "outbox": root + "/outbox",
     "state": root + "/state", "watch.mode": "polling", "watch.settle_seconds": 0, "metrics_dir": "off"}})
 threading.Timer(0.5 + random.random(), os.kill, (os.getpid(), signal.SIGTERM)).start()
-sys.exit(Daemon(settings, Endless()).run())
+sys.exit(Service(settings, Endless()).run())
 """
 
 
