@@ -18,7 +18,7 @@ import click
 import yaml
 
 from . import __version__, samplers
-from .client import Client, WaitTimeout, validate_file
+from .client import STATES, Client, WaitTimeout, validate_file
 from .config import SETTINGS, Settings, load_settings
 from .errors import ConfigError, JobError, SbrenderError
 from .jobs import Job, Rules
@@ -299,7 +299,7 @@ def _age(since: float) -> str:
 
 @main.command()
 @folder_options
-@click.option("--only", type=click.Choice(["pending", "running", "succeeded", "failed", "cancelled"]),
+@click.option("--only", type=click.Choice(STATES),
               help="Show only jobs in this state.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @_errors_exit

@@ -26,8 +26,11 @@ from .errors import JobError, SbrenderError
 from .jobfile import read_bytes
 from .jobs import BadJob, Entry, Job, Rules, build_job, parse_job_bytes
 from .outputs import fsync_dir, read_json, rename_noreplace, write_synced
+from .results import CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, STATES, parse_iso
+from .spool import Spool
 
-PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "pending", "running", "succeeded", "failed", "cancelled"
+__all__ = ["CANCELLED", "FAILED", "PENDING", "RUNNING", "STATES", "SUCCEEDED", "Client", "JobState", "WaitTimeout",
+           "validate_file"]
 
 
 class WaitTimeout(SbrenderError):
@@ -61,6 +64,7 @@ class Client:
         self.outbox = Path(outbox)
         self.state = Path(state) if state is not None else self.inbox.parent / "state"
         self.rules = rules or Rules()
+        self.spool = Spool(self.inbox, self.outbox, self.state)  # where things live, and the id ledger
 
     @classmethod
     def from_settings(cls, settings: Any) -> Client:
@@ -98,19 +102,12 @@ class Client:
         return job_id
 
     def is_known(self, job_id: str) -> bool:
-        """Whether an id is pending, claimed, reserved or finished."""
-        if (self.outbox / f"{job_id}.json").exists() or (self.state / "ids" / job_id).exists():
+        """Whether an id is in use: queued, claimed, reserved by a running job, or
+        finished. An id whose result was removed is free again (sbrender/ledger.py)."""
+        if any((folder / f"{job_id}{suffix}").exists()
+               for folder in (self.inbox, *self.spool.work_folders()) for suffix in ids.JOB_SUFFIXES):
             return True
-        return any((folder / f"{job_id}{suffix}").exists()
-                   for folder in (self.inbox, *self._work_folders()) for suffix in ids.JOB_SUFFIXES)
-
-    def _work_folders(self) -> list[Path]:
-        """Where daemons keep claimed files: one folder per daemon."""
-        works = self.state / "work"
-        try:
-            return [works, *(Path(e.path) for e in os.scandir(works) if e.is_dir(follow_symlinks=False))]
-        except FileNotFoundError:
-            return []
+        return self.spool.ledger.in_use(job_id)
 
     # --- operating on jobs -----------------------------------------------------------------
 
@@ -124,9 +121,8 @@ class Client:
         state = self.status(job_id)
         if state is None:
             raise JobError(f"no job {job_id} is pending or running")
-        folder = self.state / "cancel"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / job_id).touch()
+        self.spool.cancel.mkdir(parents=True, exist_ok=True)
+        (self.spool.cancel / job_id).touch()
         return state.state
 
     def retry(self, job_id: str) -> str:
@@ -145,19 +141,20 @@ class Client:
         body = {k: v for k, v in params.items() if v is not None}
         body["metadata"] = result.get("metadata") or {}
         data = (json.dumps(body, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-        retried = self.state / "retried"
+        retried = self.spool.retried
         retried.mkdir(parents=True, exist_ok=True)
         n = 1
         while (retried / f"{job_id}.{n}.json").exists():
             n += 1
         # The old result leaves and the id is released before the job comes back,
-        # or the daemon would take it for a second job under a used id.
-        os.rename(self.outbox / f"{job_id}.json", retried / f"{job_id}.{n}.json")
-        for stale in (self.state / "ids" / job_id, self.state / "cancel" / job_id):
-            try:
-                os.unlink(stale)
-            except FileNotFoundError:
-                pass
+        # or the daemon would take it for a second job under a used id. (Without
+        # its result the id is free anyway, unless the old file is still claimed
+        # for other jobs of its batch: the release covers that.)
+        os.rename(self.spool.result_path(job_id), retried / f"{job_id}.{n}.json")
+        claim = result.get("input", {}).get("claim")
+        if isinstance(claim, str):
+            self.spool.ledger.release(job_id, claim)
+        self.spool.clear_cancel(job_id)
         _publish_new(self.inbox, f"{job_id}.json", data)
         return f"{job_id}.json"
 
@@ -165,7 +162,7 @@ class Client:
 
     def result(self, job_id: str) -> dict[str, Any] | None:
         """The finished job's outbox JSON, or None while it is not finished."""
-        return read_json(self.outbox / f"{job_id}.json")
+        return read_json(self.spool.result_path(job_id))
 
     def image_paths(self, result: Mapping[str, Any]) -> list[Path]:
         return [self.outbox / image["file"] for image in result.get("images", [])]
@@ -188,10 +185,10 @@ class Client:
         from .peers import is_alive
 
         out = []
-        for path in sorted(_scandir(self.state / "daemons", ".json")):
+        for owner, path in self.spool.status_files():
             status = read_json(path)
             if status is not None:
-                status["alive"] = is_alive(path.stem, path.parent)
+                status["alive"] = is_alive(owner, self.spool.daemons)
                 out.append(status)
         return out
 
@@ -255,7 +252,7 @@ class Client:
                 continue
             out.append(JobState(str(result.get("id", path.stem)), str(result["status"]),
                                 str(result.get("params", {}).get("prompt", "")),
-                                _parse_time(result.get("timings", {}).get("finished_at")) or path.stat().st_mtime,
+                                parse_iso(result.get("timings", {}).get("finished_at")) or path.stat().st_mtime,
                                 str(result.get("input", {}).get("file", "")),
                                 (result.get("error") or {}).get("message")))
         out.extend(pending.values())
@@ -272,7 +269,7 @@ class Client:
         for path, mtime, entries in _job_files(self.inbox, self.rules):
             for entry in entries:
                 yield path, mtime, entry, False
-        for folder in self._work_folders():
+        for folder in self.spool.work_folders():
             for path, mtime, entries in _job_files(folder, self.rules):
                 for entry in entries:
                     yield path, mtime, entry, True
@@ -359,13 +356,3 @@ def _job_files(folder: Path, rules: Rules) -> Iterator[tuple[str, float, list[En
             continue
         yield path, mtime, validate_file(path, rules)
 
-
-def _parse_time(text: Any) -> float | None:
-    if not isinstance(text, str):
-        return None
-    from datetime import datetime
-
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None

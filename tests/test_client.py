@@ -338,3 +338,48 @@ def test_client_from_the_daemons_config_uses_its_limits(tmp_path: Path, monkeypa
     with pytest.raises(JobError, match="limits.max_steps"):
         client.submit("too many steps", steps=41)
     assert client.submit("fine", steps=40)
+
+
+# --- the id ledger: one story -----------------------------------------------------------
+
+
+def reservation(client: Client, job_id: str, file: Path) -> None:
+    """``state/ids/<id>`` as a daemon leaves it: the claim token of ``file``."""
+    st = os.stat(file)
+    (client.state / "ids").mkdir(parents=True, exist_ok=True)
+    (client.state / "ids" / job_id).write_text(f"{st.st_ino}-{st.st_mtime_ns}")
+
+
+def test_an_id_is_in_use_only_while_a_job_holds_it(client: Client) -> None:
+    """A daemon renders cats.yaml: job 1 failed, job 2 runs. Retrying job 1 gives
+    its id back to the retried file; job 2's id is held while its file is claimed.
+    Then the file is archived and a person deletes outbox/cats-002.*: every call
+    says there is no such job, and the id can be used again."""
+    from sbrender.spool import Spool
+
+    claim(client, owner_name(), "cats.yaml", "- prompt: one\n- prompt: two\n")
+    claimed = client.state / "work" / owner_name() / "cats.yaml"
+    st = os.stat(claimed)
+    for job_id in ("cats-001", "cats-002"):
+        reservation(client, job_id, claimed)
+    result(client, "cats-001", FAILED, "one", "2026-01-01T00:00:00.000Z",
+           error={"type": "render", "message": "out of memory"}, input={"claim": f"{st.st_ino}-{st.st_mtime_ns}"})
+
+    assert client.retry("cats-001") == "cats-001.json"
+    daemon = Spool(client.inbox, client.outbox, client.state, owner=owner_name())
+    retried = daemon.claim("cats-001.json")
+    assert retried is not None
+    info = os.stat(retried)
+    assert daemon.reserve("cats-001", f"{info.st_ino}-{info.st_mtime_ns}"), "the retried file gets its id back"
+
+    assert client.is_known("cats-002")
+    with pytest.raises(JobError, match="already in use"):
+        client.submit("a cat", job_id="cats-002")
+
+    (client.state / "done").mkdir()
+    os.rename(claimed, client.state / "done" / "cats.yaml")  # finished; its result then removed
+    assert not client.is_known("cats-002")
+    assert client.show("cats-002") is None
+    with pytest.raises(JobError, match="cats-002 is not finished"):  # says no such job in the next commit
+        client.retry("cats-002")
+    assert client.submit("a cat again", job_id="cats-002") == "cats-002"
