@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import ids
-from .errors import JobError, SbrenderError
+from .errors import ConfigError, JobError, SbrenderError
 from .jobfile import read_bytes
 from .jobs import BadJob, Entry, Job, Rules, build_job, parse_job_bytes
 from .outputs import fsync_dir, read_json, rename_noreplace, write_synced
@@ -92,11 +92,9 @@ class Client:
         if problem:
             raise JobError(f"bad job id {job_id!r}: {problem}")
         build_job(job_id, job, self.rules)  # the daemon's own checks, before anything is written
+        self._check_inbox()
         if self.is_known(job_id):
             raise JobError(f"job id {job_id} is already in use", hint="choose another id")
-        if not self.inbox.is_dir():
-            raise SbrenderError(f"inbox {self.inbox} does not exist",
-                                hint="start the daemon once or create the folder")
         data = (json.dumps(job, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
         _publish_new(self.inbox, f"{job_id}.json", data)
         return job_id
@@ -108,6 +106,12 @@ class Client:
                for folder in (self.inbox, *self.spool.work_folders()) for suffix in ids.JOB_SUFFIXES):
             return True
         return self.spool.ledger.in_use(job_id)
+
+    def _check_inbox(self) -> None:
+        """An inbox that is not there is a setting to fix (or a volume to mount), not an empty queue."""
+        if not self.inbox.is_dir():
+            raise ConfigError(f"inbox {self.inbox} does not exist",
+                              hint="start the daemon once or create the folder")
 
     # --- operating on jobs -----------------------------------------------------------------
 
@@ -129,14 +133,20 @@ class Client:
         """Put a failed or cancelled job back into the queue under its id. Its old
         result moves to ``state/retried/``. Returns the new job file's name."""
         result = self.result(job_id)
-        if result is None or result.get("status") not in (FAILED, CANCELLED):
-            state = result.get("status") if result else "not finished"
-            raise JobError(f"job {job_id} is {state}; only a failed or cancelled job can be retried")
+        if result is None:
+            if self.status(job_id) is None:
+                raise JobError(no_such_job(job_id))
+            raise JobError(f"job {job_id} is not finished yet; only a failed or cancelled job can be retried")
+        if result.get("status") not in (FAILED, CANCELLED):
+            raise JobError(f"job {job_id} is {result.get('status')}; only a failed or cancelled job can be retried")
         params = result.get("params")
         if not params:
-            message = (result.get("error") or {}).get("message", "no parameters recorded")
-            raise JobError(f"job {job_id} cannot be retried as it is: {message}",
-                           hint="fix the job and submit it again under a new id")
+            error = result.get("error") or {}
+            # A refused duplicate's recorded message already ends with the same
+            # advice (an error's hint is part of its message in the result).
+            hint = None if error.get("type") == "duplicate_id" else "fix the job and submit it again under a new id"
+            raise JobError(f"job {job_id} cannot be retried as it is: "
+                           f"{error.get('message', 'no parameters recorded')}", hint=hint)
         # Exactly what the daemon used (its defaults included), so the retry is the same job.
         body = {k: v for k, v in params.items() if v is not None}
         body["metadata"] = result.get("metadata") or {}
@@ -228,7 +238,9 @@ class Client:
         return None
 
     def jobs(self) -> list[JobState]:
-        """Every job the spool knows: pending, running, then finished, oldest first."""
+        """Every job the spool knows: pending, running, then finished, oldest first.
+        Raises ``ConfigError`` when the inbox does not exist."""
+        self._check_inbox()
         running = {job for d in self.daemons() if d["alive"] and d.get("state") == "rendering"
                    for job in _rendering(d.get("current") or {})}
         pending: dict[str, JobState] = {}
@@ -279,6 +291,7 @@ class Client:
         result = self.result(job_id)
         if result is not None:
             return result
+        self._check_inbox()
         found: tuple[str, Entry] | None = None
         for path, _, entry, in_work in self._unfinished():
             if entry.id == job_id and (found is None or in_work):
@@ -296,6 +309,11 @@ class Client:
         else:
             out["error"] = entry.error.to_dict()
         return out
+
+
+def no_such_job(job_id: str) -> str:
+    """What every command says of an id that is neither queued, running nor finished."""
+    return f"no job {job_id} in the inbox, the work folders or the outbox"
 
 
 def validate_file(path: str | os.PathLike[str], rules: Rules, name: str | None = None) -> list[Entry]:

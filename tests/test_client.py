@@ -380,6 +380,63 @@ def test_an_id_is_in_use_only_while_a_job_holds_it(client: Client) -> None:
     os.rename(claimed, client.state / "done" / "cats.yaml")  # finished; its result then removed
     assert not client.is_known("cats-002")
     assert client.show("cats-002") is None
-    with pytest.raises(JobError, match="cats-002 is not finished"):  # says no such job in the next commit
+    with pytest.raises(JobError, match="no job cats-002 in the inbox, the work folders or the outbox"):
         client.retry("cats-002")
     assert client.submit("a cat again", job_id="cats-002") == "cats-002"
+
+
+# --- messages -------------------------------------------------------------------------------
+
+
+def test_retry_says_whether_a_job_is_unknown_or_not_finished_yet(client: Client) -> None:
+    with pytest.raises(JobError) as unknown:
+        client.retry("nobody")
+    assert str(unknown.value) == "no job nobody in the inbox, the work folders or the outbox"
+    (client.inbox / "cat.yaml").write_text("prompt: a cat\n")
+    with pytest.raises(JobError) as pending:
+        client.retry("cat")
+    assert str(pending.value) == "job cat is not finished yet; only a failed or cancelled job can be retried"
+
+
+def test_retry_of_a_refused_duplicate_gives_its_advice_once(client: Client) -> None:
+    """A ``.dupN`` result's message already holds its error's hint."""
+    path = client.outbox / "cat.dup1.json"
+    path.write_text(json.dumps({
+        "schema": 1, "id": "cat.dup1", "status": FAILED, "input": {"file": "cat.json", "claim": "1-2"},
+        "images": [], "error": {"type": "duplicate_id", "message": "job id cat is already used by cat.yaml; ids "
+                                "are never reused (submit it again under a new id (rename the file))"}}))
+    with pytest.raises(JobError) as info:
+        client.retry("cat.dup1")
+    assert str(info.value).count("under a new id") == 1, str(info.value)
+
+
+def cli(tmp_path: Path, *args: str) -> Any:
+    from click.testing import CliRunner
+
+    from sbrender.cli import main
+
+    folders = ["--inbox", str(tmp_path / "inbox"), "--outbox", str(tmp_path / "outbox"),
+               "--state", str(tmp_path / "state")]
+    return CliRunner().invoke(main, [*args, *folders], env={"SBRENDER_CONFIG": str(tmp_path / "none.yaml")})
+
+
+def test_jobs_refuses_a_missing_inbox_as_submit_does(tmp_path: Path) -> None:
+    (tmp_path / "none.yaml").write_text("{}\n")
+    listed = cli(tmp_path, "jobs")
+    submitted = cli(tmp_path, "submit", "a cat")
+    assert (listed.exit_code, submitted.exit_code) == (2, 2)
+    assert listed.output == submitted.output == (
+        f"sbrender: error: inbox {tmp_path / 'inbox'} does not exist (start the daemon once or create the folder)\n")
+
+
+def test_jobs_shows_each_job_on_one_line(client: Client) -> None:
+    tmp_path = client.inbox.parent
+    (tmp_path / "none.yaml").write_text("{}\n")
+    (client.inbox / "poem.yaml").write_text("prompt: |\n  a cat\n  on a   mat\n")
+    (client.inbox / "long.yaml").write_text(f"prompt: {'x' * 100}\n")
+    shown = cli(tmp_path, "jobs")
+    assert shown.exit_code == 0, shown.output
+    lines = shown.output.splitlines()
+    assert len(lines) == 3, lines
+    assert lines[1].endswith("a cat on a mat") or lines[2].endswith("a cat on a mat"), lines
+    assert any(line.endswith("x" * 79 + "…") for line in lines), lines
