@@ -26,6 +26,7 @@ from typing import Any
 from .client import Client
 from .config import Settings
 from .jobs import Job
+from .results import parse_iso
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +191,7 @@ class DaemonRun:
                 if (result := self.client.result(job_id)) is None:
                     break
                 # The result's own clock (ms), so that polling gently costs no precision.
-                result["_seen"] = _epoch(result["timings"]["finished_at"])
+                result["_seen"] = parse_iso(result["timings"]["finished_at"])
                 results[job_id] = result
             # The daemon shares this process (and, on a CPU, the render's cores): poll as
             # Client.wait does; each result carries its own finish time to the ms.
@@ -204,12 +205,6 @@ class DaemonRun:
 def _fields(job: Job) -> dict[str, Any]:
     return {"steps": job.steps, "guidance_scale": job.guidance_scale, "width": job.width, "height": job.height,
             "seed": job.seed, "sampler": job.sampler}
-
-
-def _epoch(iso: str) -> float:
-    from datetime import datetime
-
-    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
 def _idle(rounds: list[list[tuple[float, float, int]]]) -> dict[str, Any]:

@@ -18,7 +18,7 @@ import click
 import yaml
 
 from . import __version__, samplers
-from .client import Client, WaitTimeout, validate_file
+from .client import STATES, Client, WaitTimeout, no_such_job, validate_file
 from .config import SETTINGS, Settings, load_settings
 from .errors import ConfigError, JobError, SbrenderError
 from .jobs import Job, Rules
@@ -281,7 +281,7 @@ def wait(config_file: str | None, inbox: str | None, outbox: str | None, state: 
     """Wait for JOB_ID to finish; print its image paths (exit 1 if it failed)."""
     client = Client.from_settings(_settings(config_file, inbox=inbox, outbox=outbox, state=state))
     if client.result(job_id) is None and not client.is_known(job_id):
-        _fail(f"no job {job_id} in the inbox, the work folder or the outbox")
+        _fail(no_such_job(job_id))
     try:
         result = _wait(client, job_id, timeout)
     except WaitTimeout as err:
@@ -299,7 +299,7 @@ def _age(since: float) -> str:
 
 @main.command()
 @folder_options
-@click.option("--only", type=click.Choice(["pending", "running", "succeeded", "failed", "cancelled"]),
+@click.option("--only", type=click.Choice(STATES),
               help="Show only jobs in this state.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 @_errors_exit
@@ -319,8 +319,15 @@ def jobs(config_file: str | None, inbox: str | None, outbox: str | None, state: 
     lines = [f"{'ID':<{width}}  {'STATE':<9}  {'AGE':>4}  PROMPT"]
     for j in listed:
         text = j.prompt if j.state != "failed" else f"{j.prompt}  [{j.error}]"
-        lines.append(f"{j.id:<{width}}  {j.state:<9}  {_age(j.since):>4}  {text[:80]}")
+        lines.append(f"{j.id:<{width}}  {j.state:<9}  {_age(j.since):>4}  {_one_line(text, 80)}")
     click.echo("\n".join(lines))
+
+
+def _one_line(text: str, width: int) -> str:
+    """``text`` on one line of at most ``width`` characters: whitespace runs (line
+    breaks too) become one space, and a cut is marked with an ellipsis."""
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 @main.command()
@@ -332,7 +339,7 @@ def show(config_file: str | None, inbox: str | None, outbox: str | None, state: 
     client = Client.from_settings(_settings(config_file, inbox=inbox, outbox=outbox, state=state))
     found = client.show(job_id)
     if found is None:
-        _fail(f"no job {job_id} in the inbox, the work folder or the outbox")
+        _fail(no_such_job(job_id))
     click.echo(json.dumps(found, indent=2, ensure_ascii=False))
 
 

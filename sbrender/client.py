@@ -22,12 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from . import ids
-from .errors import JobError, SbrenderError
+from .errors import ConfigError, JobError, SbrenderError
 from .jobfile import read_bytes
 from .jobs import BadJob, Entry, Job, Rules, build_job, parse_job_bytes
 from .outputs import fsync_dir, read_json, rename_noreplace, write_synced
+from .results import CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, STATES, parse_iso
+from .spool import Spool
 
-PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED = "pending", "running", "succeeded", "failed", "cancelled"
+__all__ = ["CANCELLED", "FAILED", "PENDING", "RUNNING", "STATES", "SUCCEEDED", "Client", "JobState", "WaitTimeout",
+           "validate_file"]
 
 
 class WaitTimeout(SbrenderError):
@@ -61,6 +64,7 @@ class Client:
         self.outbox = Path(outbox)
         self.state = Path(state) if state is not None else self.inbox.parent / "state"
         self.rules = rules or Rules()
+        self.spool = Spool(self.inbox, self.outbox, self.state)  # where things live, and the id ledger
 
     @classmethod
     def from_settings(cls, settings: Any) -> Client:
@@ -88,29 +92,26 @@ class Client:
         if problem:
             raise JobError(f"bad job id {job_id!r}: {problem}")
         build_job(job_id, job, self.rules)  # the daemon's own checks, before anything is written
+        self._check_inbox()
         if self.is_known(job_id):
             raise JobError(f"job id {job_id} is already in use", hint="choose another id")
-        if not self.inbox.is_dir():
-            raise SbrenderError(f"inbox {self.inbox} does not exist",
-                                hint="start the daemon once or create the folder")
         data = (json.dumps(job, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
         _publish_new(self.inbox, f"{job_id}.json", data)
         return job_id
 
     def is_known(self, job_id: str) -> bool:
-        """Whether an id is pending, claimed, reserved or finished."""
-        if (self.outbox / f"{job_id}.json").exists() or (self.state / "ids" / job_id).exists():
+        """Whether an id is in use: queued, claimed, reserved by a running job, or
+        finished. An id whose result was removed is free again (sbrender/ledger.py)."""
+        if any((folder / f"{job_id}{suffix}").exists()
+               for folder in (self.inbox, *self.spool.work_folders()) for suffix in ids.JOB_SUFFIXES):
             return True
-        return any((folder / f"{job_id}{suffix}").exists()
-                   for folder in (self.inbox, *self._work_folders()) for suffix in ids.JOB_SUFFIXES)
+        return self.spool.ledger.in_use(job_id)
 
-    def _work_folders(self) -> list[Path]:
-        """Where daemons keep claimed files: one folder per daemon."""
-        works = self.state / "work"
-        try:
-            return [works, *(Path(e.path) for e in os.scandir(works) if e.is_dir(follow_symlinks=False))]
-        except FileNotFoundError:
-            return []
+    def _check_inbox(self) -> None:
+        """An inbox that is not there is a setting to fix (or a volume to mount), not an empty queue."""
+        if not self.inbox.is_dir():
+            raise ConfigError(f"inbox {self.inbox} does not exist",
+                              hint="start the daemon once or create the folder")
 
     # --- operating on jobs -----------------------------------------------------------------
 
@@ -124,40 +125,46 @@ class Client:
         state = self.status(job_id)
         if state is None:
             raise JobError(f"no job {job_id} is pending or running")
-        folder = self.state / "cancel"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / job_id).touch()
+        self.spool.cancel.mkdir(parents=True, exist_ok=True)
+        (self.spool.cancel / job_id).touch()
         return state.state
 
     def retry(self, job_id: str) -> str:
         """Put a failed or cancelled job back into the queue under its id. Its old
         result moves to ``state/retried/``. Returns the new job file's name."""
         result = self.result(job_id)
-        if result is None or result.get("status") not in (FAILED, CANCELLED):
-            state = result.get("status") if result else "not finished"
-            raise JobError(f"job {job_id} is {state}; only a failed or cancelled job can be retried")
+        if result is None:
+            if self.status(job_id) is None:
+                raise JobError(no_such_job(job_id))
+            raise JobError(f"job {job_id} is not finished yet; only a failed or cancelled job can be retried")
+        if result.get("status") not in (FAILED, CANCELLED):
+            raise JobError(f"job {job_id} is {result.get('status')}; only a failed or cancelled job can be retried")
         params = result.get("params")
         if not params:
-            message = (result.get("error") or {}).get("message", "no parameters recorded")
-            raise JobError(f"job {job_id} cannot be retried as it is: {message}",
-                           hint="fix the job and submit it again under a new id")
+            error = result.get("error") or {}
+            # A refused duplicate's recorded message already ends with the same
+            # advice (an error's hint is part of its message in the result).
+            hint = None if error.get("type") == "duplicate_id" else "fix the job and submit it again under a new id"
+            raise JobError(f"job {job_id} cannot be retried as it is: "
+                           f"{error.get('message', 'no parameters recorded')}", hint=hint)
         # Exactly what the daemon used (its defaults included), so the retry is the same job.
         body = {k: v for k, v in params.items() if v is not None}
         body["metadata"] = result.get("metadata") or {}
         data = (json.dumps(body, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-        retried = self.state / "retried"
+        retried = self.spool.retried
         retried.mkdir(parents=True, exist_ok=True)
         n = 1
         while (retried / f"{job_id}.{n}.json").exists():
             n += 1
         # The old result leaves and the id is released before the job comes back,
-        # or the daemon would take it for a second job under a used id.
-        os.rename(self.outbox / f"{job_id}.json", retried / f"{job_id}.{n}.json")
-        for stale in (self.state / "ids" / job_id, self.state / "cancel" / job_id):
-            try:
-                os.unlink(stale)
-            except FileNotFoundError:
-                pass
+        # or the daemon would take it for a second job under a used id. (Without
+        # its result the id is free anyway, unless the old file is still claimed
+        # for other jobs of its batch: the release covers that.)
+        os.rename(self.spool.result_path(job_id), retried / f"{job_id}.{n}.json")
+        claim = result.get("input", {}).get("claim")
+        if isinstance(claim, str):
+            self.spool.ledger.release(job_id, claim)
+        self.spool.clear_cancel(job_id)
         _publish_new(self.inbox, f"{job_id}.json", data)
         return f"{job_id}.json"
 
@@ -165,7 +172,7 @@ class Client:
 
     def result(self, job_id: str) -> dict[str, Any] | None:
         """The finished job's outbox JSON, or None while it is not finished."""
-        return read_json(self.outbox / f"{job_id}.json")
+        return read_json(self.spool.result_path(job_id))
 
     def image_paths(self, result: Mapping[str, Any]) -> list[Path]:
         return [self.outbox / image["file"] for image in result.get("images", [])]
@@ -188,10 +195,10 @@ class Client:
         from .peers import is_alive
 
         out = []
-        for path in sorted(_scandir(self.state / "daemons", ".json")):
+        for owner, path in self.spool.status_files():
             status = read_json(path)
             if status is not None:
-                status["alive"] = is_alive(path.stem, path.parent)
+                status["alive"] = is_alive(owner, self.spool.daemons)
                 out.append(status)
         return out
 
@@ -231,7 +238,9 @@ class Client:
         return None
 
     def jobs(self) -> list[JobState]:
-        """Every job the spool knows: pending, running, then finished, oldest first."""
+        """Every job the spool knows: pending, running, then finished, oldest first.
+        Raises ``ConfigError`` when the inbox does not exist."""
+        self._check_inbox()
         running = {job for d in self.daemons() if d["alive"] and d.get("state") == "rendering"
                    for job in _rendering(d.get("current") or {})}
         pending: dict[str, JobState] = {}
@@ -255,7 +264,7 @@ class Client:
                 continue
             out.append(JobState(str(result.get("id", path.stem)), str(result["status"]),
                                 str(result.get("params", {}).get("prompt", "")),
-                                _parse_time(result.get("timings", {}).get("finished_at")) or path.stat().st_mtime,
+                                parse_iso(result.get("timings", {}).get("finished_at")) or path.stat().st_mtime,
                                 str(result.get("input", {}).get("file", "")),
                                 (result.get("error") or {}).get("message")))
         out.extend(pending.values())
@@ -272,7 +281,7 @@ class Client:
         for path, mtime, entries in _job_files(self.inbox, self.rules):
             for entry in entries:
                 yield path, mtime, entry, False
-        for folder in self._work_folders():
+        for folder in self.spool.work_folders():
             for path, mtime, entries in _job_files(folder, self.rules):
                 for entry in entries:
                     yield path, mtime, entry, True
@@ -282,6 +291,7 @@ class Client:
         result = self.result(job_id)
         if result is not None:
             return result
+        self._check_inbox()
         found: tuple[str, Entry] | None = None
         for path, _, entry, in_work in self._unfinished():
             if entry.id == job_id and (found is None or in_work):
@@ -299,6 +309,11 @@ class Client:
         else:
             out["error"] = entry.error.to_dict()
         return out
+
+
+def no_such_job(job_id: str) -> str:
+    """What every command says of an id that is neither queued, running nor finished."""
+    return f"no job {job_id} in the inbox, the work folders or the outbox"
 
 
 def validate_file(path: str | os.PathLike[str], rules: Rules, name: str | None = None) -> list[Entry]:
@@ -359,13 +374,3 @@ def _job_files(folder: Path, rules: Rules) -> Iterator[tuple[str, float, list[En
             continue
         yield path, mtime, validate_file(path, rules)
 
-
-def _parse_time(text: Any) -> float | None:
-    if not isinstance(text, str):
-        return None
-    from datetime import datetime
-
-    try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None

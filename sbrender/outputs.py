@@ -321,6 +321,3 @@ class PublishedImage:
         return {"file": self.file, "seed": self.seed, "width": self.width, "height": self.height,
                 "sha256": self.sha256}
 
-
-def result_name(job_id: str) -> str:
-    return f"{job_id}.json"

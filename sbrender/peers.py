@@ -16,9 +16,10 @@ import os
 import re
 import socket
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from .results import parse_iso
 
 
 # Heartbeats are written at least every few seconds (each denoising step, each
@@ -80,11 +81,8 @@ def process_start(pid: int) -> str | None:
 
 def heartbeat_age(status: dict[str, Any] | None, now: float | None = None) -> float | None:
     """Seconds since the status file's heartbeat, or None when there is none."""
-    if not status or not isinstance(status.get("heartbeat"), str):
-        return None
-    try:
-        beat = datetime.fromisoformat(status["heartbeat"].replace("Z", "+00:00")).timestamp()
-    except ValueError:
+    beat = parse_iso(status.get("heartbeat")) if status else None
+    if beat is None:
         return None
     return (time.time() if now is None else now) - beat
 

@@ -20,14 +20,29 @@ from .errors import SbrenderError
 from .jobs import Entry, Job
 
 SCHEMA_VERSION = 1
+# A result's status; before it has one, a job is pending (queued) or running.
 SUCCEEDED = "succeeded"
 FAILED = "failed"
 CANCELLED = "cancelled"
+PENDING = "pending"
+RUNNING = "running"
+STATES = (PENDING, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 
 
 def iso(ts: float) -> str:
     """ISO-8601 UTC with milliseconds, e.g. ``2026-11-25T10:54:59.123Z``."""
     return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_iso(text: Any) -> float | None:
+    """The epoch seconds of an ``iso()`` time (any ISO-8601 with a zone); None when
+    ``text`` is not one."""
+    if not isinstance(text, str):
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
 
 
 def input_record(name: str, data: bytes, claim: str, entry_index: int | None, batch_size: int) -> dict[str, Any]:

@@ -7,7 +7,8 @@
     state/done/            archived input: every job in it succeeded
     state/failed/          archived input: at least one job in it failed
     state/daemons/         one status file per daemon, with its heartbeat
-    state/ids/             one reservation per job id: ids are never reused
+    state/ids/<id>         the id ledger: the claim token of the file the id is
+                           reserved for, while it runs or has a result (ledger.py)
     state/attempts/        how often a file was being rendered when a daemon died
     outbox/                <id>.png / <id>-<k>.png, then <id>.json last
 
@@ -25,10 +26,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import peers
+from . import ledger, peers
 from .errors import SpoolError
 from .ids import is_job_file_name
-from .outputs import fsync_dir, temp_name, temp_owner, write_synced
+from .outputs import temp_owner
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ class FileInfo:
     @property
     def claim_token(self) -> str:
         """Identifies this very file (not its name) across renames: inode and mtime."""
-        return f"{self.ino}-{self.mtime_ns}"
+        return ledger.claim_token(self.ino, self.mtime_ns)
 
 
 class Spool:
@@ -87,6 +88,7 @@ class Spool:
         self.attempts = state / "attempts"
         self.cancel = state / "cancel"
         self.retried = state / "retried"
+        self.ledger = ledger.Ledger(self.ids, self.result_path, self.work_folders)
 
     def prepare(self) -> None:
         """Create missing folders and check they can work together; ``SpoolError`` otherwise."""
@@ -128,13 +130,6 @@ class Spool:
                                 "over it, or the folder re-created)")
         return problems
 
-    def check(self) -> None:
-        """Fail when the folders exist but are unusable, without creating anything."""
-        for folder in (self.inbox, self.outbox):
-            if not folder.is_dir():
-                raise SpoolError(f"folder {folder} does not exist",
-                                 hint="start the daemon once, or create it, or fix the setting")
-
     # --- listing -----------------------------------------------------------------
 
     def _list(self, folder: Path) -> list[FileInfo]:
@@ -157,8 +152,15 @@ class Spool:
         list of them all."""
         return self._iter(self.inbox)
 
-    def claimed_files(self) -> list[FileInfo]:
-        return self._list(self.work)
+    def work_folders(self) -> list[Path]:
+        """Where daemons keep claimed files: one folder per daemon, and ``state/work/``
+        itself (where versions before owners claimed)."""
+        try:
+            with os.scandir(self.works) as it:
+                owners = [Path(e.path) for e in it if e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            return []
+        return [self.works, *owners]
 
     def orphans(self) -> Iterator[tuple[str, FileInfo]]:
         """Files claimed by daemons that are gone (and by pre-owner versions, which
@@ -203,9 +205,6 @@ class Spool:
             return None
         return target
 
-    def archived_files(self) -> list[tuple[str, FileInfo]]:
-        return [("done", f) for f in self._list(self.done)] + [("failed", f) for f in self._list(self.failed)]
-
     # --- moves -------------------------------------------------------------------
 
     def claim(self, name: str) -> Path | None:
@@ -240,33 +239,10 @@ class Spool:
     # --- ids and attempts ----------------------------------------------------------
 
     def reserve(self, job_id: str, claim: str) -> bool:
-        """Reserve ``job_id`` for the file with this claim token. True when it is
-        ours (new, or reserved by this very file before a crash); False when another
-        file holds it. The reservation is a file created exclusively, so two daemons
-        cannot both win."""
-        path = self.ids / job_id
-        # Written whole and synced under a temp name, then linked into place (link
-        # fails if the name exists): a crash never leaves an empty reservation.
-        temp = self.ids / temp_name(job_id)
-        write_synced(temp, claim.encode())
-        try:
-            os.link(temp, path)
-        except FileExistsError:
-            try:
-                return path.read_text() == claim
-            except OSError:
-                return False
-        finally:
-            os.unlink(temp)
-        fsync_dir(self.ids)
-        return True
-
-    def release(self, job_id: str) -> None:
-        """Give an id back (``sbrender retry``)."""
-        try:
-            os.unlink(self.ids / job_id)
-        except FileNotFoundError:
-            pass
+        """Reserve ``job_id`` for the file with this claim token: True when it is ours
+        (new, taken over from a stale reservation, or this very file's before a
+        crash); False when another file's live reservation holds it (ledger.py)."""
+        return self.ledger.reserve(job_id, claim)
 
     def count_attempt(self, claim: str, job_id: str) -> int:
         """One more daemon died while rendering this job of this file; the count."""
@@ -323,6 +299,19 @@ class Spool:
                     pass
         return removed
 
+    # --- daemons -------------------------------------------------------------------
+
     def status_path(self, owner: str) -> Path:
-        """``state/daemons/<owner>.json``: a daemon's status file."""
+        """The status file of the daemon named ``owner``."""
         return self.daemons / f"{owner}.json"
+
+    def status_files(self) -> Iterator[tuple[str, Path]]:
+        """``(owner, path)`` of each daemon's status file."""
+        try:
+            with os.scandir(self.daemons) as it:
+                names = [e.name for e in it]
+        except FileNotFoundError:
+            return
+        for name in sorted(names):
+            if name.endswith(".json") and not name.startswith("."):
+                yield name[: -len(".json")], self.daemons / name

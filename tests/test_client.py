@@ -338,3 +338,105 @@ def test_client_from_the_daemons_config_uses_its_limits(tmp_path: Path, monkeypa
     with pytest.raises(JobError, match="limits.max_steps"):
         client.submit("too many steps", steps=41)
     assert client.submit("fine", steps=40)
+
+
+# --- the id ledger: one story -----------------------------------------------------------
+
+
+def reservation(client: Client, job_id: str, file: Path) -> None:
+    """``state/ids/<id>`` as a daemon leaves it: the claim token of ``file``."""
+    st = os.stat(file)
+    (client.state / "ids").mkdir(parents=True, exist_ok=True)
+    (client.state / "ids" / job_id).write_text(f"{st.st_ino}-{st.st_mtime_ns}")
+
+
+def test_an_id_is_in_use_only_while_a_job_holds_it(client: Client) -> None:
+    """A daemon renders cats.yaml: job 1 failed, job 2 runs. Retrying job 1 gives
+    its id back to the retried file; job 2's id is held while its file is claimed.
+    Then the file is archived and a person deletes outbox/cats-002.*: every call
+    says there is no such job, and the id can be used again."""
+    from sbrender.spool import Spool
+
+    claim(client, owner_name(), "cats.yaml", "- prompt: one\n- prompt: two\n")
+    claimed = client.state / "work" / owner_name() / "cats.yaml"
+    st = os.stat(claimed)
+    for job_id in ("cats-001", "cats-002"):
+        reservation(client, job_id, claimed)
+    result(client, "cats-001", FAILED, "one", "2026-01-01T00:00:00.000Z",
+           error={"type": "render", "message": "out of memory"}, input={"claim": f"{st.st_ino}-{st.st_mtime_ns}"})
+
+    assert client.retry("cats-001") == "cats-001.json"
+    daemon = Spool(client.inbox, client.outbox, client.state, owner=owner_name())
+    retried = daemon.claim("cats-001.json")
+    assert retried is not None
+    info = os.stat(retried)
+    assert daemon.reserve("cats-001", f"{info.st_ino}-{info.st_mtime_ns}"), "the retried file gets its id back"
+
+    assert client.is_known("cats-002")
+    with pytest.raises(JobError, match="already in use"):
+        client.submit("a cat", job_id="cats-002")
+
+    (client.state / "done").mkdir()
+    os.rename(claimed, client.state / "done" / "cats.yaml")  # finished; its result then removed
+    assert not client.is_known("cats-002")
+    assert client.show("cats-002") is None
+    with pytest.raises(JobError, match="no job cats-002 in the inbox, the work folders or the outbox"):
+        client.retry("cats-002")
+    assert client.submit("a cat again", job_id="cats-002") == "cats-002"
+
+
+# --- messages -------------------------------------------------------------------------------
+
+
+def test_retry_says_whether_a_job_is_unknown_or_not_finished_yet(client: Client) -> None:
+    with pytest.raises(JobError) as unknown:
+        client.retry("nobody")
+    assert str(unknown.value) == "no job nobody in the inbox, the work folders or the outbox"
+    (client.inbox / "cat.yaml").write_text("prompt: a cat\n")
+    with pytest.raises(JobError) as pending:
+        client.retry("cat")
+    assert str(pending.value) == "job cat is not finished yet; only a failed or cancelled job can be retried"
+
+
+def test_retry_of_a_refused_duplicate_gives_its_advice_once(client: Client) -> None:
+    """A ``.dupN`` result's message already holds its error's hint."""
+    path = client.outbox / "cat.dup1.json"
+    path.write_text(json.dumps({
+        "schema": 1, "id": "cat.dup1", "status": FAILED, "input": {"file": "cat.json", "claim": "1-2"},
+        "images": [], "error": {"type": "duplicate_id", "message": "job id cat is already used by cat.yaml; ids "
+                                "are never reused (submit it again under a new id (rename the file))"}}))
+    with pytest.raises(JobError) as info:
+        client.retry("cat.dup1")
+    assert str(info.value).count("under a new id") == 1, str(info.value)
+
+
+def cli(tmp_path: Path, *args: str) -> Any:
+    from click.testing import CliRunner
+
+    from sbrender.cli import main
+
+    folders = ["--inbox", str(tmp_path / "inbox"), "--outbox", str(tmp_path / "outbox"),
+               "--state", str(tmp_path / "state")]
+    return CliRunner().invoke(main, [*args, *folders], env={"SBRENDER_CONFIG": str(tmp_path / "none.yaml")})
+
+
+def test_jobs_refuses_a_missing_inbox_as_submit_does(tmp_path: Path) -> None:
+    (tmp_path / "none.yaml").write_text("{}\n")
+    listed = cli(tmp_path, "jobs")
+    submitted = cli(tmp_path, "submit", "a cat")
+    assert (listed.exit_code, submitted.exit_code) == (2, 2)
+    assert listed.output == submitted.output == (
+        f"sbrender: error: inbox {tmp_path / 'inbox'} does not exist (start the daemon once or create the folder)\n")
+
+
+def test_jobs_shows_each_job_on_one_line(client: Client) -> None:
+    tmp_path = client.inbox.parent
+    (tmp_path / "none.yaml").write_text("{}\n")
+    (client.inbox / "poem.yaml").write_text("prompt: |\n  a cat\n  on a   mat\n")
+    (client.inbox / "long.yaml").write_text(f"prompt: {'x' * 100}\n")
+    shown = cli(tmp_path, "jobs")
+    assert shown.exit_code == 0, shown.output
+    lines = shown.output.splitlines()
+    assert len(lines) == 3, lines
+    assert lines[1].endswith("a cat on a mat") or lines[2].endswith("a cat on a mat"), lines
+    assert any(line.endswith("x" * 79 + "…") for line in lines), lines

@@ -148,6 +148,30 @@ def test_finished_id_is_never_reused(live: tuple[Spool, DaemonProcess]) -> None:
     assert (spool.outbox / "once.png").read_bytes() == png
 
 
+def test_an_id_whose_result_was_removed_is_used_again(live: tuple[Spool, DaemonProcess], model_cache: Path) -> None:
+    """A person clears a result from the outbox: the id is free again for every
+    command, and a new job under it renders as itself, not as ``<id>.dup1``."""
+    spool, _ = live
+    env = daemon_env(model_cache)
+    spool.drop("again.yaml", "prompt: first\nseed: 1\n")
+    assert spool.result("again")["status"] == "succeeded"
+    for path in spool.outbox.glob("again.*"):
+        path.unlink()
+    shown = sbrender("show", "again", *spool.cli_args(), env=env, cwd=spool.root)
+    assert shown.returncode == 1 and "no job again in" in shown.stderr
+    submitted = sbrender("submit", "second", "--seed", "2", "--id", "again", *spool.cli_args(), env=env,
+                         cwd=spool.root)
+    assert submitted.returncode == 0, submitted.stderr
+    result = spool.result("again")
+    assert result["status"] == "succeeded" and result["params"]["prompt"] == "second"
+    for path in spool.outbox.glob("again.*"):
+        path.unlink()
+    spool.drop("again.yaml", "prompt: third\nseed: 3\n")
+    result = spool.result("again")
+    assert result["status"] == "succeeded" and result["params"]["prompt"] == "third"
+    assert not list(spool.outbox.glob("again.dup*"))
+
+
 def test_slow_writer_is_not_read_half_written(live: tuple[Spool, DaemonProcess]) -> None:
     """A file written in place (an editor, `cp`), in pieces with pauses, is read whole.
 
