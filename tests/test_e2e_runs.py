@@ -58,7 +58,7 @@ def test_same_seed_gives_identical_pngs_across_runs(tmp_path: Path, model_cache:
 
 
 @pytest.mark.parametrize("model, env, expected", [
-    ("/nonexistent/sd-folder", {}, "neither a built-in model, an existing folder, nor a Hugging Face repo id"),
+    ("/nonexistent/sd-folder", {}, "model /nonexistent/sd-folder is a path, and /nonexistent/sd-folder does not exist"),
     ("someone/not-in-cache", {"SBRENDER_OFFLINE": "true"}, "offline is on"),
 ])
 def test_missing_model_stops_the_start(spool: Spool, model_cache: Path, tmp_path: Path, model: str,
