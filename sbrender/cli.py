@@ -1,7 +1,7 @@
 """The command line: parse options, call the core, print the result.
 
-Only ``run`` imports torch and diffusers (lazily); every other command stays
-light, because Django hosts and shells call them.
+Only ``run`` imports torch and diffusers (lazily, after ``preflight``); every other
+command stays light, because Django hosts and shells call them.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .jobs import Job, Rules
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_FAILED = 1  # a job failed, a file is invalid, something is not found
-EXIT_CONFIG = 2  # bad configuration or usage (click uses 2 for usage too)
+EXIT_CONFIG = 2  # bad configuration or usage (click uses 2 for usage too), a model or spool `run` refuses
 
 
 def folder_options(func: F) -> F:
@@ -97,7 +97,12 @@ def run(config_file: str | None, once: bool, **flags: Any) -> None:
     """Run the daemon in the foreground (what systemd starts)."""
     keys = {"watch_mode": "watch.mode", "log_format": "log.format"}
     settings = _settings(config_file, **{keys.get(k, k): v for k, v in flags.items()})
-    from . import logs
+    from . import logs, preflight
+
+    try:  # before torch: a start that cannot work stops at once
+        preflight.check(settings)
+    except SbrenderError as err:
+        _fail(str(err), EXIT_CONFIG)
 
     logs.configure(settings["log.format"], settings["log.level"])
     from .service import Service

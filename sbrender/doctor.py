@@ -114,7 +114,7 @@ def check_model(s: Settings) -> list[Finding]:
     from .errors import ModelError
 
     try:
-        if s.model in models.BUILTINS:
+        if models.check(s.model, s["model_config"], offline=models.is_offline(s["offline"])) == "builtin":
             return [Finding(OK, "model", f"{s.model}: built-in, random weights (images are noise)")]
         ref = models.resolve(s.model, s.cache, s["model_config"])
     except ModelError as err:
@@ -131,9 +131,6 @@ def check_model(s: Settings) -> list[Finding]:
     cached = try_to_load_from_cache(ref.location, "model_index.json")
     if isinstance(cached, str):
         return [Finding(OK, "model", f"{ref.location} is in the Hugging Face cache ({Path(cached).parents[2]})")]
-    if s["offline"]:
-        return [Finding(FAIL, "model", f"{ref.location} is not in the Hugging Face cache and offline is on",
-                        f"download it once (`hf download {ref.location}`) or set offline: false")]
     return [Finding(WARN, "model", f"{ref.location} is not cached: the first start downloads about 4 GB",
                     f"`hf download {ref.location}` ahead of time, then offline: true")]
 

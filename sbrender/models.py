@@ -6,7 +6,9 @@ original LDM layout of A1111's community models). The first three end in the sam
 ``StableDiffusionPipeline.from_pretrained`` call: built-in models are built once
 from configs, saved to the cache, and loaded from there like any folder. A
 checkpoint goes through ``from_single_file`` with the config files of a local
-diffusers folder (``model_config``), never the network.
+diffusers folder (``model_config``), never the network. A setting spelled as a
+path (``./x``, ``~/x``, ``/x``, ``a/b/c``) or naming an existing file or folder is
+a path; only ``owner/name`` can be a repo id.
 """
 
 from __future__ import annotations
@@ -25,7 +27,11 @@ from typing import Any
 
 from .errors import ModelError
 
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# owner/name, each part a valid Hugging Face name: letters, digits, "-", "_", ".", at most 96,
+# starting with a letter or digit, ending with a word character, no "--" or "..".
+_HUB_PART = r"(?![\w.-]*(?:--|\.\.))[A-Za-z0-9](?:[\w.-]{0,94}\w)?"
+HUB_ID = re.compile(rf"{_HUB_PART}/{_HUB_PART}", re.ASCII)
+_TRUE = {"1", "true", "yes", "on"}
 RANDOM_NOTE = "random weights: images are noise; for tests and plumbing only"
 CHECKPOINT_SUFFIX = ".safetensors"
 # Pickled checkpoints: loading one runs whatever code it holds.
@@ -205,45 +211,117 @@ def ensure_builtin(builtin: Builtin, cache: Path) -> Path:
 
 # --- resolving a model setting --------------------------------------------------
 
-def resolve(name: str, cache: Path, config: str = "") -> ModelRef:
-    """Which source a model setting names; a folder or file that is not there is an
-    error here. ``config`` is the ``model_config`` setting, used by checkpoints."""
-    if name in BUILTINS:
-        builtin = BUILTINS[name]
-        return ModelRef(name, "builtin", str(ensure_builtin(builtin, cache)), builtin.random_weights)
-    path = Path(name).expanduser()
-    if path.suffix.lower() in (CHECKPOINT_SUFFIX, *PICKLE_SUFFIXES) or path.is_file():
-        return _checkpoint(name, path, cache, config)
-    if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise ModelError(f"model folder {path} has no model_index.json",
-                             hint="point model at a diffusers pipeline folder (saved with save_pretrained)")
-        return ModelRef(name, "folder", str(path.absolute()))
-    if HUB_ID.fullmatch(name) and not name.startswith((".", "~")):
-        return ModelRef(name, "hub", name)
-    raise ModelError(
-        f"model {name!r} is neither a built-in model, an existing folder, nor a Hugging Face repo id",
-        hint=f"use one of {', '.join(BUILTINS)}, a diffusers folder path, or an id like "
-             "stable-diffusion-v1-5/stable-diffusion-v1-5")
+def is_offline(setting: bool) -> bool:
+    """Whether nothing may be downloaded: the ``offline`` setting, or huggingface_hub's
+    own ``HF_HUB_OFFLINE``, which diffusers obeys whatever the setting says."""
+    return setting or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
 
 
-# --- single-file checkpoints ----------------------------------------------------
+def looks_like_path(name: str) -> bool:
+    """A model setting spelled as a path: starting with ``.``, ``/`` or ``~``, or with a
+    ``/`` that does not make an ``owner/name`` repo id."""
+    return name.startswith((".", "/", "~")) or ("/" in name and not HUB_ID.fullmatch(name))
 
-def _checkpoint(name: str, path: Path, cache: Path, config: str) -> ModelRef:
+
+# Which source a model setting names: the first row that matches. An existing file or
+# folder wins over a repo id of the same spelling (``models/sd15`` in the working directory).
+SOURCES: tuple[tuple[str, Callable[[str, Path], bool]], ...] = (
+    ("builtin", lambda name, path: name in BUILTINS),
+    ("checkpoint", lambda name, path: path.suffix.lower() in (CHECKPOINT_SUFFIX, *PICKLE_SUFFIXES)
+     or path.is_file()),
+    ("folder", lambda name, path: path.exists() or looks_like_path(name)),
+    ("hub", lambda name, path: HUB_ID.fullmatch(name) is not None),
+)
+
+
+def _where(path: Path) -> str:
+    return "" if path.is_absolute() else f", relative to the working directory {Path.cwd()} or absolute"
+
+
+def _check_folder(name: str, path: Path, config: str, offline: bool) -> None:
+    if not path.exists():
+        raise ModelError(f"model {name} is a path, and {path.absolute()} does not exist",
+                         hint="set model to the path of an existing diffusers pipeline folder or .safetensors "
+                              "checkpoint" + _where(path))
+    if not (path / "model_index.json").is_file():
+        raise ModelError(f"model folder {path} has no model_index.json",
+                         hint="point model at a diffusers pipeline folder (saved with save_pretrained)")
+
+
+def _check_hub(name: str, path: Path, config: str, offline: bool) -> None:
+    """Offline, a repo id must be in the cache. Online too when its owner part is a
+    folder here: then it is more likely a path that does not exist than a repo to fetch."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # no render stack: `run` says so when it imports it
+        return
+    if isinstance(try_to_load_from_cache(name, "model_index.json"), str):
+        return
+    owner = Path(name.split("/")[0])
+    if not offline and not owner.is_dir():
+        return  # downloaded at the first start
+    message = (f"{name} is not in the Hugging Face cache" + (" and offline is on" if offline else "")
+               + ": it is neither a cached hub model nor an existing folder")
+    if owner.is_dir():
+        message += f"; {owner.absolute()} exists but not {path.absolute()}, so it may be a path that does not exist"
+    fix = f"download it once (`hf download {name}`)" + (" or set offline: false" if offline else "")
+    raise ModelError(message, hint=f"{fix}; for a local folder, set model to its path{_where(path)}")
+
+
+def _check_checkpoint(name: str, path: Path, config: str, offline: bool) -> None:
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ModelError(f"model {path} is a pickled checkpoint ({path.suffix}); loading one can run any code "
                          "it holds, so sbrender does not", hint="use the model's .safetensors download, or "
                          "convert the file once, where you trust it, with safetensors.torch.save_file")
     if not path.is_file():
         raise ModelError(f"model checkpoint {path} does not exist" if not path.exists() else
-                         f"model checkpoint {path} is not a file", hint="check the model path")
+                         f"model checkpoint {path} is not a file", hint="check the model path" + _where(path))
     if path.suffix.lower() != CHECKPOINT_SUFFIX:
         raise ModelError(f"model file {path} is not a {CHECKPOINT_SUFFIX} checkpoint",
                          hint="point model at a .safetensors checkpoint, a diffusers folder or a repo id")
     _check_safetensors(path)
-    folder = _config_folder(path, config)
-    return ModelRef(name, "checkpoint", str(path.absolute()), config=str(folder), sha256=file_sha256(path, cache))
+    _config_folder(path, config)
 
+
+CHECKS: dict[str, Callable[[str, Path, str, bool], None]] = {
+    "builtin": lambda name, path, config, offline: None,  # built at the first load
+    "folder": _check_folder,
+    "hub": _check_hub,
+    "checkpoint": _check_checkpoint,
+}
+
+
+def check(name: str, config: str = "", *, offline: bool = False) -> str:
+    """The source a model setting names (a row of ``SOURCES``), after every check that
+    needs neither torch nor a download: a file or folder that is not there, a checkpoint's
+    header and ``model_config``, a repo id missing from the cache when ``offline``.
+    Builds and hashes nothing; ``ModelError`` says what to fix."""
+    path = Path(name).expanduser()
+    kind = next((kind for kind, matches in SOURCES if matches(name, path)), None)
+    if kind is None:
+        raise ModelError(
+            f"model {name!r} is neither a built-in model, an existing folder, nor a Hugging Face repo id",
+            hint=f"use one of {', '.join(BUILTINS)}, a diffusers folder path, or an id like "
+                 "stable-diffusion-v1-5/stable-diffusion-v1-5")
+    CHECKS[kind](name, path, config, offline)
+    return kind
+
+
+def resolve(name: str, cache: Path, config: str = "", *, offline: bool = False) -> ModelRef:
+    """Which source a model setting names, checked as by ``check``; a built-in model
+    is built here and a checkpoint hashed. ``config`` is the ``model_config`` setting."""
+    kind = check(name, config, offline=offline)
+    path = Path(name).expanduser()
+    if kind == "builtin":
+        builtin = BUILTINS[name]
+        return ModelRef(name, "builtin", str(ensure_builtin(builtin, cache)), builtin.random_weights)
+    if kind == "checkpoint":
+        return ModelRef(name, "checkpoint", str(path.absolute()), config=str(_config_folder(path, config)),
+                        sha256=file_sha256(path, cache))
+    return ModelRef(name, kind, str(path.absolute()) if kind == "folder" else name)
+
+
+# --- single-file checkpoints ----------------------------------------------------
 
 def _check_safetensors(path: Path) -> None:
     """Refuse a file that is not a whole safetensors checkpoint of an SD UNet

@@ -81,8 +81,10 @@ class DiffusersRenderer:
             from .errors import ModelError
 
             raise ModelError("cannot load the model: injected fault (SBRENDER_TEST_FAULTS=load)")
-        self.ref = models.resolve(self.settings.model, self.settings.cache, self.settings["model_config"])
-        pipe = models.load_pipeline(self.ref, dtype=self.dtype, offline=self.settings["offline"],
+        offline = models.is_offline(self.settings["offline"])
+        self.ref = models.resolve(self.settings.model, self.settings.cache, self.settings["model_config"],
+                                  offline=offline)
+        pipe = models.load_pipeline(self.ref, dtype=self.dtype, offline=offline,
                                     safety_checker=self.settings["safety_checker"])
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)

@@ -113,7 +113,7 @@ def test_checkpoint_without_model_config_stops_the_start(spool: Spool, model_cac
     spool.drop("waiting.yaml", "prompt: must not be lost\n")
     proc = sbrender("run", "--model", str(checkpoint), *spool.cli_args(), cwd=spool.root,
                     env=daemon_env(model_cache))
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert f"model checkpoint {checkpoint} needs model_config" in proc.stderr
     assert "set model_config (SBRENDER_MODEL_CONFIG) to a diffusers folder" in proc.stderr
     assert "hf download stable-diffusion-v1-5/stable-diffusion-v1-5 --include '*.json'" in proc.stderr

@@ -38,3 +38,41 @@ def test_state_on_another_filesystem(spool: Spool, model_cache: Path) -> None:
     proc = sbrender("doctor", "--state", str(shm / "sbrender-doctor"), "--inbox", str(spool.inbox),
                     env=daemon_env(model_cache), cwd=spool.root)
     assert proc.returncode == 1 and "is not on the inbox's filesystem" in proc.stdout
+
+
+def test_a_mistyped_relative_model_folder_is_not_ready_to_run(spool: Spool, model_cache: Path,
+                                                              tmp_path: Path) -> None:
+    (spool.root / "models").mkdir()  # models/sd15 was meant as a folder in it
+    env = daemon_env(model_cache, SBRENDER_MODEL="models/sd15", HF_HOME=str(tmp_path / "hf"))
+    proc = sbrender("doctor", *spool.cli_args(), env=env, cwd=spool.root)
+    assert proc.returncode == 1
+    assert (f"fail  model: models/sd15 is not in the Hugging Face cache and offline is on: it is neither a cached "
+            f"hub model nor an existing folder; {spool.root / 'models'} exists but not "
+            f"{spool.root / 'models' / 'sd15'}, so it may be a path that does not exist\n"
+            "      fix: download it once (`hf download models/sd15`) or set offline: false; for a local folder, "
+            f"set model to its path, relative to the working directory {spool.root} or absolute\n") in proc.stdout
+    assert proc.stdout.splitlines()[-1] == "1 problem(s) to fix"
+
+    # Online, a repo id whose owner part is a folder here is more likely a wrong path than a download.
+    env["SBRENDER_OFFLINE"] = "false"
+    proc = sbrender("doctor", *spool.cli_args(), env=env, cwd=spool.root)
+    assert proc.returncode == 1 and "ready to run" not in proc.stdout
+    assert "fail  model: models/sd15 is not in the Hugging Face cache: it is neither a cached hub model" in proc.stdout
+
+
+def test_hf_hub_offline_makes_a_missing_repo_a_failure(spool: Spool, model_cache: Path, tmp_path: Path) -> None:
+    # diffusers obeys HF_HUB_OFFLINE whatever sbrender's offline says: the start could not download it.
+    env = daemon_env(model_cache, SBRENDER_OFFLINE="false", HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    proc = sbrender("doctor", "--model", "someone/missing-model", *spool.cli_args(), env=env, cwd=spool.root)
+    assert proc.returncode == 1
+    assert "fail  model: someone/missing-model is not in the Hugging Face cache and offline is on" in proc.stdout
+    assert "will download" not in proc.stdout and "ready to run" not in proc.stdout
+
+
+def test_a_model_path_that_does_not_exist_says_so(spool: Spool, model_cache: Path) -> None:
+    proc = sbrender("doctor", "--model", "./models/sd15", *spool.cli_args(), env=daemon_env(model_cache),
+                    cwd=spool.root)
+    assert proc.returncode == 1
+    assert (f"fail  model: model ./models/sd15 is a path, and {spool.root / 'models' / 'sd15'} does not exist\n"
+            "      fix: set model to the path of an existing diffusers pipeline folder or .safetensors checkpoint, "
+            f"relative to the working directory {spool.root} or absolute\n") in proc.stdout

@@ -58,7 +58,7 @@ def test_same_seed_gives_identical_pngs_across_runs(tmp_path: Path, model_cache:
 
 
 @pytest.mark.parametrize("model, env, expected", [
-    ("/nonexistent/sd-folder", {}, "neither a built-in model, an existing folder, nor a Hugging Face repo id"),
+    ("/nonexistent/sd-folder", {}, "model /nonexistent/sd-folder is a path, and /nonexistent/sd-folder does not exist"),
     ("someone/not-in-cache", {"SBRENDER_OFFLINE": "true"}, "offline is on"),
 ])
 def test_missing_model_stops_the_start(spool: Spool, model_cache: Path, tmp_path: Path, model: str,
@@ -66,7 +66,7 @@ def test_missing_model_stops_the_start(spool: Spool, model_cache: Path, tmp_path
     spool.drop("waiting.yaml", "prompt: must not be lost\n")
     proc = sbrender("run", "--model", model, *spool.cli_args(), cwd=spool.root,
                     env=daemon_env(model_cache, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", **env))
-    assert proc.returncode == 1
+    assert proc.returncode == 2  # bad configuration
     assert expected in proc.stderr
     assert (spool.inbox / "waiting.yaml").exists(), "a failed start must not touch the queue"
 
@@ -75,7 +75,7 @@ def test_folder_without_pipeline_is_refused(spool: Spool, model_cache: Path, tmp
     (tmp_path / "empty-model").mkdir()
     proc = sbrender("run", "--model", str(tmp_path / "empty-model"), *spool.cli_args(), cwd=spool.root,
                     env=daemon_env(model_cache))
-    assert proc.returncode == 1 and "has no model_index.json" in proc.stderr
+    assert proc.returncode == 2 and "has no model_index.json" in proc.stderr
 
 
 def test_local_folder_model_loads_through_the_same_path(spool: Spool, model_cache: Path) -> None:
@@ -216,7 +216,7 @@ def test_state_on_another_filesystem_is_refused(spool: Spool, model_cache: Path)
     state = shm / f"sbrender-test-{os.getpid()}"
     proc = sbrender("run", "--inbox", str(spool.inbox), "--outbox", str(spool.outbox), "--state", str(state),
                     env=daemon_env(model_cache), cwd=spool.root)
-    assert proc.returncode == 1 and "another filesystem" in proc.stderr
+    assert proc.returncode == 2 and "another filesystem" in proc.stderr
 
 
 def test_vanished_outbox_pauses_instead_of_losing_work(spool: Spool, start_daemon: Any) -> None:
