@@ -198,7 +198,7 @@ class Client:
         for owner, path in self.spool.status_files():
             status = read_json(path)
             if status is not None:
-                status["alive"] = is_alive(owner, self.spool.daemons)
+                status["alive"] = is_alive(owner, self.spool.status_path(owner))
                 out.append(status)
         return out
 

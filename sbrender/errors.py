@@ -88,3 +88,10 @@ class SpoolError(SbrenderError):
 
 class ShutdownRequested(BaseException):
     """Raised inside a render to stop it; deliberately not an ``Exception``."""
+
+
+def first_line(err: BaseException) -> str:
+    """A library exception's first line, for a message that names it (its
+    traceback goes to the log, not to the person who has to act)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

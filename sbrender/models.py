@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ModelError
+from .errors import ModelError, first_line
 
 # owner/name, each part a valid Hugging Face name: letters, digits, "-", "_", ".", at most 96,
 # starting with a letter or digit, ending with a word character, no "--" or "..".
@@ -438,8 +438,8 @@ def load_pipeline(ref: ModelRef, *, dtype: Any, offline: bool, safety_checker: b
                    if local_only else
                    "check the id and the network, or set offline: true and use a cached or local model")
             raise ModelError(f"cannot load model {ref.location} from the Hugging Face hub or cache "
-                             f"({where}): {_first_line(err)}", hint=how) from None
-        raise ModelError(f"cannot load model from {ref.location}: {_first_line(err)}",
+                             f"({where}): {first_line(err)}", hint=how) from None
+        raise ModelError(f"cannot load model from {ref.location}: {first_line(err)}",
                          hint="check that the folder holds a complete Stable Diffusion pipeline") from None
 
 
@@ -458,13 +458,13 @@ def _load_checkpoint(ref: ModelRef, dtype: Any, extra: dict[str, Any]) -> Any:
                                                         torch_dtype=dtype, **extra)
     except OSError as err:
         raise ModelError(f"cannot load checkpoint {ref.location} with the configs in {ref.config}: "
-                         f"{_first_line(err)}", hint=CONFIG_HINT) from None
+                         f"{first_line(err)}", hint=CONFIG_HINT) from None
     except (ValueError, RuntimeError, KeyError, TypeError, SingleFileComponentError) as err:
         # Weights of another architecture: diffusers' errors vary by where the shapes part.
         # A weight the checkpoint lacks is left unallocated ("meta") and fails when moved.
         # Only diffusers' first sentence: the rest advises loading with random weights.
         why = ("lacks weights the configs need" if "meta tensor" in str(err) else
-               f"{type(err).__name__}: {_first_line(err).split('. ')[0].replace('  ', ' ')}")
+               f"{type(err).__name__}: {first_line(err).split('. ')[0].replace('  ', ' ')}")
         raise ModelError(f"checkpoint {ref.location} does not fit the configs in {ref.config}: {why}",
                          hint=ARCH_HINT) from None
     missing = [f"{part}.{key}" for part in ("unet", "vae", "text_encoder")
@@ -489,11 +489,6 @@ def _safety_checker(ref: ModelRef, dtype: Any) -> Any:
         return StableDiffusionSafetyChecker.from_pretrained(str(folder), torch_dtype=dtype, local_files_only=True)
     except (OSError, ValueError) as err:
         raise ModelError(f"safety_checker is on but model_config {ref.config} holds no safety checker weights "
-                         f"({_first_line(err)})", hint="download them into it (`hf download "
+                         f"({first_line(err)})", hint="download them into it (`hf download "
                          "stable-diffusion-v1-5/stable-diffusion-v1-5 --include 'safety_checker/*' --local-dir "
                          f"{ref.config}`), or set safety_checker: false") from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -87,10 +87,11 @@ def heartbeat_age(status: dict[str, Any] | None, now: float | None = None) -> fl
     return (time.time() if now is None else now) - beat
 
 
-def is_alive(owner: str, daemons_dir: Path) -> bool:
-    """Whether the daemon named ``owner`` may still be working on its files."""
+def is_alive(owner: str, status_path: Path) -> bool:
+    """Whether the daemon named ``owner`` (its status file at ``status_path``) may
+    still be working on its files."""
     host, pid, start = split_owner(owner)
     if host == _host_part():
         return pid is not None and pid_alive(pid) and start == (process_start(pid) or "0")
-    age = heartbeat_age(read_status(daemons_dir / f"{owner}.json"))
+    age = heartbeat_age(read_status(status_path))
     return age is not None and age < STALE_S

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from . import __version__, faults, models, samplers, speedups
 from .config import Settings
-from .errors import RenderError, ShutdownRequested
+from .errors import RenderError, ShutdownRequested, first_line
 from .jobs import Job
 from .renderer import RenderOutput, StepCallback, call_key
 
@@ -188,11 +188,11 @@ class DiffusersRenderer:
         except torch.cuda.OutOfMemoryError as err:
             self._free_memory()
             raise RenderError(f"out of GPU memory rendering {sum(counts)} image(s) of {job.width}x{job.height} "
-                              f"({_first_line(err)})",
+                              f"({first_line(err)})",
                               hint="use a smaller width/height or count (or perf.batch_size); the daemon goes on"
                               ) from err
         except (RuntimeError, ValueError, TypeError, IndexError) as err:
-            raise RenderError(f"the pipeline failed: {type(err).__name__}: {_first_line(err)}") from err
+            raise RenderError(f"the pipeline failed: {type(err).__name__}: {first_line(err)}") from err
         if stopped:
             raise ShutdownRequested()
         timings["inference_finished"] = time.time()
@@ -222,8 +222,3 @@ class DiffusersRenderer:
     def _free_memory(self) -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

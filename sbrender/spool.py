@@ -172,7 +172,7 @@ class Spool:
         except FileNotFoundError:
             return
         for owner in owners:
-            if owner == self.owner or peers.is_alive(owner, self.daemons):
+            if owner == self.owner or peers.is_alive(owner, self.status_path(owner)):
                 continue
             for info in self._list(self.works / owner):
                 yield owner, info
@@ -290,7 +290,7 @@ class Spool:
         for folder in (self.outbox, self.state, self.daemons, self.ids):
             for entry in os.scandir(folder):
                 owner = temp_owner(entry.name)
-                if owner is None or owner == self.owner or peers.is_alive(owner, self.daemons):
+                if owner is None or owner == self.owner or peers.is_alive(owner, self.status_path(owner)):
                     continue
                 try:
                     os.unlink(entry.path)
