@@ -190,7 +190,8 @@ class FileBroker:
             elif self.queue.stale(pick):
                 continue  # its file was read again after a claim in this batch
             self.queue.dispatch(cand, pick.entry)
-            out.append(Take(self._delivery(cand), cand.entries.index(pick.entry)))
+            index = next(i for i, e in enumerate(cand.entries) if e is pick.entry)
+            out.append(Take(self._delivery(cand), index))
         return out
 
     def _delivery(self, cand: Candidate) -> Delivery:

@@ -24,7 +24,7 @@ from . import __version__, faults, models, samplers, speedups
 from .config import Settings
 from .errors import RenderError, ShutdownRequested, first_line
 from .jobs import Job
-from .renderer import RenderOutput, StepCallback, call_key
+from .renderer import RenderOutput, StepCallback, call_key, only
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -132,10 +132,7 @@ class DiffusersRenderer:
     batch_key = staticmethod(call_key)
 
     def render(self, job: Job, seeds: list[int], on_step: StepCallback | None = None) -> RenderOutput:
-        out = self.render_batch([(job, seeds)], on_step)[0]
-        if isinstance(out, RenderError):
-            raise out
-        return out
+        return only(self.render_batch([(job, seeds)], on_step))
 
     def render_batch(self, items: list[tuple[Job, list[int]]],
                      on_step: StepCallback | None = None) -> list[RenderOutput | RenderError]:

@@ -56,3 +56,12 @@ def call_key(entry: Entry) -> Hashable | None:
     if not isinstance(entry, Job):
         return None
     return (entry.width, entry.height, entry.steps, entry.sampler, entry.guidance_scale)
+
+
+def only(outs: list[RenderOutput | RenderError]) -> RenderOutput:
+    """The output of a one-job ``render_batch``, its error raised: ``render`` in
+    terms of ``render_batch``."""
+    (out,) = outs
+    if isinstance(out, RenderError):
+        raise out
+    return out

@@ -23,7 +23,7 @@ from sbrender.config import load_settings
 from sbrender.errors import RenderError, ShutdownRequested
 from sbrender.jobs import Job
 from sbrender.memorybroker import MemoryBroker
-from sbrender.renderer import RenderOutput, StepCallback, call_key
+from sbrender.renderer import RenderOutput, StepCallback, call_key, only
 from sbrender.service import Service
 
 
@@ -48,10 +48,7 @@ class ScriptedRenderer:
                 "device": "cpu", "dtype": "none", "versions": {}}
 
     def render(self, job: Job, seeds: list[int], on_step: StepCallback | None = None) -> RenderOutput:
-        out = self.render_batch([(job, seeds)], on_step)[0]
-        if isinstance(out, RenderError):
-            raise out
-        return out
+        return only(self.render_batch([(job, seeds)], on_step))
 
     def render_batch(self, items: list[tuple[Job, list[int]]],
                      on_step: StepCallback | None = None) -> list[RenderOutput | RenderError]:
