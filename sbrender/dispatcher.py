@@ -29,7 +29,7 @@ from .errors import DuplicateJobError, JobCancelled, RenderError, SbrenderError,
 from .jobs import SEED_MAX, BadJob, Entry, Job
 from .models import infotext_name
 from .outputs import image_names, infotext
-from .renderer import Renderer, RenderOutput
+from .renderer import Renderer, RenderOutput, call_key
 from .writer import Writer
 
 log = structlog.get_logger("sbrender")
@@ -69,6 +69,7 @@ class Dispatcher:
                  finished: Callable[[Slot, dict[str, Any]], None]) -> None:
         self.broker = broker
         self.renderer = renderer
+        self.batch_key = getattr(renderer, "batch_key", call_key)  # a renderer that says nothing: the usual key
         self.writer: Writer[Slot] = Writer(outbox, wake)
         self.stop = stop
         self.batch_size = batch_size
@@ -98,7 +99,7 @@ class Dispatcher:
             if cancelled and (takes := self.broker.take_cancelled(cancelled)):
                 self._settle_cancelled(takes)
                 return True
-            takes = self.broker.take(self.batch_size, self.renderer.batch_key)
+            takes = self.broker.take(self.batch_size, self.batch_key)
             if not takes:
                 return False
             slots = self._prepare(takes, cancelled)
@@ -174,8 +175,7 @@ class Dispatcher:
         for take in takes:
             slot = self._slot(take, picked)
             if slot is not None:
-                refusal = slot.entry.error if isinstance(slot.entry, BadJob) else None
-                self._fail(slot, refusal or JobCancelled("cancelled before it started"))
+                self._fail(slot, JobCancelled("cancelled before it started"))
 
     # --- rendering ---------------------------------------------------------------------------
 
@@ -207,8 +207,13 @@ class Dispatcher:
         for slot, out in zip(slots, outs):
             if isinstance(out, SbrenderError):
                 self._fail(slot, out)
-            else:
+                continue
+            try:
                 self._succeed(slot, out, batch)
+            except Exception as err:  # noqa: BLE001 - a malformed output fails its job, not the daemon
+                log.exception("unexpected render output", job_id=slot.entry.id)
+                self._fail(slot, RenderError(f"unexpected render output: {type(err).__name__}: {err}",
+                                             hint="this is a bug in sbrender or a library; please report it"))
 
     def _call(self, items: list[tuple[Job, list[int]]], ids: list[str]) -> list[Any]:
         """The renderer's call, with the lock released for the housekeeper."""
@@ -271,6 +276,8 @@ class Dispatcher:
             if self._closed.wait(CANCEL_CHECK_S):
                 return
             with self.lock:
+                if self._closed.is_set():
+                    return
                 if not self._rendering.is_set():
                     continue  # the render ended meanwhile
                 try:
@@ -310,7 +317,8 @@ class Dispatcher:
         parts = {"load_s": slot.started - slot.picked + out.timings.get("prepare_s", 0.0),
                  "inference_s": out.timings.get("inference_s", 0.0), "write_s": 0.0,
                  "model_load_s": self.model_load_s}
-        self.writer.put(results.Draft(slot.result_id, result, slot.queued, slot.started, parts, images), slot)
+        self.writer.put(results.Draft(slot.result_id, result, slot.queued, slot.started, parts, images,
+                                      failure_params=slot.job.params()), slot)
 
     def _fail(self, slot: Slot, error: SbrenderError) -> None:
         result = results.failed(slot.entry, error, input=slot.input_rec, renderer=self.description, times={},

@@ -109,6 +109,9 @@ class Draft:
     started: float
     parts: dict[str, float] = field(default_factory=dict)  # load_s, inference_s, ...; write_s is added
     images: tuple[ImageToWrite, ...] = ()
+    # The job's parameters as it gave them (a random seed not yet drawn), for a
+    # failure: a retry then draws a new seed, as for any failed job.
+    failure_params: dict[str, Any] | None = None
 
     @property
     def json_name(self) -> str:
@@ -123,6 +126,8 @@ class Draft:
         """The result when the images could not be encoded or written: failed, with
         the job's parameters and metadata, without what only a success has."""
         out = {k: v for k, v in self.result.items() if k not in _SUCCESS_ONLY}
+        if self.failure_params is not None:
+            out["params"] = self.failure_params
         status = CANCELLED if error.kind == "cancelled" else FAILED
         return {**out, "status": status, "images": [], "timings": timings(self.queued, self.started, time.time(), {}),
                 "error": error.to_dict()}

@@ -36,6 +36,7 @@ from .status import StatusFile
 
 log = structlog.get_logger("sbrender")
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 LOAD_EXTEND_S = 30.0  # each heartbeat during the model load extends systemd's start timeout by this
 WRITING_POLL_S = 0.05  # results being written: look again this soon, to archive their inputs
 
@@ -64,6 +65,7 @@ class Service:
         self.dispatcher: Dispatcher | None = None
         self._signals = 0
         self._stop_signal: int | None = None
+        self._stop_noted = False
         self._problems: list[str] = []
         self._metrics_at = 0.0
 
@@ -126,7 +128,7 @@ class Service:
                 self._sleep(rescan_s)
                 continue
             worked = self.dispatcher.turn()
-            self._write_metrics(force=worked)
+            self._write_metrics(force=False)
             if worked:
                 continue
             if self.dispatcher.writing():
@@ -163,28 +165,52 @@ class Service:
 
     @contextmanager
     def _signal_handlers(self) -> Iterator[None]:
+        """SIGTERM and SIGINT stop the service. The handler takes no lock (it runs
+        in the main thread between any two bytecodes, maybe inside an
+        ``Event.clear`` that holds the lock ``Event.set`` would wait on forever):
+        the signal's wake-up byte reaches a relay thread, which sets the events."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(write_fd, False)
+        relay = threading.Thread(target=self._relay_signals, args=(read_fd,), name="sbrender-signals", daemon=True)
+        relay.start()
+        previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         try:
             yield
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            signal.set_wakeup_fd(previous_fd)
+            os.write(write_fd, b"\0")  # ends the relay
+            relay.join()
+            os.close(read_fd)
+            os.close(write_fd)
+
+    def _relay_signals(self, read_fd: int) -> None:
+        while True:
+            data = os.read(read_fd, 64)
+            if not data or 0 in data:
+                return
+            stops = [signum for signum in data if signum in STOP_SIGNALS]
+            if stops:
+                self._stop_signal = self._stop_signal or stops[0]
+                self.stop()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        # Flags only: the handler runs in the main thread between any two bytecodes,
-        # maybe inside a status write that holds a lock it would wait on forever.
+        # A count only; the relay thread does the rest.
         self._signals += 1
         if self._signals > 1:
             # A second signal means now: a claimed file is recovered at the next start.
             os._exit(128 + signum)
-        self._stop_signal = signum
-        self.stop()
 
     def _note_stop(self) -> None:
-        """Say that a stop was asked for (from the loop, not the handler)."""
+        """Say, once, that a stop was asked for (from the loop or a step, not the handler)."""
+        if self._stop_noted:
+            return
+        self._stop_noted = True
         if self._stop_signal is not None:
             log.info("stopping", signal=signal.Signals(self._stop_signal).name)
         self.notifier.stopping()
@@ -194,6 +220,9 @@ class Service:
 
     def _progress(self, job_ids: list[str], step: int, steps: int) -> None:
         """At a render's start (step 0) and after each denoising step: record it."""
+        if self.should_exit.is_set():
+            self._note_stop()  # at once: the render ends at this step, then the writes drain
+            return
         batch = {"batch": job_ids} if len(job_ids) > 1 else {}
         self._set_status("rendering", lazy=step > 0, job=job_ids[0], step=step, steps=steps, **batch)
         self.notifier.watchdog()  # the render progresses
@@ -203,6 +232,7 @@ class Service:
         self.counts[result["status"]] += 1
         if self.metrics:
             self.metrics.finished(result)
+            self._write_metrics(force=True)
         for warning in result.get("warnings", []):
             log.warning("image warning", job_id=slot.entry.id, warning=warning)
         t = result["timings"]
@@ -228,9 +258,12 @@ class Service:
             self.metrics.write(self.broker.pending())
 
     def _on_beat(self, state: str | None) -> None:
-        """Heartbeat thread: while the model loads, ask systemd for more start time."""
+        """Heartbeat thread: while the model loads, ask systemd for more start time;
+        keep the metrics file fresh through long renders."""
         if state == "loading":
             self.notifier.extend_timeout(LOAD_EXTEND_S)
+        else:
+            self._write_metrics(force=False)
 
 
 def _metrics(settings: Settings, owner: str) -> Any:

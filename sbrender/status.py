@@ -84,7 +84,8 @@ class StatusFile:
                     # At most STEP_WRITE_S apart: the file shows the latest step, and
                     # the render thread is not asked for the GIL at every step.
                     stop.wait(STEP_WRITE_S)
-                    continue
+                    if time.monotonic() < next_beat:
+                        continue  # a busy render's steps must not starve the beat
                 next_beat = time.monotonic() + HEARTBEAT_S
                 if on_beat is not None:
                     on_beat(self.data.get("state"))

@@ -70,12 +70,12 @@ class Writer(Generic[Tag]):
             if group[-1] is None:
                 stop = True
             items = [item for item in group if item is not None]
-            pubs = [_publication(draft) for draft, _ in items]
             try:
+                pubs = [_publication(draft) for draft, _ in items]
                 published = commit(self.folder, pubs) if pubs else []
             except BaseException:  # noqa: BLE001 - these results lost, not the writer
                 log.exception("unexpected error while publishing results; their files stay claimed")
-                published = [None] * len(pubs)
+                published = [None] * len(items)
             for (_, tag), result in zip(items, published):
                 self._done.put(Report(tag, result))
             for _ in group:

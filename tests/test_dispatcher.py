@@ -238,3 +238,31 @@ def test_an_image_that_cannot_be_encoded_fails_its_job_with_a_result(loop: Calla
     result = run.result("odd")
     assert result["status"] == "failed" and "cannot encode the images" in result["error"]["message"]
     assert result["params"]["prompt"] == "x" and "sampler" not in result
+
+
+def test_a_malformed_render_output_fails_its_job_and_the_loop_goes_on(loop: Callable[..., Loop]) -> None:
+    class Malformed(ScriptedRenderer):
+        def render_batch(self, items: Any, on_step: Any = None) -> Any:
+            outs = super().render_batch(items, on_step)
+            if items[0][0].id == "odd":
+                return [RenderOutput(out.images, out.seeds, out.scheduler, None) for out in outs]  # type: ignore[arg-type]
+            return outs
+
+    run = loop(Malformed())
+    run.submit("odd.yaml", "prompt: x\n")
+    result = run.result("odd")
+    assert result["status"] == "failed" and "unexpected render output" in result["error"]["message"]
+    run.submit("next.yaml", "prompt: y\n")
+    assert run.result("next")["status"] == "succeeded"
+
+
+def test_a_bad_queued_file_that_is_cancelled_gets_a_cancelled_result(loop: Callable[..., Loop]) -> None:
+    renderer = ScriptedRenderer(endless={"long"})
+    run = loop(renderer)
+    run.submit("long.yaml", "prompt: never ends\n")
+    assert renderer.stepping.wait(10)
+    run.submit("broken.yaml", "prompt: [unclosed\nsteps: many\n")
+    run.broker.cancel("broken")
+    result = run.result("broken")
+    assert result["status"] == "cancelled" and result["error"]["type"] == "cancelled"
+    run.broker.cancel("long")

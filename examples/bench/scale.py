@@ -32,8 +32,8 @@ from PIL import Image
 
 from sbrender import logs
 from sbrender.config import load_settings
-from sbrender.daemon import Daemon
-from sbrender.renderer import RenderOutput
+from sbrender.service import Service
+from sbrender.renderer import RenderOutput, call_key
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -54,6 +54,8 @@ class Flat:
 
     def describe(self) -> dict[str, Any]:
         return {"model": {"name": "flat", "source": "stand-in"}, "device": "none", "dtype": "none"}
+
+    batch_key = staticmethod(call_key)
 
     def render(self, job: Any, seeds: list[int], on_step: Any = None) -> RenderOutput:
         images = [Image.new("RGB", (job.width, job.height), (seed % 256, 80, 160)) for seed in seeds]
@@ -90,7 +92,7 @@ def run(n: int, stop_after: int, root: Path) -> dict[str, Any]:
         out["jobs_cli_s"] = round(cli_seconds(["jobs", "--json"], spool), 3)
         out["status_cli_s"] = round(cli_seconds(["status", "--json"], spool), 3)
     renderer = Flat()
-    daemon = Daemon(settings, renderer)
+    daemon = Service(settings, renderer)
 
     def watch() -> None:
         while len(renderer.done) < stop_after and not daemon.should_exit.is_set():
