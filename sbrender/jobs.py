@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import ids, samplers
+from . import ids, prompts, samplers
 from .config import Settings
 from .errors import JobError
 from .jobfile import parse_document
@@ -150,6 +150,9 @@ def _text(name: str, limit_attr: str, required: bool) -> Check:
         if len(value) > limit:
             raise JobError(f"{name} has {len(value)} characters, more than the limit of {limit}",
                            field=name, hint="shorten it or raise limits.max_prompt_chars")
+        why = prompts.problem(value, positive=name == "prompt")
+        if why:
+            raise JobError(f"{name} {why}", field=name)
         return value
 
     return check
