@@ -52,10 +52,10 @@ class Renderer(Protocol):
 
 def call_key(entry: Entry) -> Hashable | None:
     """What must be equal for jobs to share one diffusers call: size, steps,
-    sampler and CFG. None for an entry that is not a renderable job."""
+    sampler, CFG and clip skip. None for an entry that is not a renderable job."""
     if not isinstance(entry, Job):
         return None
-    return (entry.width, entry.height, entry.steps, entry.sampler, entry.guidance_scale)
+    return (entry.width, entry.height, entry.steps, entry.sampler, entry.guidance_scale, entry.clip_skip)
 
 
 def only(outs: list[RenderOutput | RenderError]) -> RenderOutput:
