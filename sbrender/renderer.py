@@ -27,6 +27,8 @@ class RenderOutput:
     scheduler: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # recorded in the result, e.g. a black image
+    # How the prompt was encoded, recorded in the result: {"chunks": k, "negative_chunks": m}
+    prompt: dict[str, Any] = field(default_factory=dict)
 
 
 class Renderer(Protocol):
@@ -45,7 +47,7 @@ class Renderer(Protocol):
 
     def render_batch(self, items: list[tuple[Job, list[int]]],
                      on_step: StepCallback | None = None) -> list[RenderOutput | RenderError]:
-        """Render jobs that share size, steps, sampler and CFG in one call (used when
+        """Render jobs that share size, steps, sampler, CFG and clip skip in one call (used when
         ``perf.batch_size`` > 1): per job its images, or the error that spoils only
         that job. Raises ``RenderError`` when the whole call fails."""
 
