@@ -180,7 +180,8 @@ def problem(text: str, positive: bool = True) -> str | None:
     """Why this prompt cannot be rendered as A1111 would render it, or None."""
     if positive:
         _, networks = extract_networks(text)
-        for net in networks:
+        if networks:
+            net = networks[0]
             if net.kind == "lora":
                 return f"uses the LoRA tag {net.text}: LoRAs are not supported yet"
             return f"uses the extra-network tag {net.text}: extra networks ({net.kind}) are not supported yet"
