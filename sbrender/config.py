@@ -153,6 +153,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("defaults.width", 512, _number(int, 8, 65_536), "image width, a multiple of 8"),
     Setting("defaults.height", 512, _number(int, 8, 65_536), "image height, a multiple of 8"),
     Setting("defaults.sampler", "DPM++ 2M Karras", _sampler, "A1111 sampler name or diffusers class"),
+    Setting("defaults.clip_skip", 1, _number(int, 1, 12), "A1111's Clip skip: 1 = the text encoder's last layer"),
     Setting("limits.max_steps", 150, _number(int, 1, 10_000), "most steps a job may ask for"),
     Setting("limits.min_side", 64, _number(int, 8, 65_536), "smallest width or height"),
     Setting("limits.max_side", 2048, _number(int, 8, 65_536), "largest width or height"),

@@ -312,6 +312,8 @@ class Dispatcher:
             for name, image, seed in zip(image_names(job.id, len(out.images)), out.images, out.seeds))
         result = results.succeeded(job, input=slot.input_rec, images=[], sampler=out.scheduler,
                                    renderer=self.description, times={}, warnings=out.warnings)
+        if out.prompt:
+            result["prompt"] = out.prompt
         if batch is not None:
             result["batch"] = batch
         parts = {"load_s": slot.started - slot.picked + out.timings.get("prepare_s", 0.0),

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import ids, samplers
+from . import ids, prompts, samplers
 from .config import Settings
 from .errors import JobError
 from .jobfile import parse_document
@@ -24,6 +24,7 @@ from .jobfile import parse_document
 SEED_MAX = 2**32 - 1
 GUIDANCE_MAX = 30.0
 PRIORITY_LIMIT = 1_000_000
+CLIP_SKIP_MAX = 12  # SD1's text encoder has 12 layers
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Rules:
     width: int = 512
     height: int = 512
     sampler: str = "DPM++ 2M Karras"
+    clip_skip: int = 1
     max_steps: int = 150
     min_side: int = 64
     max_side: int = 2048
@@ -66,6 +68,7 @@ class Job:
     count: int
     sampler: str
     priority: int
+    clip_skip: int = 1  # A1111's numbering: 1 = the text encoder's last layer
     metadata: dict[str, Any] = field(default_factory=dict)
     source: str = ""
 
@@ -82,6 +85,7 @@ class Job:
             "count": self.count,
             "sampler": self.sampler,
             "priority": self.priority,
+            "clip_skip": self.clip_skip,
         }
 
 
@@ -150,6 +154,9 @@ def _text(name: str, limit_attr: str, required: bool) -> Check:
         if len(value) > limit:
             raise JobError(f"{name} has {len(value)} characters, more than the limit of {limit}",
                            field=name, hint="shorten it or raise limits.max_prompt_chars")
+        why = prompts.problem(value, positive=name == "prompt")
+        if why:
+            raise JobError(f"{name} {why}", field=name)
         return value
 
     return check
@@ -202,6 +209,12 @@ def _sampler(value: Any, rules: Rules) -> str:
         raise JobError(err.args[0], field="sampler") from None
 
 
+def _clip_skip(value: Any, rules: Rules) -> int:
+    layers = _integer(value, "clip_skip")
+    _in_range(layers, "clip_skip", 1, CLIP_SKIP_MAX, " (1 = the last layer, as in A1111)")
+    return layers
+
+
 def _priority(value: Any, rules: Rules) -> int:
     priority = _integer(value, "priority")
     _in_range(priority, "priority", -PRIORITY_LIMIT, PRIORITY_LIMIT)
@@ -246,6 +259,8 @@ FIELDS: tuple[Field, ...] = (
     Field("seed", _seed, None, "random seed; omitted, null or -1: random (recorded in the result)"),
     Field("count", _count, None, "images for this job, seeds seed, seed+1, ..."),
     Field("sampler", _sampler, "sampler", "A1111 sampler name or diffusers scheduler class"),
+    Field("clip_skip", _clip_skip, "clip_skip", "text encoder layers to skip, A1111's Clip skip: 1 = none, 2 = "
+          "the layer before the last"),
     Field("priority", _priority, None, "higher renders first; default 0"),
     Field("metadata", _metadata, None, "free mapping copied untouched into the result"),
 )
@@ -370,6 +385,7 @@ def _field_schemas(rules: Rules) -> dict[str, dict[str, Any]]:
         "seed": {"type": ["integer", "null"], "minimum": -1, "maximum": SEED_MAX},
         "count": {"type": "integer", "minimum": 1, "maximum": rules.max_count},
         "sampler": {"type": "string", "enum": names},
+        "clip_skip": {"type": "integer", "minimum": 1, "maximum": CLIP_SKIP_MAX},
         "priority": {"type": "integer", "minimum": -PRIORITY_LIMIT, "maximum": PRIORITY_LIMIT},
         "metadata": {"type": ["object", "null"]},
     }

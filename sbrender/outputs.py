@@ -283,6 +283,7 @@ def infotext(params: dict[str, Any], seed: int, model: str, model_hash: str = ""
         ("Size", f"{params['width']}x{params['height']}"),
         *([("Model hash", model_hash)] if model_hash else []),
         ("Model", model),
+        *([("Clip skip", params["clip_skip"])] if params.get("clip_skip", 1) > 1 else []),
     ]
     lines = [params["prompt"]]
     if params.get("negative_prompt"):

@@ -6,6 +6,7 @@ CLI's light commands never pay for them.
 
 from __future__ import annotations
 
+import copy
 import os
 import platform
 import time
@@ -20,7 +21,7 @@ for _name, _value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from . import __version__, faults, models, samplers, speedups
+from . import __version__, conditioning, faults, models, prompts, samplers, speedups
 from .config import Settings
 from .errors import RenderError, ShutdownRequested, first_line
 from .jobs import Job
@@ -69,6 +70,7 @@ class DiffusersRenderer:
         self._base_scheduler_config: Any = None
         self._vae_tiling = False
         self.perf: dict[str, Any] = {}
+        self._text_encoder: Any = None  # float32, for the conditioning
 
     def load(self) -> float:
         start = time.perf_counter()
@@ -88,6 +90,11 @@ class DiffusersRenderer:
                                     safety_checker=self.settings["safety_checker"])
         pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe.to(self.device)
+        # Prompts are encoded in float32 (A1111's rules divide by a mean); a float32
+        # copy of the text encoder when the pipeline runs in half precision.
+        text_encoder = self.pipe.text_encoder
+        self._text_encoder = (text_encoder if text_encoder.dtype == torch.float32
+                              else copy.deepcopy(text_encoder).to(torch.float32))
         self.perf = speedups.apply(self.pipe, self.settings, self.device)
         if self.settings["perf.compile"] != "off":
             self.warm_up()
@@ -136,7 +143,8 @@ class DiffusersRenderer:
 
     def render_batch(self, items: list[tuple[Job, list[int]]],
                      on_step: StepCallback | None = None) -> list[RenderOutput | RenderError]:
-        """One pipeline call for jobs that share size, steps, sampler and CFG. Each
+        """One pipeline call for jobs that share size, steps, sampler, CFG and clip skip
+        (prompts of any length: padded and masked, see ``conditioning``). Each
         image keeps its own seed (one CPU generator per image, so the same seed gives
         the same starting noise on any device and in any batch). Returns per job its
         images, or the error that spoils only that job (NaN images)."""
@@ -147,19 +155,11 @@ class DiffusersRenderer:
         self._use_vae_tiling(job.width, job.height)
         counts = [len(seeds) for _, seeds in items]
         generators = [torch.Generator("cpu").manual_seed(seed) for _, seeds in items for seed in seeds]
-        if len(items) == 1:
-            prompt: Any = job.prompt
-            negative: Any = job.negative_prompt or None
-            per_prompt = job.count
-        elif len(set(counts)) == 1:
-            prompt, negative = [j.prompt for j, _ in items], [j.negative_prompt for j, _ in items]
-            per_prompt = counts[0]
-        else:
-            prompt = [j.prompt for j, seeds in items for _ in seeds]
-            negative = [j.negative_prompt for j, seeds in items for _ in seeds]
-            per_prompt = 1
-        if isinstance(negative, list) and not any(negative):
-            negative = None  # what diffusers does for no negative prompt: the same images
+        try:
+            with torch.inference_mode():
+                cond, facts = self._conditioning(items)
+        except ValueError as err:
+            raise RenderError(f"cannot encode the prompt: {first_line(err)}") from err
         fault = next((f for j, _ in items if (f := self.faults.get(j.id)) is not None), None)
         stopped = False
 
@@ -176,11 +176,11 @@ class DiffusersRenderer:
         start = time.perf_counter()
         timings["inference_started"] = time.time()
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), conditioning.MaskedUnet(self.pipe.unet, cond):
                 result = self.pipe(
-                    prompt=prompt, negative_prompt=negative,
+                    prompt_embeds=cond.cond.to(self.dtype), negative_prompt_embeds=cond.uncond.to(self.dtype),
                     num_inference_steps=job.steps, guidance_scale=job.guidance_scale,
-                    width=job.width, height=job.height, num_images_per_prompt=per_prompt,
+                    width=job.width, height=job.height, num_images_per_prompt=1,
                     generator=generators, callback_on_step_end=step_end, output_type="np")
         except torch.cuda.OutOfMemoryError as err:
             self._free_memory()
@@ -198,14 +198,35 @@ class DiffusersRenderer:
         nsfw = list(getattr(result, "nsfw_content_detected", None) or [False] * len(arrays))
         outputs: list[RenderOutput | RenderError] = []
         first = 0
-        for job, seeds in items:
+        for (job, seeds), fact in zip(items, facts):
             part = slice(first, first + len(seeds))
             first += len(seeds)
-            outputs.append(self._check(arrays[part], nsfw[part], seeds, scheduler, timings))
+            outputs.append(self._check(arrays[part], nsfw[part], seeds, scheduler, timings, fact))
         return outputs
 
+    def _conditioning(self, items: list[tuple[Job, list[int]]]
+                      ) -> tuple[conditioning.Conditioning, list[dict[str, Any]]]:
+        """Per image its job's prompt and negative embeddings (A1111's rules), and
+        per job how many chunks each took. Raises ``ValueError``."""
+        clip_skip = items[0][0].clip_skip  # one per call: it is part of the batch key
+        encoded: dict[tuple[str, bool], torch.Tensor] = {}
+
+        def embed(text: str, positive: bool) -> torch.Tensor:
+            if (text, positive) not in encoded:
+                chunks = conditioning.chunks(prompts.parse(text, positive), self.pipe.tokenizer)
+                encoded[text, positive] = conditioning.encode(self._text_encoder, chunks, clip_skip)
+            return encoded[text, positive]
+
+        conds, unconds, facts = [], [], []
+        for job, seeds in items:
+            cond, uncond = embed(job.prompt, True), embed(job.negative_prompt, False)
+            conds += [cond] * len(seeds)
+            unconds += [uncond] * len(seeds)
+            facts.append({"chunks": cond.shape[1] // 77, "negative_chunks": uncond.shape[1] // 77})
+        return conditioning.for_call(conds, unconds, embed("", False)), facts
+
     def _check(self, arrays: np.ndarray, nsfw: list[bool], seeds: list[int], scheduler: dict[str, Any],
-               timings: dict[str, float]) -> RenderOutput | RenderError:
+               timings: dict[str, float], prompt: dict[str, Any]) -> RenderOutput | RenderError:
         broken = [k + 1 for k in range(len(arrays)) if not np.isfinite(arrays[k]).all()]
         if broken:
             return RenderError(
@@ -214,7 +235,7 @@ class DiffusersRenderer:
         black = [k + 1 for k in range(len(arrays)) if float(arrays[k].max()) <= 0.0]
         warnings = [f"image {k} is entirely black" + (" (flagged by the safety checker)" if nsfw[k - 1] else "")
                     for k in black]
-        return RenderOutput(self.pipe.numpy_to_pil(arrays), seeds, scheduler, dict(timings), warnings)
+        return RenderOutput(self.pipe.numpy_to_pil(arrays), seeds, scheduler, dict(timings), warnings, prompt)
 
     def _free_memory(self) -> None:
         if torch.cuda.is_available():

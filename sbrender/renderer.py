@@ -27,6 +27,8 @@ class RenderOutput:
     scheduler: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # recorded in the result, e.g. a black image
+    # How the prompt was encoded, recorded in the result: {"chunks": k, "negative_chunks": m}
+    prompt: dict[str, Any] = field(default_factory=dict)
 
 
 class Renderer(Protocol):
@@ -45,17 +47,17 @@ class Renderer(Protocol):
 
     def render_batch(self, items: list[tuple[Job, list[int]]],
                      on_step: StepCallback | None = None) -> list[RenderOutput | RenderError]:
-        """Render jobs that share size, steps, sampler and CFG in one call (used when
+        """Render jobs that share size, steps, sampler, CFG and clip skip in one call (used when
         ``perf.batch_size`` > 1): per job its images, or the error that spoils only
         that job. Raises ``RenderError`` when the whole call fails."""
 
 
 def call_key(entry: Entry) -> Hashable | None:
     """What must be equal for jobs to share one diffusers call: size, steps,
-    sampler and CFG. None for an entry that is not a renderable job."""
+    sampler, CFG and clip skip. None for an entry that is not a renderable job."""
     if not isinstance(entry, Job):
         return None
-    return (entry.width, entry.height, entry.steps, entry.sampler, entry.guidance_scale)
+    return (entry.width, entry.height, entry.steps, entry.sampler, entry.guidance_scale, entry.clip_skip)
 
 
 def only(outs: list[RenderOutput | RenderError]) -> RenderOutput:

@@ -133,4 +133,4 @@ class Draft:
                 "error": error.to_dict()}
 
 
-_SUCCESS_ONLY = ("sampler", "warnings", "batch")
+_SUCCESS_ONLY = ("sampler", "warnings", "batch", "prompt")

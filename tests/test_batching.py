@@ -134,3 +134,12 @@ def test_a_batch_that_kills_the_daemon_blames_only_the_guilty_job(spool: Spool, 
                                                             "b3": "succeeded"}
     assert "a daemon died 2 times while rendering this job" in results["b2"]["error"]["message"]
     assert not list((spool.state / "work").glob("*/*")), "nothing is left claimed"
+
+
+def test_jobs_with_different_clip_skips_never_share_a_call() -> None:
+    from sbrender.jobs import build_job
+    from sbrender.renderer import call_key
+
+    one, two, again = (build_job(f"j{k}", {"prompt": "a cat", "clip_skip": skip}, Rules())
+                       for k, skip in enumerate((1, 2, 2)))
+    assert call_key(one) != call_key(two) and call_key(two) == call_key(again)

@@ -83,10 +83,18 @@ def test_generated_ids_are_valid_and_distinct(client: Client) -> None:
     ({"stepz": 4}, "unknown field: stepz"),
     ({"sampler": "Eulr"}, "unknown sampler 'Eulr'"),
     ({"metadata": {1: "one"}}, "metadata must hold only strings"),
+    ({"negative_prompt": "[a:b:5]"}, r"negative_prompt uses prompt editing \[a:b:5\], which is not supported yet"),
+    ({"clip_skip": 13}, "clip_skip is 13, outside the allowed range 1 to 12"),
 ])
 def test_submit_validates_before_writing_anything(client: Client, fields: dict[str, Any], message: str) -> None:
     with pytest.raises(JobError, match=message):
         client.submit("a cat", job_id="cat", **fields)
+    assert everything(client) == []
+
+
+def test_submit_refuses_a_lora_tag(client: Client) -> None:
+    with pytest.raises(JobError, match="prompt uses the LoRA tag <lora:x:1>: LoRAs are not supported yet"):
+        client.submit("a cat <lora:x:1>", job_id="cat")
     assert everything(client) == []
 
 

@@ -60,3 +60,12 @@ def test_model_hash_comes_right_before_model_as_in_a1111() -> None:
     parsed = parse_generation_parameters(text)
     assert parsed["Model hash"] == "879db523c3" and parsed["Model"] == "dreamshaper_8"
     assert "Model hash" not in parse_generation_parameters(infotext(params, 7, "tiny-random"))
+
+
+def test_clip_skip_comes_after_model_and_only_above_1_as_in_a1111() -> None:
+    params = {"prompt": "a cat", "negative_prompt": "", "steps": 20, "sampler": "Euler a",
+              "guidance_scale": 7, "width": 512, "height": 512, "clip_skip": 2}
+    text = infotext(params, 7, "dreamshaper_8", "879db523c3")
+    assert text.endswith("Model hash: 879db523c3, Model: dreamshaper_8, Clip skip: 2")
+    assert parse_generation_parameters(text)["Clip skip"] == "2"
+    assert "Clip skip" not in infotext({**params, "clip_skip": 1}, 7, "dreamshaper_8")

@@ -41,18 +41,20 @@ def test_omitted_fields_take_the_rules_defaults() -> None:
 def test_rules_come_from_the_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     settings = load_settings(env={"SBRENDER_DEFAULTS_STEPS": "9", "SBRENDER_LIMITS_MAX_COUNT": "2",
-                                  "SBRENDER_DEFAULTS_SAMPLER": "euler"})
+                                  "SBRENDER_DEFAULTS_SAMPLER": "euler",
+                                  "SBRENDER_DEFAULTS_CLIP_SKIP": "2"})
     rules = Rules.from_settings(settings)
     assert (rules.steps, rules.max_count, rules.sampler) == (9, 2, "Euler")
+    assert job(rules).clip_skip == 2 and job(RULES).clip_skip == 1
     assert "limits.max_count" in str(refused(rules, count=3))
 
 
 def test_given_fields_override_the_defaults() -> None:
     got = job(negative_prompt="dogs", steps=20, guidance_scale=5, width=640, height=448, seed=7, count=3,
-              sampler="DDIM", priority=-5, metadata={"row": 42})
+              sampler="DDIM", priority=-5, clip_skip=2, metadata={"row": 42})
     assert got.params() == {"prompt": "a cat on a mat", "negative_prompt": "dogs", "steps": 20,
                             "guidance_scale": 5.0, "width": 640, "height": 448, "seed": 7, "count": 3,
-                            "sampler": "DDIM", "priority": -5}
+                            "sampler": "DDIM", "priority": -5, "clip_skip": 2}
     assert got.metadata == {"row": 42}
 
 
@@ -110,6 +112,7 @@ def test_field_names_must_be_strings() -> None:
     ("count", None, "count must be an integer, not null"),
     ("sampler", 3, "sampler must be a string, not an integer"),
     ("priority", "high", "priority must be an integer, not a string"),
+    ("clip_skip", "2", "clip_skip must be an integer, not a string"),
     ("metadata", "row 42", "metadata must be a mapping, not a string"),
     ("metadata", [1, 2], "metadata must be a mapping, not a list"),
 ])
@@ -130,6 +133,8 @@ def test_a_value_of_the_wrong_type_names_the_field(name: str, value: Any, messag
     ("seed", 2**32, "seed is 4294967296, outside the allowed range 0 to 4294967295 (or -1/null for a random seed)"),
     ("count", 0, "count is 0, outside the allowed range 1 to 16 (limits.max_count)"),
     ("count", 17, "count is 17, outside the allowed range 1 to 16 (limits.max_count)"),
+    ("clip_skip", 0, "clip_skip is 0, outside the allowed range 1 to 12 (1 = the last layer, as in A1111)"),
+    ("clip_skip", 13, "clip_skip is 13, outside the allowed range 1 to 12 (1 = the last layer, as in A1111)"),
     ("priority", 1_000_001, "priority is 1000001, outside the allowed range -1000000 to 1000000"),
     ("priority", -1_000_001, "priority is -1000001, outside the allowed range -1000000 to 1000000"),
 ])

@@ -1,0 +1,263 @@
+"""Prompt embeddings by A1111's rules, against the rules written out here by hand,
+on the tiny-random model's real CLIP text encoder and tokenizer; and end to end
+through `sbrender run --once`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from conftest import Spool, daemon_env, sbrender
+from sbrender import conditioning, prompts
+from sbrender.conditioning import Chunk
+from sbrender.models import BUILTINS, ensure_builtin
+
+
+@pytest.fixture(scope="module")
+def tiny(model_cache: Path) -> tuple[Any, Any]:
+    """The tiny model's tokenizer and text encoder, its final LayerNorm given a
+    random affine (with weight 1 and bias 0 a chunk's mean is ~0 and the mean
+    restoration divides by ~0)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = ensure_builtin(BUILTINS["tiny-random"], model_cache)
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    norm = conditioning.text_model(encoder).final_layer_norm
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        norm.weight.copy_(torch.rand_like(norm.weight) + 0.5)
+        norm.bias.copy_(0.5 * torch.randn_like(norm.bias) + 0.3)
+    return tokenizer, encoder
+
+
+def ids(tokenizer: Any, word: str) -> list[int]:
+    """The byte-level tokenizer's ids of one word: a token per character, the last one ending the word."""
+    return tokenizer.convert_tokens_to_ids([*word[:-1], word[-1] + "</w>"])
+
+
+def layout(tokenizer: Any, *chunks: list[tuple[int, float]]) -> list[Chunk]:
+    """Chunks written by hand: BOS, the tokens, EOS padding to 75, EOS."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    out = []
+    for chunk in chunks:
+        pad = 75 - len(chunk)
+        out.append(Chunk((bos, *[t for t, _ in chunk], *[eos] * (pad + 1)),
+                         (1.0, *[w for _, w in chunk], *[1.0] * (pad + 1))))
+    return out
+
+
+def chunks_of(tokenizer: Any, text: str) -> list[Chunk]:
+    return conditioning.chunks(prompts.parse(text), tokenizer)
+
+
+def weighted(tokenizer: Any, words: list[str], weight: float = 1.0) -> list[tuple[int, float]]:
+    return [(t, weight) for word in words for t in ids(tokenizer, word)]
+
+
+# --- chunks ---------------------------------------------------------------------------
+
+
+def test_the_empty_prompt_is_bos_and_76_eos(tiny: tuple[Any, Any]) -> None:
+    tokenizer, _ = tiny
+    assert chunks_of(tokenizer, "") == layout(tokenizer, [])
+    assert chunks_of(tokenizer, "")[0].tokens == (tokenizer.bos_token_id, *[tokenizer.eos_token_id] * 76)
+
+
+def test_a_chunk_filling_near_a_comma_moves_the_last_tag_to_the_next(tiny: tuple[Any, Any]) -> None:
+    tokenizer, _ = tiny
+    # 12 tags of 7 letters + a comma: 8 tokens each. Nine tags fill 72 tokens (last comma
+    # at 71); the tenth's fourth letter would be token 76: its first three letters move on.
+    tags = [chr(ord("a") + k) * 7 for k in range(12)]
+    words = [w for tag in tags for w in (tag, ",")]
+    assert chunks_of(tokenizer, ", ".join(tags) + ",") == layout(
+        tokenizer, weighted(tokenizer, words[:18]), weighted(tokenizer, words[18:]))
+
+
+@pytest.mark.parametrize("lead, moved", [(55, True), (54, False)])
+def test_the_backtrack_reaches_20_tokens_back_and_no_further(tiny: tuple[Any, Any], lead: int, moved: bool) -> None:
+    tokenizer, _ = tiny
+    # A word of `lead` letters, a comma at index `lead`, then one long word: the chunk fills
+    # with 75 - lead - 1 of its letters. 75 - 55 = 20 moves; 75 - 54 = 21 does not.
+    first, second = "x" * lead, "y" * 40
+    got = chunks_of(tokenizer, f"{first}, {second}")
+    head = weighted(tokenizer, [first, ","])
+    tail = weighted(tokenizer, [second])
+    if moved:
+        assert got == layout(tokenizer, head, tail)
+    else:
+        split = 75 - len(head)
+        assert got == layout(tokenizer, head + tail[:split], tail[split:])
+
+
+def test_without_a_comma_a_chunk_is_cut_at_75(tiny: tuple[Any, Any]) -> None:
+    tokenizer, _ = tiny
+    tokens = weighted(tokenizer, ["q" * 80])
+    assert chunks_of(tokenizer, "q" * 80) == layout(tokenizer, tokens[:75], tokens[75:])
+
+
+def test_break_closes_a_chunk_but_not_inside_brackets(tiny: tuple[Any, Any]) -> None:
+    tokenizer, _ = tiny
+    assert chunks_of(tokenizer, "cat BREAK dog") == layout(
+        tokenizer, weighted(tokenizer, ["cat"]), weighted(tokenizer, ["dog"]))
+    assert chunks_of(tokenizer, "cat BREAK BREAK dog") == layout(
+        tokenizer, weighted(tokenizer, ["cat"]), [], weighted(tokenizer, ["dog"]))
+    assert chunks_of(tokenizer, "cat BREAK") == layout(tokenizer, weighted(tokenizer, ["cat"]))
+    # inside brackets BREAK is a word, with the weight -1.1 (as A1111 does; CLIP lowercases it)
+    assert chunks_of(tokenizer, "(cat BREAK dog)") == layout(tokenizer, [
+        *weighted(tokenizer, ["cat"], 1.1), *weighted(tokenizer, ["break"], -1.1), *weighted(tokenizer, ["dog"], 1.1)])
+
+
+def test_weights_and_escapes_reach_their_tokens(tiny: tuple[Any, Any]) -> None:
+    tokenizer, _ = tiny
+    got = chunks_of(tokenizer, r"\(a\) ((b:1.3)) [c] d <lora:x:1>")
+    expected = [*weighted(tokenizer, ["(", "a", ")"]), *weighted(tokenizer, ["b"], 1.3 * 1.1),
+                *weighted(tokenizer, ["c"], 1 / 1.1), *weighted(tokenizer, ["d"])]
+    (chunk,) = got
+    assert chunk.tokens == layout(tokenizer, expected)[0].tokens
+    assert chunk.weights == pytest.approx(layout(tokenizer, expected)[0].weights)
+
+
+# --- encoding -------------------------------------------------------------------------
+
+
+def reference(encoder: Any, layout_: list[Chunk], clip_skip: int) -> torch.Tensor:
+    """The formulas, written out: per chunk, CLIP's last hidden state (or the final
+    LayerNorm of hidden state -N), times the weights, rescaled to the chunk's own mean."""
+    model = conditioning.text_model(encoder)
+    parts = []
+    for chunk in layout_:
+        tokens = torch.tensor([chunk.tokens])
+        out = model(input_ids=tokens, output_hidden_states=True)
+        z = out.last_hidden_state if clip_skip == 1 else model.final_layer_norm(out.hidden_states[-clip_skip])
+        weighted_z = z * torch.tensor([chunk.weights])[:, :, None]
+        parts.append(weighted_z * (z.mean() / weighted_z.mean()))
+    return torch.cat(parts, dim=1)
+
+
+PROMPT = ("masterpiece, (best quality:1.3), a [[quiet]] harbour at dusk, (boats:0.7), gulls, "
+          "\\(old\\) lighthouse, ((warm light)), BREAK fog, [distant hills], calm sea")
+
+
+@pytest.mark.parametrize("clip_skip", [1, 2, 3])
+def test_embeddings_follow_the_formulas(tiny: tuple[Any, Any], clip_skip: int) -> None:
+    tokenizer, encoder = tiny
+    layout_ = chunks_of(tokenizer, PROMPT)
+    assert len(layout_) == 3  # 75 tokens, the rest up to BREAK, the rest
+    with torch.no_grad():
+        got = conditioning.encode(encoder, layout_, clip_skip)
+        want = reference(encoder, layout_, clip_skip)
+    assert got.shape == (1, 3 * 77, 32) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    if clip_skip > 1:  # the wrong layer is far off: the test can fail
+        assert (got - reference(encoder, layout_, clip_skip - 1)).abs().max() > 1e-2
+
+
+def test_emphasis_changes_the_weighted_tokens_and_keeps_the_chunk_mean(tiny: tuple[Any, Any]) -> None:
+    tokenizer, encoder = tiny
+    with torch.no_grad():
+        plain = conditioning.encode(encoder, chunks_of(tokenizer, "a cat on a mat"), 1)
+        strong = conditioning.encode(encoder, chunks_of(tokenizer, "a (cat:1.5) on a mat"), 1)
+    assert (plain - strong).abs().max() > 1e-3
+    assert float(strong.mean()) == pytest.approx(float(plain.mean()), rel=1e-5)
+
+
+def test_a_plain_prompt_equals_diffusers_own_encoding(tiny: tuple[Any, Any], model_cache: Path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    tokenizer, encoder = tiny
+    pipe = StableDiffusionPipeline.from_pretrained(ensure_builtin(BUILTINS["tiny-random"], model_cache),
+                                                   text_encoder=encoder, tokenizer=tokenizer, safety_checker=None)
+    with torch.no_grad():
+        theirs, _ = pipe.encode_prompt("a lighthouse at dusk, calm sea", "cpu", 1, False)
+        ours = conditioning.encode(encoder, chunks_of(tokenizer, "a lighthouse at dusk, calm sea"), 1)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+
+
+def test_a_too_deep_clip_skip_is_refused(tiny: tuple[Any, Any]) -> None:
+    tokenizer, encoder = tiny
+    with pytest.raises(ValueError, match="clip skip 6 is more than the text encoder's 5 layers"):
+        conditioning.encode(encoder, chunks_of(tokenizer, "cat"), 6)
+
+
+def test_padding_with_a_mask_is_as_if_unpadded(tiny: tuple[Any, Any], model_cache: Path) -> None:
+    """A prompt of 2 chunks and a negative of 1 in one UNet call, the negative padded
+    and masked, give what each gives alone; unmasked, the padding shows."""
+    from diffusers import UNet2DConditionModel
+
+    tokenizer, encoder = tiny
+    unet = UNet2DConditionModel.from_pretrained(ensure_builtin(BUILTINS["tiny-random"], model_cache) / "unet")
+    with torch.no_grad():
+        cond = conditioning.encode(encoder, chunks_of(tokenizer, "cat BREAK dog"), 1)
+        uncond = conditioning.encode(encoder, chunks_of(tokenizer, "blurry"), 1)
+        empty = conditioning.encode(encoder, chunks_of(tokenizer, ""), 1)
+        c = conditioning.for_call([cond], [uncond], empty)
+        assert c.cond.shape == c.uncond.shape == (1, 154, 32)
+        assert c.uncond_mask.tolist() == [[1.0] * 77 + [0.0] * 77] and c.cond_mask.tolist() == [[1.0] * 154]
+        latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        alone = [unet(latents, 10, encoder_hidden_states=e).sample for e in (uncond, cond)]
+        states = torch.cat([c.uncond, c.cond])
+        with conditioning.MaskedUnet(unet, c):
+            masked = unet(torch.cat([latents] * 2), 10, encoder_hidden_states=states).sample
+            cond_only = unet(latents, 10, encoder_hidden_states=c.cond).sample
+        unmasked = unet(torch.cat([latents] * 2), 10, encoder_hidden_states=states).sample
+    assert "forward" not in vars(unet)  # put back as it was
+    torch.testing.assert_close(masked, torch.cat(alone), rtol=0, atol=1e-5)
+    torch.testing.assert_close(cond_only, alone[1], rtol=0, atol=1e-5)
+    assert (unmasked[:1] - alone[0]).abs().max() > 1e-4
+
+
+# --- end to end -------------------------------------------------------------------------
+
+
+def test_a_long_weighted_prompt_renders_and_records_its_chunks(tmp_path: Path, model_cache: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.drop("long.json", {"prompt": PROMPT, "negative_prompt": "blurry", "seed": 3})
+    spool.drop("skip.json", {"prompt": "(a cat:1.2) BREAK on a mat", "seed": 3, "clip_skip": 2})
+    spool.drop("plain.json", {"prompt": "a cat BREAK on a mat", "seed": 3})
+    proc = sbrender("run", "--once", *spool.cli_args(), env=daemon_env(model_cache), cwd=spool.root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = {name: json.loads((spool.outbox / f"{name}.json").read_text()) for name in ("long", "skip", "plain")}
+    for name, result in results.items():
+        assert result["status"] == "succeeded", result.get("error")
+    assert results["long"]["prompt"] == {"chunks": 3, "negative_chunks": 1}
+    assert results["skip"]["prompt"] == {"chunks": 2, "negative_chunks": 1}
+    assert results["skip"]["params"]["clip_skip"] == 2
+    from PIL import Image
+
+    text = Image.open(spool.outbox / "skip.png").text["parameters"]
+    assert text.startswith("(a cat:1.2) BREAK on a mat\n") and text.endswith("Clip skip: 2")
+    assert "Clip skip" not in Image.open(spool.outbox / "plain.png").text["parameters"]
+    # the same seed, a different conditioning: a different image
+    assert Image.open(spool.outbox / "skip.png").tobytes() != Image.open(spool.outbox / "plain.png").tobytes()
+
+
+def test_prompts_of_different_lengths_share_a_call_as_if_alone(tmp_path: Path, model_cache: Path) -> None:
+    """A 1-chunk and a 3-chunk prompt with 1- and 2-chunk negatives in one pipeline call:
+    padded and masked, each image is what it is when rendered alone."""
+    import numpy as np
+    from PIL import Image
+
+    jobs = [("short", {"prompt": "a cat on a mat", "seed": 5}),
+            ("long", {"prompt": PROMPT, "negative_prompt": "blurry BREAK lowres", "seed": 6}),
+            ("neg", {"prompt": "a (dog:1.2)", "negative_prompt": "blurry BREAK lowres", "seed": 7})]
+    images: dict[int, dict[str, Any]] = {}
+    for batch in (1, 4):
+        spool = Spool(tmp_path / f"b{batch}")
+        for name, job in jobs:
+            spool.drop(f"{name}.json", job)
+        proc = sbrender("run", "--once", *spool.cli_args(), cwd=spool.root,
+                        env=daemon_env(model_cache, SBRENDER_PERF_BATCH_SIZE=str(batch)))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        results = {name: json.loads((spool.outbox / f"{name}.json").read_text()) for name, _ in jobs}
+        assert all(r["status"] == "succeeded" for r in results.values())
+        if batch > 1:
+            assert results["long"]["batch"]["images"] == 3
+        assert results["long"]["prompt"] == {"chunks": 3, "negative_chunks": 2}
+        images[batch] = {name: np.asarray(Image.open(spool.outbox / f"{name}.png"), dtype=int) for name, _ in jobs}
+    for name, _ in jobs:
+        assert np.abs(images[1][name] - images[4][name]).max() <= 2, name
