@@ -26,8 +26,12 @@ $(STAMP): pyproject.toml Makefile
 run: $(STAMP)
 	$(BIN)/sbrender run $(ARGS)
 
+# Two pytest-xdist workers; --dist loadgroup keeps each xdist_group on one worker.
+# PYTEST_ARGS come last: PYTEST_ARGS="-n 0" runs in one process.
+PYTEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --durations=25 $(PYTEST_ARGS)
 	$(BIN)/python examples/django/manage.py test --noinput --verbosity 0
 
 clean:

@@ -50,6 +50,20 @@ def wait_for(predicate: Callable[[], T], timeout: float = WAIT_TIMEOUT_S, messag
         time.sleep(0.05)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest first, so that the workers of `make test` (pytest-xdist) finish
+    together instead of one of them starting a minutes-long test last: tests
+    marked slow, then those on the tiny model (daemons, renders), then the rest,
+    each in collection order. xdist_group marks keep tests that must not run
+    beside each other on one worker, one after the other."""
+    def cost(item: pytest.Item) -> int:
+        if item.get_closest_marker("slow"):
+            return 0
+        return 1 if "model_cache" in getattr(item, "fixturenames", ()) else 2
+
+    items.sort(key=cost)
+
+
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A cache folder holding the built tiny-random pipeline (built once, ~0.5 s)."""

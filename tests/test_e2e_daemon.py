@@ -20,6 +20,8 @@ from PIL import Image
 from conftest import DaemonProcess, Spool, daemon_env, sbrender, wait_for
 from sbrender.client import Client
 
+# The tests share the module's two live daemons: under pytest-xdist, on one worker.
+pytestmark = pytest.mark.xdist_group("live-daemons")
 
 @pytest.fixture(scope="module", params=["inotify", "polling"])
 def live(request: pytest.FixtureRequest, model_cache: Path,

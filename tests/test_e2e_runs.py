@@ -234,6 +234,7 @@ def test_vanished_outbox_pauses_instead_of_losing_work(spool: Spool, start_daemo
     assert daemon.events("spool folders are back; resuming")
 
 
+@pytest.mark.xdist_group("crowd")  # many daemons: not beside the other crowds
 def test_three_daemons_share_a_spool_and_survive_a_kill(spool: Spool, model_cache: Path) -> None:
     """Each job renders exactly once across three daemons; the files of the one
     killed mid-job are taken back by a peer, never those of a live one."""

@@ -74,6 +74,7 @@ def _wait_for(paths: list[Path], timeout: float) -> None:
         time.sleep(0.1)
 
 
+@pytest.mark.xdist_group("crowd")  # 5,000 files: not beside the other crowds
 def test_flood_of_5000_files_all_rendered_none_twice(running: tuple[Daemon, SolidRenderer, Path]) -> None:
     """Dropped at once, more events than inotify's queue holds: the rescan finds what
     the events lost."""
