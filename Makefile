@@ -1,7 +1,8 @@
 # One command to run the daemon, one to test it. Both set up .venv first.
 #
 #   make run     # set up, then `sbrender run` with config/sbrender.yaml
-#   make test    # set up, then the whole test suite and examples/django's (CPU only, ~20 min on 2 cores)
+#   make test    # set up, then the whole test suite and examples/django's (CPU only; on 2 cores
+#                # shared with other work, 9:28 with two CPU burners beside it, 13:41 under a bench)
 #
 # TORCH picks the PyTorch build. torch==2.13.0 from PyPI is the CUDA build on
 # Linux x86-64 (what a GPU box wants); machines with a local CPU wheel of it
