@@ -1,7 +1,8 @@
 # One command to run the daemon, one to test it. Both set up .venv first.
 #
 #   make run     # set up, then `sbrender run` with config/sbrender.yaml
-#   make test    # set up, then the whole test suite and examples/django's (CPU only, ~20 min on 2 cores)
+#   make test    # set up, then the whole test suite and examples/django's (CPU only; on 2 cores
+#                # shared with other work, 9:28 with two CPU burners beside it, 13:41 under a bench)
 #
 # TORCH picks the PyTorch build. torch==2.13.0 from PyPI is the CUDA build on
 # Linux x86-64 (what a GPU box wants); machines with a local CPU wheel of it
@@ -26,8 +27,12 @@ $(STAMP): pyproject.toml Makefile
 run: $(STAMP)
 	$(BIN)/sbrender run $(ARGS)
 
+# Two pytest-xdist workers; --dist loadgroup keeps each xdist_group on one worker.
+# PYTEST_ARGS come last: PYTEST_ARGS="-n 0" runs in one process.
+PYTEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --durations=25 $(PYTEST_ARGS)
 	$(BIN)/python examples/django/manage.py test --noinput --verbosity 0
 
 clean:

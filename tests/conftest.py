@@ -9,16 +9,59 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import pytest
+# One compute thread per process: the tiny model's tensors are too small for a
+# second thread to help, and several daemons (and xdist workers) share the
+# cores, where threads fighting over them made a 3-step render 10 times slower.
+# Set before anything imports torch, which reads these at import; test daemons
+# inherit them through daemon_env.
+THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+os.environ.update(THREAD_ENV)
 
-from sbrender.peers import owner_name
+import pytest  # noqa: E402
+
+from sbrender.peers import owner_name  # noqa: E402
 
 READY_TIMEOUT_S = 180.0
 RESULT_TIMEOUT_S = 120.0
+WAIT_TIMEOUT_S = 60.0
+
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = WAIT_TIMEOUT_S, message: str | Callable[[], str] = "") -> T:
+    """Poll ``predicate`` until it returns something truthy, and return that.
+
+    A test waits for the state it is about to assert (a file archived, a log
+    line written), never for a fixed time: on a loaded machine any fixed time
+    is too short. Fails with ``message`` (a string, or a callable that describes
+    the state seen) after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            text = message() if callable(message) else message
+            raise AssertionError(f"waited {timeout} s: {text or 'condition never held'}")
+        time.sleep(0.05)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest first, so that the workers of `make test` (pytest-xdist) finish
+    together instead of one of them starting a minutes-long test last: tests
+    marked slow, then those on the tiny model (daemons, renders), then the rest,
+    each in collection order. xdist_group marks keep tests that must not run
+    beside each other on one worker, one after the other."""
+    def cost(item: pytest.Item) -> int:
+        if item.get_closest_marker("slow"):
+            return 0
+        return 1 if "model_cache" in getattr(item, "fixturenames", ()) else 2
+
+    items.sort(key=cost)
 
 
 @pytest.fixture(scope="session")
@@ -83,6 +126,7 @@ def daemon_env(model_cache: Path, **extra: str) -> dict[str, str]:
         "SBRENDER_WATCH_RESCAN_SECONDS": "0.5",
         "SBRENDER_LOG_FORMAT": "json",
         "PYTHONUNBUFFERED": "1",
+        **THREAD_ENV,
     })
     env.update(extra)
     return env

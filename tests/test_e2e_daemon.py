@@ -11,14 +11,17 @@ import hashlib
 import json
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from conftest import DaemonProcess, Spool, daemon_env, sbrender
+from conftest import DaemonProcess, Spool, daemon_env, sbrender, wait_for
 from sbrender.client import Client
 
+# The tests share the module's two live daemons: under pytest-xdist, on one worker.
+pytestmark = pytest.mark.xdist_group("live-daemons")
 
 @pytest.fixture(scope="module", params=["inotify", "polling"])
 def live(request: pytest.FixtureRequest, model_cache: Path,
@@ -74,9 +77,9 @@ def test_yaml_job_renders_png_and_metadata(live: tuple[Spool, DaemonProcess]) ->
     infotext = image.text["parameters"]
     assert infotext.startswith("a cat on a mat\nNegative prompt: blurry\nSteps: 4, Sampler: Euler a, CFG scale: 7, "
                                "Seed: 42, Size: 64x72, Model: tiny-random")
-    # The input left the inbox and is archived with its outcome.
+    # The input left the inbox and is archived with its outcome (after the result is out).
     assert not (spool.inbox / "cat-yaml.yaml").exists()
-    assert (spool.state / "done" / "cat-yaml.yaml").exists()
+    wait_for((spool.state / "done" / "cat-yaml.yaml").exists, message="cat-yaml.yaml not archived in state/done")
 
 
 def test_json_job_with_several_images(live: tuple[Spool, DaemonProcess]) -> None:
@@ -113,10 +116,7 @@ def test_batch_file_yields_one_result_per_job(live: tuple[Spool, DaemonProcess])
     assert third["error"]["field"] == "width"
     assert "multiple of 8" in third["error"]["message"] and "job 3 of the batch" in third["error"]["message"]
     # A batch with any failure is archived as failed, whole.
-    deadline = time.monotonic() + 30
-    while not (spool.state / "failed" / "batch-b.yaml").exists():
-        assert time.monotonic() < deadline, "batch file not archived"
-        time.sleep(0.05)
+    wait_for((spool.state / "failed" / "batch-b.yaml").exists, message="batch file not archived")
 
 
 def test_bad_file_fails_and_next_job_renders(live: tuple[Spool, DaemonProcess]) -> None:
@@ -132,7 +132,7 @@ def test_bad_file_fails_and_next_job_renders(live: tuple[Spool, DaemonProcess]) 
     assert "stepz" in unknown["error"]["message"] and "allowed fields" in unknown["error"]["message"]
     assert spool.result("good-after-bad")["status"] == "succeeded"
     assert not list(spool.outbox.glob("broken*.png"))
-    assert (spool.state / "failed" / "broken.yaml").exists()
+    wait_for((spool.state / "failed" / "broken.yaml").exists, message="broken.yaml not archived in state/failed")
 
 
 def test_finished_id_is_never_reused(live: tuple[Spool, DaemonProcess]) -> None:
@@ -197,9 +197,14 @@ def test_ignored_names_are_left_alone(live: tuple[Spool, DaemonProcess]) -> None
     spool, _ = live
     for name in (".hidden.yaml", "draft.yaml.tmp", "upload.json.part", "notes.txt"):
         (spool.inbox / name).write_text("prompt: not a job\n")
+    written = time.time()
     spool.drop("marker-ignored.yaml", "prompt: after\n")
     spool.result("marker-ignored")
-    time.sleep(1.0)  # at least one full rescan after the marker
+    # At least one full rescan since the files were written: the loop rescans when
+    # watch.rescan_seconds (0.5 s here) have passed since the last one, so a loop
+    # turn recorded (progress_at) more than that after the writes had one after them.
+    wait_for(lambda: any(_timestamp(d.get("progress_at")) > written + 0.6 for d in _statuses(spool)),
+             message="the daemon's loop did not turn after the writes")
     for name in (".hidden.yaml", "draft.yaml.tmp", "upload.json.part", "notes.txt"):
         assert (spool.inbox / name).exists()
     assert not list(spool.outbox.glob("hidden*")) and not list(spool.outbox.glob("draft*"))
@@ -256,7 +261,11 @@ def test_cancel_queued_and_running_jobs_then_retry(live: tuple[Spool, DaemonProc
         assert time.monotonic() < deadline, "the long job never started"
         time.sleep(0.05)
     spool.drop("queued.yaml", "- prompt: first of two\n  seed: 5\n- prompt: second of two\n")
-    time.sleep(0.6)  # seen and parsed, waiting behind busy
+    # Seen and parsed (both entries), waiting behind busy: the daemon looks at the
+    # inbox between busy's steps and reports its queue at the next step.
+    wait_for(lambda: any((d.get("current") or {}).get("job") == "busy" and d.get("queued") == 2
+                         for d in _statuses(spool)),
+             message=lambda: f"queued.yaml never seen waiting behind busy: {_statuses(spool)}")
     queued = sbrender("cancel", "queued-001", *spool.cli_args(), env=env, cwd=spool.root)
     assert queued.returncode == 0, queued.stderr
     assert queued.stdout.strip() == "queued-001: cancelled"
@@ -281,6 +290,13 @@ def test_cancel_queued_and_running_jobs_then_retry(live: tuple[Spool, DaemonProc
     assert (spool.state / "retried" / "queued-001.1.json").exists()
     not_failed = sbrender("retry", "queued-002", *spool.cli_args(), env=env, cwd=spool.root)
     assert not_failed.returncode == 1 and "is succeeded; only a failed or cancelled job" in not_failed.stderr
+
+
+def _timestamp(iso: str | None) -> float:
+    """Seconds since the epoch of a result's or status file's time ("...Z"), 0 for none."""
+    if not iso:
+        return 0.0
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
 def _statuses(spool: Spool) -> list[dict]:

@@ -22,11 +22,12 @@ def _job(k: int, steps: int = 3, size: int = 64) -> Job:
                width=size, height=size, seed=k, count=1, sampler="DPM++ 2M Karras", priority=0)
 
 
-def _renderer(model_cache: Path, **perf: Any) -> Any:
+def _renderer(model_cache: Path, defaults: dict[str, Any] | None = None, **perf: Any) -> Any:
     from sbrender.pipeline import DiffusersRenderer
 
     settings = load_settings(None, env={}, overrides={"model": "tiny-random", "cache": str(model_cache),
-                                                      **{f"perf.{k}": v for k, v in perf.items()}})
+                                                      **{f"perf.{k}": v for k, v in perf.items()},
+                                                      **{f"defaults.{k}": v for k, v in (defaults or {}).items()}})
     renderer = DiffusersRenderer(settings)
     renderer.load()
     return renderer
@@ -81,8 +82,12 @@ def test_perf_switches_apply_and_change_images_at_most_in_the_last_bits(model_ca
         assert np.abs(image - base).max() <= 2
 
 
+@pytest.mark.slow
 def test_compiled_pipeline_warms_up_at_load_and_renders(model_cache: Path) -> None:
-    renderer = _renderer(model_cache, compile="default", batch_size=2)
+    # The warm-up renders at the default size: 64x64 here, the size rendered below.
+    # At the built-in 512x512 the render below compiled the UNet and the VAE a
+    # third time, for the new size (over a minute of a 2-core machine).
+    renderer = _renderer(model_cache, compile="default", batch_size=2, defaults={"width": 64, "height": 64})
     assert renderer.describe()["perf"]["compile"] == "default"
     outs = renderer.render_batch([(_job(1, steps=2), [1]), (_job(2, steps=2), [2])])
     assert [o.images[0].size for o in outs] == [(64, 64), (64, 64)]
@@ -97,6 +102,7 @@ def test_vae_tiling_follows_the_setting_and_the_size(model_cache: Path) -> None:
     assert renderer.pipe.vae.use_tiling is True
 
 
+@pytest.mark.slow
 def test_sd15_random_has_sd15s_architecture_and_renders(tmp_path: Path) -> None:
     """The one CPU check of the big built-in: built from configs, saved, loaded
     through from_pretrained, one small render (8x8 latents, one step)."""

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from torture import torture
+
+# Daemons started and killed over and over: not beside the other crowds (pytest-xdist).
+pytestmark = pytest.mark.xdist_group("crowd")
 
 
 def test_random_sigkills_lose_nothing(tmp_path: Path, model_cache: Path) -> None:
