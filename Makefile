@@ -1,8 +1,8 @@
 # One command to run the daemon, one to test it. Both set up .venv first.
 #
 #   make run     # set up, then `sbrender run` with config/sbrender.yaml
-#   make test    # set up, then the whole test suite and examples/django's (CPU only; on 2 cores
-#                # shared with other work, 9:28 with two CPU burners beside it, 13:41 under a bench)
+#   make test    # set up, then the whole test suite and examples/django's (CPU only; a fresh
+#                # clone's .ci/run on 2 cores: 6:09 with setup, 14:21 with two CPU burners beside it)
 #
 # TORCH picks the PyTorch build. torch==2.13.0 from PyPI is the CUDA build on
 # Linux x86-64 (what a GPU box wants); machines with a local CPU wheel of it
