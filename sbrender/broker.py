@@ -7,7 +7,8 @@ is another. A broker hands out job documents as neutral ``Delivery`` records
 and never sees a renderer; the dispatcher never sees a file.
 
 Life of a delivered entry: ``take`` (or ``take_cancelled``) -> ``reserve`` its
-result id -> rendered and published by the dispatcher -> ``done``; or
+result id -> rendered -> ``may_publish`` -> published by the dispatcher's
+writer -> ``done``; or
 ``give_back`` when a stop interrupted its render; or ``unpublishable`` when no
 result could be written (it stays held, to be redone after a restart).
 """
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from .jobs import Entry, Job
 
@@ -93,14 +94,21 @@ class Broker(Protocol):
         """Queued entries with these ids, taken out of turn to be cancelled."""
 
     def cancelled(self) -> set[str]:
-        """Ids someone asked to cancel (queued or running anywhere)."""
+        """Ids someone asked to cancel (queued or running anywhere), and ids this
+        daemon lost to another (a network queue's lease): a render of them stops."""
 
     def reserve(self, take: Take) -> Reservation:
         """Claim the entry's result id for this delivery; ids are never reused."""
 
-    def done(self, take: Take, ok: bool) -> None:
-        """The entry's result is published (``ok``: succeeded). When every entry
-        of its delivery is, the delivery is archived or acknowledged."""
+    def may_publish(self, take: Take) -> bool:
+        """Asked before the entry's result is written: whether this daemon still
+        holds it. False: another took it over (a lease lapsed); nothing of it may
+        be published here, and the broker has forgotten it."""
+
+    def done(self, take: Take, ok: bool, result: Mapping[str, Any] | None = None) -> None:
+        """The entry's result is published (``ok``: succeeded; ``result``: the
+        document, None when published before a restart). When every entry of its
+        delivery is, the delivery is archived or acknowledged."""
 
     def unpublishable(self, take: Take) -> None:
         """No result could be published: its delivery stays held, for the next start."""

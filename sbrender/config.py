@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from . import samplers
+from . import redisqueue, samplers
 from .errors import ConfigError
 from .models import BUILTINS
 
@@ -95,6 +95,12 @@ def _choice(*options: str, on: str | None = None) -> Parser:
     return parse
 
 
+def _queue(value: Any) -> str:
+    """"files" (the spool folders) or a Redis URL."""
+    text = _text(value)
+    return "files" if text.lower() == "files" else redisqueue.check_url(text)
+
+
 def _sampler(value: Any) -> str:
     try:
         return samplers.canonical(_text(value))
@@ -151,6 +157,12 @@ SETTINGS: tuple[Setting, ...] = (
             "torch.compile the UNet and VAE decoder with this mode; compiled and warmed up before ready"),
     Setting("perf.vae_tiling", "auto", _choice("auto", "on", "off", on="on"),
             "decode the VAE in tiles (less memory for large images); auto: when a side exceeds 1024"),
+    Setting("queue", "files", _queue,
+            "where jobs queue: files (the inbox folder, one host or a shared filesystem) or a Redis server "
+            "shared by daemons on many hosts, redis://host:6379/0"),
+    Setting("redis.lease_seconds", 60.0, _number(float, 0.3, 86_400.0),
+            "with a Redis queue: a daemon silent this long loses its jobs to others (renewed every third of it "
+            "while it renders; longer than any pause of the process)"),
     Setting("inbox", "inbox", _text, "folder watched for job files"),
     Setting("outbox", "outbox", _text, "folder where PNGs and result JSONs are published"),
     Setting("state", "state", _text, "claimed and archived job files; same filesystem as the inbox"),

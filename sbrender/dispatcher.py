@@ -319,13 +319,22 @@ class Dispatcher:
         parts = {"load_s": slot.started - slot.picked + out.timings.get("prepare_s", 0.0),
                  "inference_s": out.timings.get("inference_s", 0.0), "write_s": 0.0,
                  "model_load_s": self.model_load_s}
-        self.writer.put(results.Draft(slot.result_id, result, slot.queued, slot.started, parts, images,
-                                      failure_params=slot.job.params()), slot)
+        self._publish(results.Draft(slot.result_id, result, slot.queued, slot.started, parts, images,
+                                    failure_params=slot.job.params()), slot)
 
     def _fail(self, slot: Slot, error: SbrenderError) -> None:
         result = results.failed(slot.entry, error, input=slot.input_rec, renderer=self.description, times={},
                                 job_id=slot.result_id)
-        self.writer.put(results.Draft(slot.result_id, result, slot.queued, slot.started), slot)
+        self._publish(results.Draft(slot.result_id, result, slot.queued, slot.started), slot)
+
+    def _publish(self, draft: results.Draft, slot: Slot) -> None:
+        """To the writer, unless the broker no longer holds the entry for this
+        daemon (another took it over): then nothing of it is written here."""
+        if self.broker.may_publish(slot.take):
+            self.writer.put(draft, slot)
+        else:
+            log.warning("job taken over by another daemon; its result is not published here",
+                        job_id=slot.entry.id)
 
     def _collect(self) -> None:
         """Report what the writer published to the broker (and the service)."""
@@ -337,7 +346,7 @@ class Dispatcher:
                 self.broker.unpublishable(slot.take)
                 continue
             self.finished(slot, report.result)
-            self.broker.done(slot.take, report.result["status"] == results.SUCCEEDED)
+            self.broker.done(slot.take, report.result["status"] == results.SUCCEEDED, report.result)
 
     def _drain(self) -> None:
         self.writer.drain()

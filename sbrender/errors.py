@@ -86,6 +86,12 @@ class SpoolError(SbrenderError):
     kind = "spool"
 
 
+class QueueUnavailable(SbrenderError):
+    """The queue's server (Redis) cannot be reached or refuses to serve now."""
+
+    kind = "queue"
+
+
 class ShutdownRequested(BaseException):
     """Raised inside a render to stop it; deliberately not an ``Exception``."""
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import structlog
 
@@ -244,7 +245,10 @@ class FileBroker:
         holder = (existing or {}).get("input", {}).get("file", "another job file")
         return Reservation(dup_id, held_by=holder)
 
-    def done(self, take: Take, ok: bool) -> None:
+    def may_publish(self, take: Take) -> bool:
+        return True  # a claim is never taken away from a live daemon
+
+    def done(self, take: Take, ok: bool, result: Mapping[str, Any] | None = None) -> None:
         self.spool.clear_cancel(take.entry.id)
         cand = self._held.get(take.delivery.token)
         if cand is None or not self.queue.finish(cand, ok):

@@ -13,6 +13,8 @@ import heapq
 import itertools
 import threading
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from .broker import BatchKey, Delivery, Reservation, Take
 from .jobs import Rules, parse_job_bytes
@@ -118,7 +120,10 @@ class MemoryBroker:
                 n += 1
             return Reservation(f"{job_id}.dup{n}", held_by=holder.source)
 
-    def done(self, take: Take, ok: bool) -> None:
+    def may_publish(self, take: Take) -> bool:
+        return True  # a claim is never taken away from a live daemon
+
+    def done(self, take: Take, ok: bool, result: Mapping[str, Any] | None = None) -> None:
         with self._lock:
             self._cancels.discard(take.entry.id)
             self.results[take.entry.id] = ok

@@ -50,11 +50,7 @@ class Service:
         self.wake = threading.Event()
         self.should_exit = threading.Event()
         self.ready = threading.Event()  # set once the model is loaded and the first look is done
-        if broker is None:
-            from .filebroker import FileBroker
-
-            broker = FileBroker(settings, self.wake)
-        self.broker = broker
+        self.broker = broker if broker is not None else make_broker(settings, self.wake)
         self.owner = owner_name()
         self.notifier = Notifier()
         self.metrics = _metrics(settings, self.owner)
@@ -124,7 +120,7 @@ class Service:
             self.notifier.watchdog()  # the loop turns
             if self._paused():
                 if once:
-                    raise SpoolError("the spool folders changed under the daemon: " + "; ".join(self._problems))
+                    raise SpoolError("the queue cannot be used: " + "; ".join(self._problems))
                 self._sleep(rescan_s)
                 continue
             worked = self.dispatcher.turn()
@@ -148,14 +144,15 @@ class Service:
         self.wake.wait(max(seconds, 0.0))
 
     def _paused(self) -> bool:
-        """True while the broker cannot be used (a spool folder gone or replaced)."""
+        """True while the broker cannot be used (a spool folder gone or replaced,
+        a queue server unreachable)."""
         problems = self.broker.problems()
         if problems != self._problems:
             if problems:
-                log.error("spool folder missing or replaced; paused until it is back", problems=problems)
+                log.error("queue unavailable; paused until it is back", problems=problems)
                 self._set_status("paused", problems=problems)
-            else:
-                log.info("spool folders are back; resuming")
+            elif self._problems:
+                log.info("queue is back; resuming")
         self._problems = problems
         return bool(problems)
 
@@ -264,6 +261,17 @@ class Service:
             self.notifier.extend_timeout(LOAD_EXTEND_S)
         else:
             self._write_metrics(force=False)
+
+
+def make_broker(settings: Settings, wake: threading.Event) -> Broker:
+    """The broker ``queue`` names: the spool folders, or a Redis server."""
+    if settings["queue"] == "files":
+        from .filebroker import FileBroker
+
+        return FileBroker(settings, wake)
+    from .redisbroker import RedisBroker
+
+    return RedisBroker(settings, wake)
 
 
 def _metrics(settings: Settings, owner: str) -> Any:

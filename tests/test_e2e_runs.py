@@ -228,7 +228,7 @@ def test_vanished_outbox_pauses_instead_of_losing_work(spool: Spool, start_daemo
     hidden = spool.root / "outbox-unmounted"
     os.rename(spool.outbox, hidden)
     deadline = time.monotonic() + 30
-    while not daemon.events("spool folder missing or replaced; paused until it is back"):
+    while not daemon.events("queue unavailable; paused until it is back"):
         assert time.monotonic() < deadline, "the missing outbox was not noticed"
         time.sleep(0.05)
     spool.drop("during.yaml", "prompt: during\n")
@@ -236,7 +236,7 @@ def test_vanished_outbox_pauses_instead_of_losing_work(spool: Spool, start_daemo
     assert (spool.inbox / "during.yaml").exists(), "no job is taken while the outbox is gone"
     os.rename(hidden, spool.outbox)
     assert spool.result("during")["status"] == "succeeded"
-    assert daemon.events("spool folders are back; resuming")
+    assert daemon.events("queue is back; resuming")
 
 
 @pytest.mark.xdist_group("crowd")  # many daemons: not beside the other crowds
