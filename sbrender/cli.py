@@ -250,7 +250,8 @@ def _wait(client: Client, job_id: str, timeout: float | None) -> dict[str, Any]:
                 done = int(20 * where["step"] / where["steps"])
                 line = f"{job_id} [{'#' * done}{'-' * (20 - done)}] step {where['step']}/{where['steps']}"
             elif where["state"] == "pending":
-                line = f"{job_id} queued, {where['position']} of {where['of']}"
+                place = f", {where['position']} of {where['of']}" if "position" in where else ""
+                line = f"{job_id} queued{place}"
             else:
                 line = f"{job_id} {where['state']}"
             click.echo(f"\r\033[K{line}  {elapsed:.1f}s", nl=False, err=True)
@@ -389,7 +390,7 @@ def cancel(config_file: str | None, inbox: str | None, outbox: str | None, state
         client.cancel(job_id)
     except JobError as err:
         _fail(str(err))
-    if not any(d["alive"] for d in client.daemons()):
+    if client.queue is None and not any(d["alive"] for d in client.daemons()):
         click.echo(f"{job_id}: cancel requested; no daemon is running, it takes effect when one starts")
         return
     try:

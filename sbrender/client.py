@@ -7,7 +7,10 @@
 
 ``submit`` validates the job with the daemon's rules, then writes it
 atomically (a hidden temp file in the inbox, fsync, rename), so it works from
-any process that can write the inbox.
+any process that can write the inbox. With a Redis queue (``queue`` set to
+``redis://host:6379/0``, see ``redisqueue``), ``submit``, ``result``, ``wait``
+and ``cancel`` go to the server instead; a submit may be sent again under the
+same id, and ``wait`` blocks on the job's event stream, never on a folder.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from .errors import ConfigError, JobError, SbrenderError
 from .jobfile import read_bytes
 from .jobs import BadJob, Entry, Job, Rules, build_job, parse_job_bytes
 from .outputs import fsync_dir, read_json, rename_noreplace, write_synced
+from .redisqueue import RedisQueue
 from .results import CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, STATES, parse_iso
 from .spool import Spool
 
@@ -59,16 +63,18 @@ class Client:
     """The spool's three folders, and what a producer or consumer does with them."""
 
     def __init__(self, inbox: str | os.PathLike[str], outbox: str | os.PathLike[str],
-                 state: str | os.PathLike[str] | None = None, rules: Rules | None = None) -> None:
+                 state: str | os.PathLike[str] | None = None, rules: Rules | None = None,
+                 queue: str = "files") -> None:
         self.inbox = Path(inbox)
         self.outbox = Path(outbox)
         self.state = Path(state) if state is not None else self.inbox.parent / "state"
         self.rules = rules or Rules()
         self.spool = Spool(self.inbox, self.outbox, self.state)  # where things live, and the id ledger
+        self.queue = None if queue == "files" else RedisQueue(queue)
 
     @classmethod
     def from_settings(cls, settings: Any) -> Client:
-        return cls(settings.inbox, settings.outbox, settings.state, Rules.from_settings(settings))
+        return cls(settings.inbox, settings.outbox, settings.state, Rules.from_settings(settings), settings["queue"])
 
     @classmethod
     def from_config(cls, config_file: str | os.PathLike[str] | None = None) -> Client:
@@ -91,7 +97,13 @@ class Client:
         problem = ids.id_problem(job_id)
         if problem:
             raise JobError(f"bad job id {job_id!r}: {problem}")
-        build_job(job_id, job, self.rules)  # the daemon's own checks, before anything is written
+        built = build_job(job_id, job, self.rules)  # the daemon's own checks, before anything is written
+        if self.queue is not None:
+            try:
+                self.queue.submit(job_id, job, built.priority)
+            except ValueError as err:
+                raise JobError(str(err), hint="choose another id") from None
+            return job_id
         self._check_inbox()
         if self.is_known(job_id):
             raise JobError(f"job id {job_id} is already in use", hint="choose another id")
@@ -102,10 +114,17 @@ class Client:
     def is_known(self, job_id: str) -> bool:
         """Whether an id is in use: queued, claimed, reserved by a running job, or
         finished. An id whose result was removed is free again (sbrender/ledger.py)."""
+        if self.queue is not None:
+            return self.queue.state(job_id) is not None
         if any((folder / f"{job_id}{suffix}").exists()
                for folder in (self.inbox, *self.spool.work_folders()) for suffix in ids.JOB_SUFFIXES):
             return True
         return self.spool.ledger.in_use(job_id)
+
+    def _files_only(self, what: str) -> None:
+        if self.queue is not None:
+            raise ConfigError(f"`{what}` does not read a Redis queue yet",
+                              hint="`sbrender wait ID --json` shows a job's result")
 
     def _check_inbox(self) -> None:
         """An inbox that is not there is a setting to fix (or a volume to mount), not an empty queue."""
@@ -119,6 +138,13 @@ class Client:
         """Ask the daemons to cancel a job: a queued one is taken out with a
         cancelled result, a running one stops at its next step. Returns the job's
         state when asked; raises ``JobError`` for a finished or unknown job."""
+        if self.queue is not None:
+            state = self.queue.cancel(job_id)
+            if state == "unknown":
+                raise JobError(f"no job {job_id} is pending or running")
+            if state not in (PENDING, RUNNING):
+                raise JobError(f"job {job_id} already finished ({state}); nothing to cancel")
+            return state
         result = self.result(job_id)
         if result is not None:
             raise JobError(f"job {job_id} already finished ({result.get('status')}); nothing to cancel")
@@ -132,6 +158,7 @@ class Client:
     def retry(self, job_id: str) -> str:
         """Put a failed or cancelled job back into the queue under its id. Its old
         result moves to ``state/retried/``. Returns the new job file's name."""
+        self._files_only("retry")
         result = self.result(job_id)
         if result is None:
             if self.status(job_id) is None:
@@ -171,7 +198,10 @@ class Client:
     # --- consuming ---------------------------------------------------------------------
 
     def result(self, job_id: str) -> dict[str, Any] | None:
-        """The finished job's outbox JSON, or None while it is not finished."""
+        """The finished job's outbox JSON (with a Redis queue: the result document
+        kept there), or None while it is not finished."""
+        if self.queue is not None:
+            return self.queue.result(job_id)
         return read_json(self.spool.result_path(job_id))
 
     def image_paths(self, result: Mapping[str, Any]) -> list[Path]:
@@ -179,6 +209,12 @@ class Client:
 
     def wait(self, job_id: str, timeout: float | None = None, poll_s: float = 0.1) -> dict[str, Any]:
         """Block until the job's result exists; raises ``WaitTimeout``."""
+        if self.queue is not None:
+            result = self.queue.wait(job_id, timeout)
+            if result is None:
+                raise WaitTimeout(f"job {job_id} has no result after {timeout:g} s",
+                                  hint="is a daemon running? see `sbrender status` on its host")
+            return result
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             result = self.result(job_id)
@@ -219,6 +255,8 @@ class Client:
     def progress(self, job_id: str) -> dict[str, Any]:
         """Where a job stands: finished (its status), running (step i of n), or
         pending (its place among the pending jobs, oldest first)."""
+        if self.queue is not None:
+            return {"state": self.queue.state(job_id) or "unknown"}
         result = self.result(job_id)
         if result is not None:
             return {"state": result.get("status")}
@@ -240,6 +278,7 @@ class Client:
     def jobs(self) -> list[JobState]:
         """Every job the spool knows: pending, running, then finished, oldest first.
         Raises ``ConfigError`` when the inbox does not exist."""
+        self._files_only("jobs")
         self._check_inbox()
         running = {job for d in self.daemons() if d["alive"] and d.get("state") == "rendering"
                    for job in _rendering(d.get("current") or {})}
@@ -288,6 +327,7 @@ class Client:
 
     def show(self, job_id: str) -> dict[str, Any] | None:
         """The result JSON, or for a job not finished yet its state and parameters."""
+        self._files_only("show")
         result = self.result(job_id)
         if result is not None:
             return result

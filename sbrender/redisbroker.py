@@ -331,7 +331,9 @@ class RedisBroker:
         if reply is None:
             log.warning("cannot check the lease with redis away; the result is not published and the job "
                         "is rendered again", job_id=job_id)
-        self._lose(held)
+            self._drop(held)
+        else:
+            self._lose(held)
         self._lost.discard(job_id)
         return False
 

@@ -209,3 +209,13 @@ def start_daemon(model_cache: Path) -> Iterator[Any]:
     codes = [(d.stop(), d) for d in started]
     for code, daemon in codes:
         assert code == 0, f"daemon exited {code}:\n{daemon.log_path.read_text()[-4000:]}"
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Any]:
+    """A real redis-server of its own (tests/redis_server.py), killed at the end."""
+    from redis_server import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.kill()
