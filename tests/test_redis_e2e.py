@@ -1,0 +1,251 @@
+"""End to end on a Redis queue: the real service and dispatcher over RedisBroker
+with a scripted renderer (in-process, fast), then real `sbrender run` daemons on
+the tiny-random model, fed by `sbrender submit --wait` and the Client, killed
+(SIGKILL) and paused past their lease (SIGSTOP, SIGCONT).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conftest import DaemonProcess, Spool, daemon_env, sbrender, wait_for
+from redis_server import RedisServer
+from sbrender import redisqueue as rq
+from sbrender.client import Client
+from sbrender.config import load_settings
+from sbrender.service import Service
+from test_dispatcher import ScriptedRenderer
+
+
+class Daemon:
+    """A service over the Redis queue, running in a thread, with its own outbox."""
+
+    def __init__(self, root: Path, url: str, renderer: ScriptedRenderer, **overrides: Any) -> None:
+        self.outbox = root / "outbox"
+        self.settings = load_settings(env={}, overrides={
+            "queue": url, "inbox": str(root / "inbox"), "outbox": str(self.outbox), "state": str(root / "state"),
+            "metrics_dir": "off", "defaults.width": 64, "defaults.height": 64, "defaults.steps": 2, **overrides})
+        self.renderer = renderer
+        self.service = Service(self.settings, renderer)
+        self.thread = threading.Thread(target=self.service.run, name="redis-daemon-under-test")
+        self.thread.start()
+        assert self.service.ready.wait(20), "the service did not get ready"
+
+    def stop(self) -> None:
+        self.service.stop()
+        self.thread.join(timeout=20)
+        assert not self.thread.is_alive(), "the service did not stop"
+
+
+@pytest.fixture
+def daemons(tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Daemon]]:
+    monkeypatch.chdir(tmp_path)
+    made: list[Daemon] = []
+
+    def make(renderer: ScriptedRenderer | None = None, **overrides: Any) -> Daemon:
+        made.append(Daemon(tmp_path / f"host{len(made)}", redis_server.url, renderer or ScriptedRenderer(),
+                           **overrides))
+        return made[-1]
+
+    yield make
+    for daemon in made:
+        if daemon.thread.is_alive():
+            daemon.stop()
+
+
+def client_of(redis_server: RedisServer, outbox: Path) -> Client:
+    return Client(outbox.parent / "inbox", outbox, queue=redis_server.url)
+
+
+def job_field(server: RedisServer, job_id: str, name: str) -> str | None:
+    return server.client().hget(rq.job_key(job_id), name)
+
+
+def test_two_daemons_share_the_queue_and_publish_each_job_once(
+        daemons: Callable[..., Daemon], redis_server: RedisServer) -> None:
+    first, second = daemons(), daemons()
+    client = client_of(redis_server, first.outbox)
+    ids = [client.submit(f"job {k}", job_id=f"j{k:02d}", seed=k) for k in range(24)]
+    results = {job_id: client.wait(job_id, timeout=60) for job_id in ids}
+    assert all(r["status"] == "succeeded" for r in results.values())
+    for job_id, result in results.items():
+        homes = [d.outbox for d in (first, second) if (d.outbox / f"{job_id}.json").exists()]
+        assert len(homes) == 1, f"{job_id} published by {len(homes)} daemons"
+        on_disk = json.loads((homes[0] / f"{job_id}.json").read_text())
+        assert on_disk == result, "the outbox JSON and the document kept in Redis are one result"
+        png = (homes[0] / result["images"][0]["file"]).read_bytes()
+        assert hashlib.sha256(png).hexdigest() == result["images"][0]["sha256"]
+    assert first.renderer.calls and second.renderer.calls, "both daemons took jobs"
+
+
+def test_a_running_job_cancelled_through_the_client_stops_and_the_next_renders(
+        daemons: Callable[..., Daemon], redis_server: RedisServer) -> None:
+    renderer = ScriptedRenderer(endless={"long"})
+    daemon = daemons(renderer)
+    client = client_of(redis_server, daemon.outbox)
+    client.submit("never ends", job_id="long")
+    client.submit("behind it", job_id="next")
+    assert renderer.stepping.wait(20)
+    client.submit("cancelled while queued", job_id="queued")
+    assert client.cancel("queued") == "pending"
+    assert client.wait("queued", timeout=30)["error"]["message"] == "cancelled before it started"
+    assert renderer.calls == [["long"]], "cancelled out of turn, while the long render went on"
+    assert client.cancel("long") == "running"
+    cancelled = client.wait("long", timeout=30)
+    assert cancelled["status"] == "cancelled" and cancelled["error"]["message"] == "cancelled while rendering"
+    assert client.wait("next", timeout=30)["status"] == "succeeded"
+    assert not redis_server.client().smembers(rq.CANCELS)
+
+
+def test_a_daemon_that_loses_its_lease_stops_the_render_and_publishes_nothing(
+        daemons: Callable[..., Daemon], redis_server: RedisServer) -> None:
+    renderer = ScriptedRenderer(endless={"stolen"})
+    daemon = daemons(renderer, **{"redis.lease_seconds": 0.6})
+    client = client_of(redis_server, daemon.outbox)
+    client.submit("taken away mid-render", job_id="stolen")
+    assert renderer.stepping.wait(20)
+    # Another daemon takes the entry over, as XAUTOCLAIM does after a lapsed lease.
+    server = redis_server.client()
+    key, eid = server.hmget(rq.job_key("stolen"), "stream", "entry")
+    server.xclaim(key, rq.GROUP, "another-daemon", 0, [eid], justid=True)
+    client.submit("after", job_id="after")
+    assert client.wait("after", timeout=30)["status"] == "succeeded"
+    assert not (daemon.outbox / "stolen.json").exists(), "nothing of a lost job is published"
+    assert job_field(redis_server, "stolen", "state") == "running", "it belongs to the other daemon now"
+
+
+def test_an_outage_of_redis_pauses_the_daemon_and_it_resumes_when_the_server_is_back(
+        daemons: Callable[..., Daemon], redis_server: RedisServer) -> None:
+    daemon = daemons()
+    client = client_of(redis_server, daemon.outbox)
+    client.submit("before", job_id="before")
+    assert client.wait("before", timeout=30)["status"] == "succeeded"
+    redis_server.kill()
+    wait_for(lambda: daemon.service._problems, 30, "the outage was not noticed")
+    assert "redis unreachable" in daemon.service._problems[0]
+    redis_server.start()
+    client = client_of(redis_server, daemon.outbox)
+    client.submit("after", job_id="after")
+    assert client.wait("after", timeout=30)["status"] == "succeeded"
+    assert not daemon.service._problems
+
+
+# --- real daemon processes ------------------------------------------------------------------------
+
+@pytest.fixture
+def redis_spool(tmp_path: Path) -> Spool:
+    return Spool(tmp_path / "spool")
+
+
+@pytest.fixture
+def start_daemon(model_cache: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    """`sbrender run` processes; at the end, each one not killed by the test must stop with 0."""
+    started: list[DaemonProcess] = []
+
+    def start(spool: Spool, **env: str) -> DaemonProcess:
+        daemon = DaemonProcess(spool, daemon_env(model_cache, **env))
+        started.append(daemon)
+        daemon.wait_ready()
+        return daemon
+
+    yield start
+    for daemon in started:
+        killed = daemon.proc.poll() == -signal.SIGKILL
+        code = daemon.stop()
+        assert killed or code == 0, f"daemon exited {code}:\n{daemon.log_path.read_text()[-4000:]}"
+
+
+def _consumer(server: RedisServer, job_id: str) -> str:
+    return job_field(server, job_id, "owner") or ""
+
+
+@pytest.mark.e2e
+def test_a_daemon_renders_a_job_from_submit_wait(start_daemon: Any, redis_spool: Spool, model_cache: Path,
+                                                 redis_server: RedisServer) -> None:
+    start_daemon(redis_spool, SBRENDER_QUEUE=redis_server.url)
+    env = daemon_env(model_cache, SBRENDER_QUEUE=redis_server.url)
+    done = sbrender("submit", "a cat on a mat", "--id", "cat", "--seed", "5", "--wait", "--json",
+                    *redis_spool.cli_args(), env=env, cwd=redis_spool.root, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["status"] == "succeeded" and result["params"]["seed"] == 5
+    png = (redis_spool.outbox / "cat.png").read_bytes()
+    assert hashlib.sha256(png).hexdigest() == result["images"][0]["sha256"]
+    assert json.loads((redis_spool.outbox / "cat.json").read_text()) == result
+    again = sbrender("submit", "a cat on a mat", "--id", "cat", "--seed", "5", *redis_spool.cli_args(),
+                     env=env, cwd=redis_spool.root)
+    assert again.returncode == 0, "a re-submit of one job by id is safe"
+    other = sbrender("submit", "a dog", "--id", "cat", *redis_spool.cli_args(), env=env, cwd=redis_spool.root)
+    assert other.returncode == 1 and "already in use" in other.stderr
+
+
+def _started(server: RedisServer, job_id: str, daemon: DaemonProcess) -> bool:
+    """The job is running, held by this daemon (its consumer name starts with its owner name)."""
+    return job_field(server, job_id, "state") == "running" and _consumer(server, job_id).startswith(
+        daemon.owner + "-")
+
+
+def _one_result(spool: Spool, client: Client, job_id: str) -> dict[str, Any]:
+    result = client.wait(job_id, timeout=120)
+    assert result["status"] == "succeeded", result
+    assert json.loads((spool.outbox / f"{job_id}.json").read_text()) == result
+    for image in result["images"]:
+        data = (spool.outbox / image["file"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == image["sha256"]
+    assert sorted(p.name for p in spool.outbox.iterdir() if p.name.startswith(job_id)) == \
+        sorted([f"{job_id}.json", *(i["file"] for i in result["images"])]), "no partial or extra file"
+    return result
+
+
+@pytest.mark.e2e
+def test_a_daemon_killed_mid_render_leaves_the_job_to_another_which_publishes_it_once(
+        start_daemon: Any, redis_spool: Spool, redis_server: RedisServer) -> None:
+    env = {"SBRENDER_QUEUE": redis_server.url, "SBRENDER_REDIS_LEASE_SECONDS": "2",
+           "SBRENDER_TEST_FAULTS": "victim=slow"}
+    first = start_daemon(redis_spool, **env)
+    client = Client(redis_spool.inbox, redis_spool.outbox, queue=redis_server.url)
+    client.submit("killed mid-render", job_id="victim", steps=2)
+    wait_for(lambda: _started(redis_server, "victim", first), message="the first daemon never started it")
+    first.proc.send_signal(signal.SIGKILL)
+    first.proc.wait()
+    second = start_daemon(redis_spool, **env)
+    result = _one_result(redis_spool, client, "victim")
+    assert _consumer_of_result(redis_server, "victim").startswith(second.owner + "-")
+    assert job_field(redis_server, "victim", "crashes") == "1"
+    assert result["images"][0]["seed"] is not None
+
+
+def _consumer_of_result(server: RedisServer, job_id: str) -> str:
+    return (job_field(server, job_id, "done_by") or "").split(" ")[0]
+
+
+@pytest.mark.e2e
+def test_a_daemon_paused_past_its_lease_cannot_publish_and_the_job_has_one_result(
+        start_daemon: Any, redis_spool: Spool, redis_server: RedisServer) -> None:
+    env = {"SBRENDER_QUEUE": redis_server.url, "SBRENDER_REDIS_LEASE_SECONDS": "2",
+           "SBRENDER_TEST_FAULTS": "paused=slow"}
+    first = start_daemon(redis_spool, **env)
+    client = Client(redis_spool.inbox, redis_spool.outbox, queue=redis_server.url)
+    client.submit("paused mid-render", job_id="paused", steps=2)
+    wait_for(lambda: _started(redis_server, "paused", first), message="the first daemon never started it")
+    os.kill(first.proc.pid, signal.SIGSTOP)
+    try:
+        second = start_daemon(redis_spool, **env)
+        result = _one_result(redis_spool, client, "paused")
+        assert _consumer_of_result(redis_server, "paused").startswith(second.owner + "-")
+    finally:
+        os.kill(first.proc.pid, signal.SIGCONT)
+    wait_for(lambda: first.events("job taken over by another daemon; its result is not published here"),
+             message=lambda: "the paused daemon never learnt it lost the job:\n" + first.log_path.read_text()[-3000:])
+    assert _one_result(redis_spool, client, "paused") == result, "its late publish was refused"
+    client.submit("the paused daemon goes on", job_id="later", steps=1)
+    assert client.wait("later", timeout=120)["status"] == "succeeded"
