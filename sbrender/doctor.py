@@ -135,8 +135,34 @@ def check_model(s: Settings) -> list[Finding]:
                     f"`hf download {ref.location}` ahead of time, then offline: true")]
 
 
+def check_queue(s: Settings) -> list[Finding]:
+    """With a Redis queue: the server answers, is 7.0 or later, persists (AOF) and never evicts."""
+    if s["queue"] == "files":
+        return []
+    from . import redisqueue as rq
+
+    where = rq.redacted(s["queue"])
+    try:
+        info = rq.connect(s["queue"]).info()
+    except Exception as err:  # noqa: BLE001 - any failure to talk is the finding
+        return [Finding(FAIL, "queue", f"{where}: {rq.unavailable(err) or err}",
+                        "start redis-server, or fix the URL, host, port or password in queue:")]
+    version = str(info.get("redis_version", "0"))
+    major, minor = (int(part) for part in (version.split(".") + ["0"])[:2])
+    out = [Finding(OK if (major, minor) >= (7, 0) else FAIL, "queue", f"{where}: Redis {version}",
+                   "" if (major, minor) >= (7, 0) else "Redis 7.0 or later (Debian 12's redis-server)")]
+    if not info.get("aof_enabled"):
+        out.append(Finding(WARN, "queue", "appendonly is off: a restart of Redis may lose queued jobs",
+                           "appendonly yes, appendfsync everysec in redis.conf"))
+    policy = info.get("maxmemory_policy", "noeviction")
+    if policy != "noeviction":
+        out.append(Finding(FAIL, "queue", f"maxmemory-policy is {policy}: Redis may evict jobs",
+                           "maxmemory-policy noeviction in redis.conf"))
+    return out
+
+
 CHECKS: tuple[Callable[[Settings], list[Finding]], ...] = (
-    check_config, check_folders, check_inotify, check_libraries, check_device, check_model,
+    check_config, check_folders, check_queue, check_inotify, check_libraries, check_device, check_model,
 )
 
 

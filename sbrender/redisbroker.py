@@ -98,6 +98,8 @@ class RedisBroker:
                     raise
 
     def open(self) -> None:
+        prune = self.redis.register_script(rq.PRUNE)
+        self._guard(None, prune, keys=list(rq.ALL_STREAMS), args=[int(rq.PRUNE_IDLE_S * 1000)])
         self._watcher = threading.Thread(target=self._watch, name="sbrender-redis-watch", daemon=True)
         self._watcher.start()
         self.refresh()
@@ -122,6 +124,7 @@ class RedisBroker:
         try:
             self.redis.ping()
             self._ensure_groups()  # a server that lost its data lost the groups too
+            self._reread_own()
         except Exception as err:  # noqa: BLE001 - unavailable() sorts a bug from an outage
             why = rq.unavailable(err)
             if why is None:
@@ -132,6 +135,19 @@ class RedisBroker:
         self._down = None
         self._due = dict.fromkeys(self._due, 0.0)
         return []
+
+    def _reread_own(self) -> None:
+        """After an outage: what this consumer still holds on the server and no
+        longer here (a result it could not fence was dropped) is taken again now,
+        not after a lease. Entries deleted meanwhile are acked away."""
+        for key in rq.ALL_STREAMS:
+            reply = self.redis.xreadgroup(rq.GROUP, self.consumer, {key: "0"}, count=1000)
+            for _, items in reply or []:
+                for eid, fields in items:
+                    if fields:
+                        self._hold(key, eid, fields)
+                    else:
+                        self.redis.xack(key, rq.GROUP, eid)
 
     def _guard(self, default: Any, func: Any, *args: Any, **kwargs: Any) -> Any:
         """``func``'s value; ``default`` when the server cannot serve (then paused)."""
@@ -191,6 +207,8 @@ class RedisBroker:
 
     def _recover(self, count: int) -> None:
         for key in rq.ALL_STREAMS:
+            if count <= 0:
+                return
             reply = self._guard(None, self.redis.xautoclaim, key, rq.GROUP, self.consumer,
                                 int(self.lease_s * 1000), "0-0", count=count)
             # Redis 7 adds a third element, the ids of deleted entries (dropped from the PEL).
@@ -198,6 +216,7 @@ class RedisBroker:
                 if item and item[1]:
                     held = self._hold(key, item[0], item[1])
                     if held is not None:
+                        count -= 1
                         log.warning("took over a job whose lease lapsed", job_id=held.job_id)
 
     def _fetch(self, keys: tuple[str, ...], count: int) -> None:

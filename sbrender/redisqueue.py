@@ -237,6 +237,27 @@ return 1
 """ % RETURNED
 
 
+# KEYS: streams. ARGV: idle ms. Consumer names are unique per process start, so
+# those of past runs pile up: one with nothing pending, idle that long, goes (a
+# live one is made again by its next read). Atomic, so nothing becomes pending
+# to it between the look and the removal (that entry would be lost).
+PRUNE = """
+local removed = 0
+for _, key in ipairs(KEYS) do
+  for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', key, 'render')) do
+    local f = {}
+    for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+    if f['pending'] == 0 and f['idle'] >= tonumber(ARGV[1]) then
+      redis.call('XGROUP', 'DELCONSUMER', key, 'render', f['name'])
+      removed = removed + 1
+    end
+  end
+end
+return removed
+"""
+PRUNE_IDLE_S = 3600.0
+
+
 def spec_hash(job: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(job, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 

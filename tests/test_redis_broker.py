@@ -256,11 +256,44 @@ def test_an_unreachable_server_pauses_the_broker_and_a_restart_loses_nothing_ack
     assert not broker.may_publish(held), "nothing is published that cannot be fenced"
     redis_server.start()
     wait_for(lambda: broker.problems() == [], 10, "the broker resumes")
+    again = take_one(broker)
+    assert again.entry.id == "held" and again.delivery.crashes == {}, \
+        "the job it could not publish is its own again at once, not after a lease, and no crash"
     assert take_one(broker).entry.id == "after", "the queue came back from the AOF"
-    assert queue.state("held") == "running", "and the job it held, to be taken over after its lease"
 
 
 @pytest.mark.parametrize("url", ["redis://", "redis://host:port/0", "redis://host:6379/x", "http://host"])
 def test_a_bad_queue_url_is_refused_with_the_setting_named(url: str, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="setting queue"):
         load_settings(env={}, overrides={"queue": url})
+
+
+def test_doctor_checks_the_redis_server(redis_server: RedisServer, tmp_path: Path) -> None:
+    from sbrender.doctor import FAIL, OK, WARN, check_queue
+
+    def findings(url: str) -> list[tuple[str, str]]:
+        return [(f.level, f.message) for f in check_queue(load_settings(env={}, overrides={"queue": url}))]
+
+    (healthy,) = findings(redis_server.url)
+    assert healthy[0] == OK and "Redis 7." in healthy[1]
+    client = redis_server.client()
+    client.config_set("appendonly", "no")
+    client.config_set("maxmemory-policy", "allkeys-lru")
+    levels = [level for level, _ in findings(redis_server.url)]
+    assert levels == [OK, WARN, FAIL], "no AOF is a warning, eviction a failure"
+    ((level, message),) = findings("redis://127.0.0.1:1/0")
+    assert level == FAIL and "redis unreachable" in message
+
+
+def test_consumers_of_past_runs_are_removed_but_never_one_holding_a_job(
+        make: Make, queue: RedisQueue, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    submit(queue, "held")
+    holder = make()
+    take_one(holder)
+    client = redis_server.client()
+    client.xgroup_createconsumer(rq.stream("normal"), rq.GROUP, "a-past-run")  # nothing pending
+    monkeypatch.setattr(rq, "PRUNE_IDLE_S", 0.0)
+    make()  # a new daemon starts, and prunes
+    names = {c["name"] for c in client.xinfo_consumers(rq.stream("normal"), rq.GROUP)}
+    assert holder.consumer in names and "a-past-run" not in names
+    assert pending_owner(redis_server, "held") == holder.consumer

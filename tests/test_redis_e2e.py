@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,41 @@ def test_an_outage_of_redis_pauses_the_daemon_and_it_resumes_when_the_server_is_
     client.submit("after", job_id="after")
     assert client.wait("after", timeout=30)["status"] == "succeeded"
     assert not daemon.service._problems
+
+
+class SlowRenderer(ScriptedRenderer):
+    """Each step takes ``step_s``; ``started`` is set at a render's first step."""
+
+    def __init__(self, step_s: float) -> None:
+        super().__init__()
+        self.step_s = step_s
+        self.started = threading.Event()
+
+    def render_batch(self, items: Any, on_step: Any = None) -> Any:
+        def slow_step(step: int, steps: int) -> bool:
+            self.started.set()
+            time.sleep(self.step_s)
+            return bool(on_step and on_step(step, steps))
+
+        return super().render_batch(items, slow_step)
+
+
+def test_redis_killed_and_restarted_mid_render_the_job_is_published_once(
+        daemons: Callable[..., Daemon], redis_server: RedisServer) -> None:
+    renderer = SlowRenderer(0.05)
+    daemon = daemons(renderer)
+    client = client_of(redis_server, daemon.outbox)
+    client.submit("rendering while the server dies", job_id="through", steps=40)
+    assert renderer.started.wait(20)
+    redis_server.kill()  # kill -9: what is acknowledged is in the AOF (fsync always here)
+    wait_for(lambda: daemon.service._problems, 30, "the outage was not noticed")
+    assert not (daemon.outbox / "through.json").exists(), "a result that cannot be fenced is not published"
+    redis_server.start()
+    result = client_of(redis_server, daemon.outbox).wait("through", timeout=60)
+    assert result["status"] == "succeeded"
+    assert json.loads((daemon.outbox / "through.json").read_text()) == result
+    assert len(renderer.calls) == 2, "rendered again once the server was back, at once (its own entry)"
+    assert job_field(redis_server, "through", "crashes") == "0"
 
 
 # --- real daemon processes ------------------------------------------------------------------------
