@@ -175,6 +175,21 @@ def test_redis_killed_and_restarted_mid_render_the_job_is_published_once(
     assert job_field(redis_server, "through", "crashes") == "0"
 
 
+def test_a_render_longer_than_the_lease_is_never_handed_to_a_second_daemon(
+        daemons: Callable[..., Daemon], redis_server: RedisServer) -> None:
+    slow, idle = SlowRenderer(0.05), ScriptedRenderer()
+    first = daemons(slow, **{"redis.lease_seconds": 0.5})
+    client = client_of(redis_server, first.outbox)
+    client.submit("four leases long", job_id="long", steps=40)  # 2 s of steps
+    assert slow.started.wait(20)
+    second = daemons(idle, **{"redis.lease_seconds": 0.5})  # looks for lapsed leases every 0.125 s
+    result = client.wait("long", timeout=60)
+    assert result["status"] == "succeeded" and (first.outbox / "long.json").exists()
+    assert slow.calls == [["long"]] and idle.calls == [], "rendered once, by its first daemon"
+    assert job_field(redis_server, "long", "attempts") == "1"
+    second.stop()
+
+
 # --- real daemon processes ------------------------------------------------------------------------
 
 @pytest.fixture
