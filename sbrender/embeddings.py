@@ -23,18 +23,15 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from .errors import ModelError, first_line
 from .models import file_sha256
-
-log = structlog.get_logger("sbrender")
 
 SUFFIXES = (".safetensors", ".pt", ".bin")
 PICKLED = (".pt", ".bin")
@@ -122,21 +119,25 @@ def _safetensors_shape(path: Path) -> list[int]:
     return shape
 
 
-def _check_shape(shape: list[int] | tuple[int, ...], width: int | None) -> tuple[int, int]:
+def _shape(shape: list[int] | tuple[int, ...]) -> tuple[int, int]:
     """(vectors, width) of a tensor shape, as A1111 reads it: (n, C), or (C,) for one vector."""
     if len(shape) == 1:
         shape = [1, *shape]
     if len(shape) != 2:
         raise Unusable(f"holds a tensor of shape {tuple(shape)}, not (vectors, width)")
-    n, c = int(shape[0]), int(shape[1])
-    if n < 1:
-        raise Unusable("holds no vectors")
-    if n > MAX_VECTORS:
-        raise Unusable(f"holds {n} vectors; at most {MAX_VECTORS} fit in a 75-token chunk")
-    if width is not None and c != width:
-        raise Unusable(f"holds vectors of width {c}, and this model's text encoder takes {width} "
-                       "(an embedding for another model: SD2 is 1024, SD1 768)")
-    return n, c
+    return int(shape[0]), int(shape[1])
+
+
+def _problem(vectors: int, width: int, wanted: int | None) -> str:
+    """Why (vectors, width) cannot be used with a text encoder of hidden size ``wanted``, or ""."""
+    if vectors < 1:
+        return "holds no vectors"
+    if vectors > MAX_VECTORS:
+        return f"holds {vectors} vectors; at most {MAX_VECTORS} fit in a 75-token chunk"
+    if wanted is not None and width != wanted:
+        return (f"holds vectors of width {width}, and this model's text encoder takes {wanted} "
+                "(an embedding for another model family: SD1 takes 768, SD2 1024)")
+    return ""
 
 
 def _describe(path: Path, cache: Path, width: int | None) -> EmbeddingFile:
@@ -147,10 +148,10 @@ def _describe(path: Path, cache: Path, width: int | None) -> EmbeddingFile:
         return replace(entry, problem=f"cannot be read: {getattr(err, 'message', err)}")
     if path.suffix.lower() not in PICKLED:
         try:
-            n, c = _check_shape(_safetensors_shape(path), width)
+            n, c = _shape(_safetensors_shape(path))
         except Unusable as why:
             return replace(entry, problem=str(why))
-        entry = replace(entry, vectors=n, width=c)
+        entry = replace(entry, vectors=n, width=c, problem=_problem(n, c, width))
     return entry
 
 
@@ -203,12 +204,10 @@ def _read_tensor(path: Path) -> Any:
     except Exception as err:  # the boundary: torch raises UnpicklingError, RuntimeError, EOFError...
         text = str(err)
         if "weights only" in text.lower() or "weights_only" in text.lower():
-            detail = next((line.strip() for line in text.splitlines() if "Unsupported global" in line
-                           or "Unsupported operand" in line), "")
-            raise Unusable("needs full unpickling (Python objects beyond tensors"
-                           + (f": {detail.removeprefix('WeightsUnpickler error: ')}" if detail else "")
-                           + "); loading it could run code it holds, so sbrender does not: convert it "
-                           "where you trust it, with safetensors.torch.save_file") from None
+            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+            what = f" (it names {found.group(1)}, which is no tensor)" if found else ""
+            raise Unusable(f"needs full unpickling{what}; loading it could run code it holds, so sbrender does "
+                           "not: convert it where you trust it, with safetensors.torch.save_file") from None
         raise Unusable(f"cannot be loaded by torch: {type(err).__name__}: {first_line(err)}") from None
     return _tensor_of(data)
 
@@ -242,14 +241,19 @@ class Catalog:
     def usable(self) -> dict[str, EmbeddingFile]:
         return {f.name: f for f in self.files if f.usable}
 
+    def record(self, name: str, where: str) -> dict[str, Any]:
+        """What a result says of an embedding a job used ``where`` ("prompt" or "negative_prompt")."""
+        entry = self.usable()[name]
+        return {"name": name, "vectors": entry.vectors, "hash": entry.hash, "in": where}
+
     def counts(self) -> dict[str, int]:
         """Vectors per usable name: what the conditioning matches prompts against."""
         return {name: int(vec.shape[0]) for name, vec in self.vectors.items()}
 
 
-def load(folder: Path, cache: Path, width: int) -> Catalog:
-    """The folder's embeddings for a text encoder of hidden size ``width``; each
-    unusable file is logged as a warning, never an error: the daemon starts."""
+def load(folder: Path, cache: Path, width: int | None) -> Catalog:
+    """The folder's embeddings for a text encoder of hidden size ``width`` (None:
+    any). An unusable file is listed with its reason, never raised: the daemon starts."""
     import torch
 
     files: list[EmbeddingFile] = []
@@ -258,19 +262,14 @@ def load(folder: Path, cache: Path, width: int) -> Catalog:
         if entry.usable:
             try:
                 tensor = _read_tensor(Path(entry.path))
-                n, c = _check_shape(tuple(tensor.shape), width)
+                n, c = _shape(tuple(tensor.shape))
             except Unusable as why:
                 entry = replace(entry, problem=str(why))
             except Exception as err:  # a damaged file must not stop the daemon
                 entry = replace(entry, problem=f"cannot be loaded: {type(err).__name__}: {first_line(err)}")
             else:
-                entry = replace(entry, vectors=n, width=c)
-                vectors[entry.name] = tensor.detach().reshape(n, c).to(torch.float32)
+                entry = replace(entry, vectors=n, width=c, problem=_problem(n, c, width))
+                if entry.usable:
+                    vectors[entry.name] = tensor.detach().reshape(n, c).to(torch.float32)
         files.append(entry)
-    files = _mark_shadowed(files)
-    for entry in files:
-        if not entry.usable:
-            log.warning("embedding skipped", file=entry.path, reason=entry.problem)
-    if vectors:
-        log.info("embeddings loaded", folder=str(folder), count=len(vectors), names=sorted(vectors))
-    return Catalog(tuple(files), vectors)
+    return Catalog(tuple(_mark_shadowed(files)), vectors)
