@@ -200,7 +200,10 @@ def _read_tensor(path: Path) -> Any:
         (tensor,) = load_file(str(path), device="cpu").values()
         return tensor
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        # Old LDM/A1111 files keep string_to_param in an nn.ParameterDict: a torch class
+        # whose unpickling sets attributes and runs no code, so it joins the allowlist.
+        with torch.serialization.safe_globals([torch.nn.ParameterDict]):
+            data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # the boundary: torch raises UnpicklingError, RuntimeError, EOFError...
         text = str(err)
         if "weights only" in text.lower() or "weights_only" in text.lower():
@@ -217,7 +220,7 @@ def _tensor_of(data: Any) -> Any:
     import torch
 
     if isinstance(data, Mapping) and "string_to_param" in data:
-        params = data["string_to_param"]
+        params = getattr(data["string_to_param"], "_parameters", data["string_to_param"])  # a ParameterDict's
         if not isinstance(params, Mapping) or len(params) != 1:
             raise Unusable("has a string_to_param of more than one term; an embedding holds one")
         (tensor,) = params.values()

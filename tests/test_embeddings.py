@@ -42,6 +42,8 @@ def folder(tmp_path: Path) -> Path:
     torch.save({"string_to_param": {"*": vectors(2, 2)}, "name": "ignored", "step": 500},
                root / "neg" / "badhands.pt")  # A1111's own .pt
     torch.save({"<fog>": vectors(1, 3)[0]}, root / "fog.bin")  # diffusers' learned_embeds.bin: one (C,) vector
+    old_style = torch.nn.ParameterDict({"*": torch.nn.Parameter(vectors(4, 10))})  # the LDM repo's own .pt
+    torch.save({"string_to_param": old_style, "string_to_token": {"*": torch.tensor(265)}}, root / "neg" / "ldm.pt")
     save_file({"emb_params": vectors(2, 4, 768)}, root / "sd15only.safetensors")
     save_file({"clip_g": vectors(2, 5, 1280), "clip_l": vectors(2, 5, 768)}, root / "xl.safetensors")
     torch.save({"string_to_param": {"*": vectors(1, 6), "+": vectors(1, 7)}}, root / "two.pt")
@@ -55,7 +57,7 @@ def folder(tmp_path: Path) -> Path:
 
 def test_the_listing_reads_headers_and_hashes_files_as_a1111(folder: Path, tmp_path: Path) -> None:
     files = {f.name: f for f in embeddings.scan(folder, tmp_path / "cache", WIDTH)}
-    assert sorted(files) == ["badhands", "cut", "evil", "fog", "glow", "sd15only", "two", "xl"]
+    assert sorted(files) == ["badhands", "cut", "evil", "fog", "glow", "ldm", "sd15only", "two", "xl"]
     glow = files["glow"]
     sha = hashlib.sha256((folder / "glow.safetensors").read_bytes()).hexdigest()
     assert (glow.usable, glow.vectors, glow.width, glow.sha256, glow.hash) == (True, 3, WIDTH, sha, sha[:12])
@@ -76,11 +78,13 @@ def test_the_listing_reads_headers_and_hashes_files_as_a1111(folder: Path, tmp_p
 
 def test_loading_reads_every_layout_and_refuses_what_it_cannot_use(folder: Path, tmp_path: Path) -> None:
     catalog = embeddings.load(folder, tmp_path / "cache", WIDTH)
-    assert list(catalog.vectors) == ["fog", "glow", "badhands"]  # A1111's order: a folder's files, then subfolders
+    # A1111's order: a folder's files, then its subfolders'
+    assert list(catalog.vectors) == ["fog", "glow", "badhands", "ldm"]
     torch.testing.assert_close(catalog.vectors["glow"], vectors(3, 1), rtol=0, atol=0)
     torch.testing.assert_close(catalog.vectors["badhands"], vectors(2, 2), rtol=0, atol=0)
     torch.testing.assert_close(catalog.vectors["fog"], vectors(1, 3), rtol=0, atol=0)
-    assert catalog.counts() == {"fog": 1, "glow": 3, "badhands": 2}
+    torch.testing.assert_close(catalog.vectors["ldm"], vectors(4, 10), rtol=0, atol=0)
+    assert catalog.counts() == {"fog": 1, "glow": 3, "badhands": 2, "ldm": 4}
     problems = {f.name: f.problem for f in catalog.files if not f.usable}
     assert sorted(problems) == ["cut", "evil", "sd15only", "two", "xl"]
     assert problems["two"] == "has a string_to_param of more than one term; an embedding holds one"
@@ -159,7 +163,7 @@ def test_doctor_names_the_files_the_daemon_would_skip(folder: Path, tmp_path: Pa
     env = daemon_env(model_cache, SBRENDER_EMBEDDINGS_DIR=str(folder))
     proc = sbrender("doctor", *spool.cli_args(), env=env, cwd=spool.root)
     assert proc.returncode == 0, proc.stdout + proc.stderr  # skipped files are warnings: the daemon starts
-    assert f"ok    embeddings: {folder}: 3 usable (fog, glow, badhands)" in proc.stdout
+    assert f"ok    embeddings: {folder}: 4 usable (fog, glow, badhands, ldm)" in proc.stdout
     assert f"warn  embeddings: {folder / 'evil.pt'} needs full unpickling (it names io.open" in proc.stdout
     assert f"warn  embeddings: {folder / 'two.pt'} has a string_to_param of more than one term" in proc.stdout
     assert not (tmp_path / "pwned").exists()
