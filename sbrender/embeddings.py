@@ -16,7 +16,9 @@ skips them, and listed with the reason. The hash is A1111's: the sha256 of the
 file, of which ``TI hashes`` shows 12 hex digits.
 
 ``scan`` is torch-free (names, hashes, a safetensors header's shape), for
-``sbrender models`` and ``doctor``; ``load`` reads the tensors and needs torch.
+``sbrender models`` and ``doctor``; ``load`` reads the tensors and needs torch;
+``stamp`` says cheaply whether the folder changed since (A1111 re-reads the
+folder before a generation when it changed).
 """
 
 from __future__ import annotations
@@ -84,6 +86,19 @@ def _walk(folder: Path) -> list[Path]:
             if path.suffix.lower() in SUFFIXES:
                 out.append(path)
     return out
+
+
+def stamp(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    """What changes when an embedding file is added, removed, renamed or rewritten
+    under ``folder``: each candidate file's path, size and modification time."""
+    out = []
+    for path in _walk(folder) if folder.is_dir() else []:
+        try:
+            info = path.stat()
+        except OSError:
+            continue
+        out.append((str(path), info.st_size, info.st_mtime_ns))
+    return tuple(out)
 
 
 def _safetensors_shape(path: Path) -> list[int]:

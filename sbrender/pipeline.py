@@ -75,6 +75,7 @@ class DiffusersRenderer:
         self._text_encoder: Any = None  # float32, for the conditioning
         self.catalog = embeddings.Catalog()
         self._embedding_names: conditioning.EmbeddingNames | None = None
+        self._embeddings_stamp: tuple[Any, ...] = ()
 
     def load(self) -> float:
         start = time.perf_counter()
@@ -106,8 +107,10 @@ class DiffusersRenderer:
         return time.perf_counter() - start
 
     def _load_embeddings(self) -> None:
-        """The embeddings folder, once: vectors of the text encoder's width, on its
-        device, and their names as the tokenizer splits them."""
+        """The embeddings folder: vectors of the text encoder's width, on its device,
+        and their names as the tokenizer splits them. Read at start, and again
+        before a render when a file there was added, removed or changed (as A1111 does)."""
+        self._embeddings_stamp = embeddings.stamp(self.settings.embeddings_dir)
         width = int(self._text_encoder.config.hidden_size)
         catalog = embeddings.load(self.settings.embeddings_dir, self.settings.cache, width)
         for entry in catalog.files:
@@ -229,6 +232,8 @@ class DiffusersRenderer:
         per job how many chunks each took and which textual-inversion embeddings
         it used (the prompt's, then the negative's: A1111's TI hashes order).
         Raises ``ValueError``."""
+        if embeddings.stamp(self.settings.embeddings_dir) != self._embeddings_stamp:
+            self._load_embeddings()
         clip_skip = items[0][0].clip_skip  # one per call: it is part of the batch key
         encoded: dict[tuple[str, bool], tuple[torch.Tensor, list[str]]] = {}
 

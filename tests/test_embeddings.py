@@ -238,3 +238,18 @@ def test_a_daemon_renders_embeddings_in_both_prompts_as_the_hand_built_condition
     assert np.abs(rendered - np.asarray(image, dtype=int)).max() <= 1
     # and it is not the image of the words as text
     assert np.abs(rendered - np.asarray(Image.open(spool.outbox / "text.png"), dtype=int)).max() > 10
+
+
+def test_a_file_added_to_a_running_daemons_folder_is_used_by_the_next_job(
+        tmp_path: Path, spool: Spool, start_daemon: Any) -> None:
+    root = tmp_path / "embeddings"
+    root.mkdir()
+    daemon = start_daemon(spool, SBRENDER_EMBEDDINGS_DIR=str(root))
+    spool.drop("before.json", {"prompt": "a cat, glow", "seed": 1})
+    assert "embeddings" not in spool.result("before")["prompt"]
+    save_file({"emb_params": vectors(3, 1)}, root / "glow.safetensors")
+    spool.drop("after.json", {"prompt": "a cat, glow", "seed": 1})
+    after = spool.result("after")
+    assert after["status"] == "succeeded", after.get("error")
+    assert [e["name"] for e in after["prompt"]["embeddings"]] == ["glow"]
+    assert daemon.events("embeddings loaded")[-1]["names"] == ["glow"]
