@@ -237,7 +237,8 @@ def _tensor_of(data: Any) -> Any:
     if isinstance(data, Mapping) and "string_to_param" in data:
         params = getattr(data["string_to_param"], "_parameters", data["string_to_param"])  # a ParameterDict's
         if not isinstance(params, Mapping) or len(params) != 1:
-            raise Unusable("has a string_to_param of more than one term; an embedding holds one")
+            terms = len(params) if isinstance(params, Mapping) else "no"
+            raise Unusable(f"has {terms} terms in string_to_param; an embedding file holds one")
         (tensor,) = params.values()
     elif isinstance(data, Mapping) and len(data) == 1 and isinstance(next(iter(data.values())), torch.Tensor):
         (tensor,) = data.values()
@@ -250,7 +251,7 @@ def _tensor_of(data: Any) -> Any:
 
 @dataclass(frozen=True)
 class Catalog:
-    """The embeddings folder as loaded at start: every file (with why it is unusable)
+    """The embeddings folder as loaded: every file (with why it is unusable)
     and, for the usable ones, their (n, width) float32 vectors by name."""
 
     files: tuple[EmbeddingFile, ...] = ()

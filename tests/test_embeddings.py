@@ -87,7 +87,7 @@ def test_loading_reads_every_layout_and_refuses_what_it_cannot_use(folder: Path,
     assert catalog.counts() == {"fog": 1, "glow": 3, "badhands": 2, "ldm": 4}
     problems = {f.name: f.problem for f in catalog.files if not f.usable}
     assert sorted(problems) == ["cut", "evil", "sd15only", "two", "xl"]
-    assert problems["two"] == "has a string_to_param of more than one term; an embedding holds one"
+    assert problems["two"] == "has 2 terms in string_to_param; an embedding file holds one"
     assert catalog.record("badhands", "negative_prompt") == {
         "name": "badhands", "vectors": 2, "hash": catalog.usable()["badhands"].hash, "in": "negative_prompt"}
 
@@ -165,7 +165,7 @@ def test_doctor_names_the_files_the_daemon_would_skip(folder: Path, tmp_path: Pa
     assert proc.returncode == 0, proc.stdout + proc.stderr  # skipped files are warnings: the daemon starts
     assert f"ok    embeddings: {folder}: 4 usable (fog, glow, badhands, ldm)" in proc.stdout
     assert f"warn  embeddings: {folder / 'evil.pt'} needs full unpickling (it names io.open" in proc.stdout
-    assert f"warn  embeddings: {folder / 'two.pt'} has a string_to_param of more than one term" in proc.stdout
+    assert f"warn  embeddings: {folder / 'two.pt'} has 2 terms in string_to_param" in proc.stdout
     assert not (tmp_path / "pwned").exists()
     proc = sbrender("doctor", *spool.cli_args(), env=daemon_env(model_cache), cwd=spool.root)
     assert f"ok    embeddings: {spool.root / 'embeddings'} does not exist: no textual-inversion embeddings" in proc.stdout
