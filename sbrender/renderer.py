@@ -57,7 +57,8 @@ def call_key(entry: Entry) -> Hashable | None:
     sampler, CFG and clip skip. None for an entry that is not a renderable job."""
     if not isinstance(entry, Job):
         return None
-    return (entry.width, entry.height, entry.steps, entry.sampler, entry.guidance_scale, entry.clip_skip)
+    return (entry.width, entry.height, entry.steps, entry.sampler, entry.scheduler, entry.guidance_scale,
+            entry.clip_skip)
 
 
 def only(outs: list[RenderOutput | RenderError]) -> RenderOutput:

@@ -58,7 +58,8 @@ def test_yaml_job_renders_png_and_metadata(live: tuple[Spool, DaemonProcess]) ->
     assert result["id"] == "cat-yaml"
     assert result["params"] == {"prompt": "a cat on a mat", "negative_prompt": "blurry", "steps": 4,
                                 "guidance_scale": 7.0, "width": 64, "height": 72, "seed": 42, "count": 1,
-                                "sampler": "Euler a", "priority": 0, "clip_skip": 1}
+                                "sampler": "Euler a", "scheduler": "Automatic", "priority": 0,
+                                "clip_skip": 1}
     assert result["sampler"]["class"] == "EulerAncestralDiscreteScheduler"
     assert result["metadata"] == {"django_pk": 17, "tags": ["a", "b"]}
     assert result["model"]["name"] == "tiny-random" and result["model"]["random_weights"] is True
