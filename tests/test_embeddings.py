@@ -206,6 +206,11 @@ def test_a_daemon_renders_embeddings_in_both_prompts_as_the_hand_built_condition
     ]
     plain = json.loads((spool.outbox / "text.json").read_text())
     assert plain["status"] == "succeeded" and "embeddings" not in plain["prompt"]
+    # the infotext's TI hashes, for civitai: the prompt's, then the negative's (A1111's order)
+    text = Image.open(spool.outbox / "emb.png").text["parameters"]
+    assert f'TI hashes: "glow: {files["glow"].hash}, badhands: {files["badhands"].hash}, glow: {files["glow"].hash}"' \
+        in text.splitlines()[-1]
+    assert "TI hashes" not in Image.open(spool.outbox / "text.png").text["parameters"]
 
     # By hand: the tokens with each name's placeholders as spare vocabulary rows (the
     # byte-level tokenizer uses 514 of the 1000) holding its vectors; weights are all 1.
