@@ -79,7 +79,14 @@ def _walk(folder: Path) -> list[Path]:
     """The candidate files, in A1111's order: top-down, a folder's own files before
     its subfolders' (sorted, so the order does not depend on the filesystem)."""
     out: list[Path] = []
+    seen: set[str] = set()
     for root, dirs, files in os.walk(folder, followlinks=True):
+        # Links are followed, as A1111 does; a link back up the tree is walked once.
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
         dirs.sort()
         for name in sorted(files):
             path = Path(root) / name

@@ -117,6 +117,14 @@ def test_of_two_files_of_one_name_the_later_in_a1111s_order_is_used(tmp_path: Pa
     assert shadowed.problem == f"has the same name as {root / 'sub' / 'glow.safetensors'}, which is used"
 
 
+def test_a_link_back_up_the_folder_is_walked_once(tmp_path: Path) -> None:
+    root = tmp_path / "embeddings"
+    (root / "sub").mkdir(parents=True)
+    save_file({"emb_params": vectors(1, 1)}, root / "sub" / "glow.safetensors")
+    (root / "sub" / "loop").symlink_to(root)
+    assert [f.path for f in embeddings.scan(root, tmp_path / "cache")] == [str(root / "sub" / "glow.safetensors")]
+
+
 def test_a_missing_folder_is_no_embeddings(tmp_path: Path) -> None:
     assert embeddings.scan(tmp_path / "nowhere", tmp_path / "cache") == []
     assert embeddings.load(tmp_path / "nowhere", tmp_path / "cache", WIDTH).vectors == {}
