@@ -266,3 +266,23 @@ def test_a_file_added_to_a_running_daemons_folder_is_used_by_the_next_job(
     assert after["status"] == "succeeded", after.get("error")
     assert [e["name"] for e in after["prompt"]["embeddings"]] == ["glow"]
     assert daemon.events("embeddings loaded")[-1]["names"] == ["glow"]
+
+
+def test_models_gives_a_checkpoints_hash_and_judges_widths_by_its_config(
+        folder: Path, tmp_path: Path, model_cache: Path) -> None:
+    from ldm_checkpoint import write_checkpoint
+    from sbrender.models import BUILTINS, ensure_builtin
+
+    tiny = ensure_builtin(BUILTINS["tiny-random"], model_cache)
+    checkpoint = write_checkpoint(tiny, tmp_path / "tiny-ckpt.safetensors")
+    env = daemon_env(model_cache, SBRENDER_MODEL=str(checkpoint), SBRENDER_MODEL_CONFIG=str(tiny),
+                     SBRENDER_EMBEDDINGS_DIR=str(folder), PYTHONPATH=no_torch(tmp_path))
+    proc = sbrender("models", "--json", env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    listing = json.loads(proc.stdout)
+    sha = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert listing["model"]["items"] == [{"name": "tiny-ckpt", "kind": "checkpoint", "file": str(checkpoint),
+                                          "hash": sha[:10], "sha256": sha}]
+    items = {item["name"]: item for item in listing["embeddings"]["items"]}
+    assert "problem" not in items["glow"]  # width 32, as model_config's text encoder
+    assert items["sd15only"]["problem"].startswith("holds vectors of width 768, and this model's text encoder takes 32")
