@@ -41,6 +41,7 @@ PICKLED = (".pt", ".bin")
 MAX_VECTORS = 75
 HASH_CHARS = 12  # A1111's TI hash: the file's sha256, shortened
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+CONVERT = "convert it where you trust it, with safetensors.torch.save_file"
 
 
 class Unusable(Exception):
@@ -230,9 +231,13 @@ def _read_tensor(path: Path) -> Any:
         text = str(err)
         if "weights only" in text.lower() or "weights_only" in text.lower():
             found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-            what = f" (it names {found.group(1)}, which is no tensor)" if found else ""
-            raise Unusable(f"needs full unpickling{what}; loading it could run code it holds, so sbrender does "
-                           "not: convert it where you trust it, with safetensors.torch.save_file") from None
+            if found:
+                raise Unusable(f"needs full unpickling (it names {found.group(1)}, which is no tensor); loading it "
+                               f"could run code it holds, so sbrender does not: {CONVERT}") from None
+            detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+            raise Unusable(f"cannot be read weights-only ({detail.group(1).strip() if detail else first_line(err)}): "
+                           "a damaged file, or one that needs full unpickling, which could run code it holds; "
+                           f"sbrender does not do that: {CONVERT}") from None
         raise Unusable(f"cannot be loaded by torch: {type(err).__name__}: {first_line(err)}") from None
     return _tensor_of(data)
 

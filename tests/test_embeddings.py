@@ -50,6 +50,7 @@ def folder(tmp_path: Path) -> Path:
     torch.save({"string_to_param": {"*": vectors(1, 8)}, "hook": Evil(tmp_path / "pwned")}, root / "evil.pt")
     whole = (root / "glow.safetensors").read_bytes()
     (root / "cut.safetensors").write_bytes(whole[:-10])
+    (root / "junk.pt").write_bytes(b"not a pickle at all")
     (root / "empty.pt").write_bytes(b"")  # A1111 skips empty files
     (root / "notes.txt").write_text("not an embedding")
     return root
@@ -57,7 +58,7 @@ def folder(tmp_path: Path) -> Path:
 
 def test_the_listing_reads_headers_and_hashes_files_as_a1111(folder: Path, tmp_path: Path) -> None:
     files = {f.name: f for f in embeddings.scan(folder, tmp_path / "cache", WIDTH)}
-    assert sorted(files) == ["badhands", "cut", "evil", "fog", "glow", "ldm", "sd15only", "two", "xl"]
+    assert sorted(files) == ["badhands", "cut", "evil", "fog", "glow", "junk", "ldm", "sd15only", "two", "xl"]
     glow = files["glow"]
     sha = hashlib.sha256((folder / "glow.safetensors").read_bytes()).hexdigest()
     assert (glow.usable, glow.vectors, glow.width, glow.sha256, glow.hash) == (True, 3, WIDTH, sha, sha[:12])
@@ -86,7 +87,8 @@ def test_loading_reads_every_layout_and_refuses_what_it_cannot_use(folder: Path,
     torch.testing.assert_close(catalog.vectors["ldm"], vectors(4, 10), rtol=0, atol=0)
     assert catalog.counts() == {"fog": 1, "glow": 3, "badhands": 2, "ldm": 4}
     problems = {f.name: f.problem for f in catalog.files if not f.usable}
-    assert sorted(problems) == ["cut", "evil", "sd15only", "two", "xl"]
+    assert sorted(problems) == ["cut", "evil", "junk", "sd15only", "two", "xl"]
+    assert problems["junk"].startswith("cannot be read weights-only (Unsupported operand 110): a damaged file, or")
     assert problems["two"] == "has 2 terms in string_to_param; an embedding file holds one"
     assert catalog.record("badhands", "negative_prompt") == {
         "name": "badhands", "vectors": 2, "hash": catalog.usable()["badhands"].hash, "in": "negative_prompt"}
@@ -203,7 +205,7 @@ def test_a_daemon_renders_embeddings_in_both_prompts_as_the_hand_built_condition
     skipped = [json.loads(line) for line in proc.stdout.splitlines() + proc.stderr.splitlines()
                if '"embedding skipped"' in line]
     assert sorted(Path(e["file"]).name for e in skipped) == sorted(
-        ["cut.safetensors", "evil.pt", "sd15only.safetensors", "two.pt", "xl.safetensors"])
+        ["cut.safetensors", "evil.pt", "junk.pt", "sd15only.safetensors", "two.pt", "xl.safetensors"])
     result = json.loads((spool.outbox / "emb.json").read_text())
     assert result["status"] == "succeeded", result.get("error")
     files = {f.name: f for f in embeddings.scan(folder, model_cache)}
