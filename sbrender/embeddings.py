@@ -44,7 +44,7 @@ _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 CONVERT = "convert it where you trust it, with safetensors.torch.save_file"
 
 
-class Unusable(Exception):
+class _Unusable(Exception):
     """Why a file cannot be used as an embedding; internal to this module."""
 
 
@@ -117,28 +117,28 @@ def _safetensors_shape(path: Path) -> list[int]:
             head = f.read(8)
             (length,) = struct.unpack("<Q", head) if len(head) == 8 else (-1,)
             if not 2 <= length <= size - 8:
-                raise Unusable("is not a safetensors file (no valid header)")
+                raise _Unusable("is not a safetensors file (no valid header)")
             header = json.loads(f.read(length))
     except OSError as err:
-        raise Unusable(f"cannot be read: {err.strerror or err}") from None
+        raise _Unusable(f"cannot be read: {err.strerror or err}") from None
     except ValueError:
-        raise Unusable("is not a safetensors file (its header is not valid JSON)") from None
+        raise _Unusable("is not a safetensors file (its header is not valid JSON)") from None
     if not isinstance(header, dict):
-        raise Unusable("is not a safetensors file (bad header)")
+        raise _Unusable("is not a safetensors file (bad header)")
     tensors = {k: v for k, v in header.items() if k != "__metadata__"}
     if len(tensors) != 1:
         names = ", ".join(sorted(tensors)[:4])
         sdxl = " (an SDXL embedding)" if {"clip_g", "clip_l"} <= set(tensors) else ""
-        raise Unusable(f"holds {len(tensors)} tensors ({names}){sdxl}; an embedding file holds exactly one")
+        raise _Unusable(f"holds {len(tensors)} tensors ({names}){sdxl}; an embedding file holds exactly one")
     (info,) = tensors.values()
     try:
         shape, dtype, end = list(info["shape"]), info["dtype"], int(info["data_offsets"][1])
     except (TypeError, KeyError, IndexError, ValueError):
-        raise Unusable("is not a safetensors file (bad tensor table)") from None
+        raise _Unusable("is not a safetensors file (bad tensor table)") from None
     if size != 8 + length + end:
-        raise Unusable(f"is incomplete or damaged: {size} bytes where its header says {8 + length + end}")
+        raise _Unusable(f"is incomplete or damaged: {size} bytes where its header says {8 + length + end}")
     if dtype not in _FLOAT_DTYPES:
-        raise Unusable(f"holds a tensor of {dtype}, not floating point")
+        raise _Unusable(f"holds a tensor of {dtype}, not floating point")
     return shape
 
 
@@ -147,7 +147,7 @@ def _shape(shape: list[int] | tuple[int, ...]) -> tuple[int, int]:
     if len(shape) == 1:
         shape = [1, *shape]
     if len(shape) != 2:
-        raise Unusable(f"holds a tensor of shape {tuple(shape)}, not (vectors, width)")
+        raise _Unusable(f"holds a tensor of shape {tuple(shape)}, not (vectors, width)")
     return int(shape[0]), int(shape[1])
 
 
@@ -172,7 +172,7 @@ def _describe(path: Path, cache: Path, width: int | None) -> EmbeddingFile:
     if path.suffix.lower() not in PICKLED:
         try:
             n, c = _shape(_safetensors_shape(path))
-        except Unusable as why:
+        except _Unusable as why:
             return replace(entry, problem=str(why))
         entry = replace(entry, vectors=n, width=c, problem=_problem(n, c, width))
     return entry
@@ -232,13 +232,13 @@ def _read_tensor(path: Path) -> Any:
         if "weights only" in text.lower() or "weights_only" in text.lower():
             found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
             if found:
-                raise Unusable(f"needs full unpickling (it names {found.group(1)}, which is no tensor); loading it "
+                raise _Unusable(f"needs full unpickling (it names {found.group(1)}, which is no tensor); loading it "
                                f"could run code it holds, so sbrender does not: {CONVERT}") from None
             detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
-            raise Unusable(f"cannot be read weights-only ({detail.group(1).strip() if detail else first_line(err)}): "
+            raise _Unusable(f"cannot be read weights-only ({detail.group(1).strip() if detail else first_line(err)}): "
                            "a damaged file, or one that needs full unpickling, which could run code it holds; "
                            f"sbrender does not do that: {CONVERT}") from None
-        raise Unusable(f"cannot be loaded by torch: {type(err).__name__}: {first_line(err)}") from None
+        raise _Unusable(f"cannot be loaded by torch: {type(err).__name__}: {first_line(err)}") from None
     return _tensor_of(data)
 
 
@@ -250,14 +250,14 @@ def _tensor_of(data: Any) -> Any:
         params = getattr(data["string_to_param"], "_parameters", data["string_to_param"])  # a ParameterDict's
         if not isinstance(params, Mapping) or len(params) != 1:
             terms = len(params) if isinstance(params, Mapping) else "no"
-            raise Unusable(f"has {terms} terms in string_to_param; an embedding file holds one")
+            raise _Unusable(f"has {terms} terms in string_to_param; an embedding file holds one")
         (tensor,) = params.values()
     elif isinstance(data, Mapping) and len(data) == 1 and isinstance(next(iter(data.values())), torch.Tensor):
         (tensor,) = data.values()
     else:
-        raise Unusable("is neither an A1111 embedding (string_to_param) nor a one-tensor file")
+        raise _Unusable("is neither an A1111 embedding (string_to_param) nor a one-tensor file")
     if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
-        raise Unusable("holds no floating-point tensor")
+        raise _Unusable("holds no floating-point tensor")
     return tensor
 
 
@@ -294,7 +294,7 @@ def load(folder: Path, cache: Path, width: int | None) -> Catalog:
             try:
                 tensor = _read_tensor(Path(entry.path))
                 n, c = _shape(tuple(tensor.shape))
-            except Unusable as why:
+            except _Unusable as why:
                 entry = replace(entry, problem=str(why))
             except Exception as err:  # a damaged file must not stop the daemon
                 entry = replace(entry, problem=f"cannot be loaded: {type(err).__name__}: {first_line(err)}")
