@@ -323,6 +323,11 @@ def test_an_embedding_that_does_not_fit_closes_the_chunk_first(tiny: tuple[Any, 
     got = with_embeddings(tokenizer, "x" * 70 + " wideshot glow")
     one, two = layout(tokenizer, first, [*placeholders("wideshot"), *placeholders("glow")])
     assert got == [one, fixed(two, (0, "wideshot"), (8, "glow"))]
+    # 67 letters: the 8 vectors fill the chunk to exactly 75, and the next name starts the next chunk.
+    first = weighted(tokenizer, ["x" * 67])
+    got = with_embeddings(tokenizer, "x" * 67 + " wideshot glow")
+    one, two = layout(tokenizer, [*first, *placeholders("wideshot")], placeholders("glow"))
+    assert got == [fixed(one, (67, "wideshot")), fixed(two, (0, "glow"))]
 
 
 def test_the_comma_backtrack_moves_placeholders_but_not_their_vectors(tiny: tuple[Any, Any]) -> None:
