@@ -114,7 +114,7 @@ class DiffusersRenderer:
         width = int(self._text_encoder.config.hidden_size)
         catalog = embeddings.load(self.settings.embeddings_dir, self.settings.cache, width)
         for entry in catalog.files:
-            if not entry.usable:  # A1111 skips such files too; the log says which and why
+            if not entry.usable:  # not used; the log says which file and why
                 log.warning("embedding skipped", file=entry.path, reason=entry.problem)
         if catalog.vectors:
             log.info("embeddings loaded", folder=str(self.settings.embeddings_dir), names=list(catalog.vectors))
