@@ -19,14 +19,16 @@ for _name, _value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY
     os.environ.setdefault(_name, _value)
 
 import numpy as np  # noqa: E402
+import structlog  # noqa: E402
 import torch  # noqa: E402
 
-from . import __version__, conditioning, faults, models, prompts, samplers, speedups
+from . import __version__, conditioning, embeddings, faults, models, prompts, samplers, speedups
 from .config import Settings
 from .errors import RenderError, ShutdownRequested, first_line
 from .jobs import Job
 from .renderer import RenderOutput, StepCallback, call_key, only
 
+log = structlog.get_logger("sbrender")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -71,6 +73,9 @@ class DiffusersRenderer:
         self._vae_tiling = False
         self.perf: dict[str, Any] = {}
         self._text_encoder: Any = None  # float32, for the conditioning
+        self.catalog = embeddings.Catalog()
+        self._embedding_names: conditioning.EmbeddingNames | None = None
+        self._embeddings_stamp: tuple[Any, ...] = ()
 
     def load(self) -> float:
         start = time.perf_counter()
@@ -95,10 +100,27 @@ class DiffusersRenderer:
         text_encoder = self.pipe.text_encoder
         self._text_encoder = (text_encoder if text_encoder.dtype == torch.float32
                               else copy.deepcopy(text_encoder).to(torch.float32))
+        self._load_embeddings()
         self.perf = speedups.apply(self.pipe, self.settings, self.device)
         if self.settings["perf.compile"] != "off":
             self.warm_up()
         return time.perf_counter() - start
+
+    def _load_embeddings(self) -> None:
+        """The embeddings folder: vectors of the text encoder's width, on its device,
+        and their names as the tokenizer splits them. Read at start, and again
+        before a render when a file there was added, removed or changed (as A1111 does)."""
+        self._embeddings_stamp = embeddings.stamp(self.settings.embeddings_dir)
+        width = int(self._text_encoder.config.hidden_size)
+        catalog = embeddings.load(self.settings.embeddings_dir, self.settings.cache, width)
+        for entry in catalog.files:
+            if not entry.usable:  # not used; the log says which file and why
+                log.warning("embedding skipped", file=entry.path, reason=entry.problem)
+        if catalog.vectors:
+            log.info("embeddings loaded", folder=str(self.settings.embeddings_dir), names=list(catalog.vectors))
+        device = next(self._text_encoder.parameters()).device
+        self.catalog = embeddings.Catalog(catalog.files, {n: v.to(device) for n, v in catalog.vectors.items()})
+        self._embedding_names = conditioning.EmbeddingNames(self.pipe.tokenizer, self.catalog.counts())
 
     def warm_up(self) -> None:
         """Render throw-away images at the default size, alone and at the batch
@@ -208,23 +230,34 @@ class DiffusersRenderer:
     def _conditioning(self, items: list[tuple[Job, list[int]]]
                       ) -> tuple[conditioning.Conditioning, list[dict[str, Any]]]:
         """Per image its job's prompt and negative embeddings (A1111's rules), and
-        per job how many chunks each took. Raises ``ValueError``."""
+        per job how many chunks each took and which textual-inversion embeddings
+        it used (the prompt's, then the negative's: A1111's TI hashes order).
+        Raises ``ValueError``."""
+        if embeddings.stamp(self.settings.embeddings_dir) != self._embeddings_stamp:
+            self._load_embeddings()
         clip_skip = items[0][0].clip_skip  # one per call: it is part of the batch key
-        encoded: dict[tuple[str, bool], torch.Tensor] = {}
+        encoded: dict[tuple[str, bool], tuple[torch.Tensor, list[str]]] = {}
 
-        def embed(text: str, positive: bool) -> torch.Tensor:
+        def embed(text: str, positive: bool) -> tuple[torch.Tensor, list[str]]:
             if (text, positive) not in encoded:
-                chunks = conditioning.chunks(prompts.parse(text, positive), self.pipe.tokenizer)
-                encoded[text, positive] = conditioning.encode(self._text_encoder, chunks, clip_skip)
+                chunks = conditioning.chunks(prompts.parse(text, positive), self.pipe.tokenizer,
+                                             embeddings=self._embedding_names)
+                encoded[text, positive] = (conditioning.encode(self._text_encoder, chunks, clip_skip,
+                                                               self.catalog.vectors), conditioning.used(chunks))
             return encoded[text, positive]
 
         conds, unconds, facts = [], [], []
         for job, seeds in items:
-            cond, uncond = embed(job.prompt, True), embed(job.negative_prompt, False)
+            (cond, cond_used), (uncond, uncond_used) = embed(job.prompt, True), embed(job.negative_prompt, False)
             conds += [cond] * len(seeds)
             unconds += [uncond] * len(seeds)
-            facts.append({"chunks": cond.shape[1] // 77, "negative_chunks": uncond.shape[1] // 77})
-        return conditioning.for_call(conds, unconds, embed("", False)), facts
+            fact: dict[str, Any] = {"chunks": cond.shape[1] // 77, "negative_chunks": uncond.shape[1] // 77}
+            used = ([self.catalog.record(name, "prompt") for name in cond_used]
+                    + [self.catalog.record(name, "negative_prompt") for name in uncond_used])
+            if used:
+                fact["embeddings"] = used
+            facts.append(fact)
+        return conditioning.for_call(conds, unconds, embed("", False)[0]), facts
 
     def _check(self, arrays: np.ndarray, nsfw: list[bool], seeds: list[int], scheduler: dict[str, Any],
                timings: dict[str, float], prompt: dict[str, Any]) -> RenderOutput | RenderError:

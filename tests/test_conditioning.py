@@ -261,3 +261,145 @@ def test_prompts_of_different_lengths_share_a_call_as_if_alone(tmp_path: Path, m
         images[batch] = {name: np.asarray(Image.open(spool.outbox / f"{name}.png"), dtype=int) for name, _ in jobs}
     for name, _ in jobs:
         assert np.abs(images[1][name] - images[4][name]).max() <= 2, name
+
+
+# --- textual-inversion embeddings ------------------------------------------------------
+
+EMBEDDINGS = {"glow": 1, "badhands": 3, "bad": 4, "bad hands": 2, "wideshot": 8}
+
+
+@pytest.fixture(scope="module")
+def vectors(tiny: tuple[Any, Any]) -> dict[str, torch.Tensor]:
+    """Random vectors of the tiny text encoder's width, per embedding name."""
+    generator = torch.Generator().manual_seed(7)
+    return {name: torch.randn(n, 32, generator=generator) for name, n in EMBEDDINGS.items()}
+
+
+def names(tokenizer: Any) -> conditioning.EmbeddingNames:
+    return conditioning.EmbeddingNames(tokenizer, EMBEDDINGS)
+
+
+def with_embeddings(tokenizer: Any, text: str, positive: bool = True) -> list[Chunk]:
+    return conditioning.chunks(prompts.parse(text, positive), tokenizer, embeddings=names(tokenizer))
+
+
+def placeholders(name: str, weight: float = 1.0) -> list[tuple[int, float]]:
+    return [(conditioning.PLACEHOLDER, weight)] * EMBEDDINGS[name]
+
+
+def fixed(chunk: Chunk, *fixes: tuple[int, str]) -> Chunk:
+    return Chunk(chunk.tokens, chunk.weights, tuple(conditioning.Fix(o, n) for o, n in fixes))
+
+
+def test_an_embedding_name_becomes_its_vectors_placeholders(tiny: tuple[Any, Any]) -> None:
+    tokenizer, _ = tiny
+    head = weighted(tokenizer, ["a", "cat", ","])
+    (want,) = layout(tokenizer, [*head, *placeholders("badhands"), *weighted(tokenizer, ["on", "a", "mat"])])
+    assert with_embeddings(tokenizer, "a cat, badhands on a mat") == [fixed(want, (len(head), "badhands"))]
+    # Matched as token ids: any case (CLIP lower-cases), but not inside another word's split.
+    assert with_embeddings(tokenizer, "a cat, BadHands on a mat") == [fixed(want, (len(head), "badhands"))]
+    assert with_embeddings(tokenizer, "a cat, badhandsy on a mat") == chunks_of(tokenizer, "a cat, badhandsy on a mat")
+    # Without the catalog the name is text.
+    assert chunks_of(tokenizer, "a cat, badhands on a mat")[0].fixes == ()
+
+
+def test_the_longest_name_wins_and_the_weight_reaches_every_vector(tiny: tuple[Any, Any]) -> None:
+    tokenizer, _ = tiny
+    # "bad" and "bad hands" start with the same tokens: the longer match is taken.
+    got = with_embeddings(tokenizer, "(bad hands:1.2) [glow] bad, bad")
+    (want,) = layout(tokenizer, [*placeholders("bad hands", 1.2), *placeholders("glow", 1 / 1.1),
+                                 *placeholders("bad"), *weighted(tokenizer, [","]), *placeholders("bad")])
+    (chunk,) = got
+    assert chunk.tokens == want.tokens and chunk.weights == pytest.approx(want.weights)
+    assert chunk.fixes == (conditioning.Fix(0, "bad hands"), conditioning.Fix(2, "glow"),
+                           conditioning.Fix(3, "bad"), conditioning.Fix(8, "bad"))
+    assert conditioning.used(got) == ["bad hands", "glow", "bad"]
+
+
+def test_an_embedding_that_does_not_fit_closes_the_chunk_first(tiny: tuple[Any, Any]) -> None:
+    tokenizer, _ = tiny
+    # 70 letters and no comma: the 8 vectors of "wideshot" do not fit in the 5 left.
+    first = weighted(tokenizer, ["x" * 70])
+    got = with_embeddings(tokenizer, "x" * 70 + " wideshot glow")
+    one, two = layout(tokenizer, first, [*placeholders("wideshot"), *placeholders("glow")])
+    assert got == [one, fixed(two, (0, "wideshot"), (8, "glow"))]
+    # 67 letters: the 8 vectors fill the chunk to exactly 75, and the next name starts the next chunk.
+    first = weighted(tokenizer, ["x" * 67])
+    got = with_embeddings(tokenizer, "x" * 67 + " wideshot glow")
+    one, two = layout(tokenizer, [*first, *placeholders("wideshot")], placeholders("glow"))
+    assert got == [fixed(one, (67, "wideshot")), fixed(two, (0, "glow"))]
+
+
+def test_the_comma_backtrack_moves_placeholders_but_not_their_vectors(tiny: tuple[Any, Any]) -> None:
+    """A1111 moves the tokens after the last comma to the next chunk and leaves the
+    embedding's fix with the closed chunk: its vectors land on that chunk's padding,
+    and the moved placeholders stay plain tokens. Reproduced, not repaired."""
+    tokenizer, _ = tiny
+    # 60 letters, a comma (index 60), "wideshot" (8 placeholders at 61..68), then 7 letters
+    # fill the chunk to 75; the 8th letter finds it full with the comma 15 back.
+    lead, tail = "x" * 60, "y" * 10
+    got = with_embeddings(tokenizer, f"{lead}, wideshot {tail}")
+    head = weighted(tokenizer, [lead, ","])
+    letters = weighted(tokenizer, [tail])
+    one, two = layout(tokenizer, head, [*placeholders("wideshot"), *letters])
+    assert got == [fixed(one, (61, "wideshot")), two]
+
+
+def as_new_tokens(chunk: Chunk, first_id: dict[str, int]) -> tuple[int, ...]:
+    """A1111's placement written as token ids: each fix's vectors are new vocabulary
+    rows (first_id[name] + k), put at offset + 1 ... and cut at the chunk's end."""
+    tokens = list(chunk.tokens)
+    for fix in chunk.fixes:
+        for k in range(EMBEDDINGS[fix.name]):
+            if fix.offset + 1 + k < len(tokens):
+                tokens[fix.offset + 1 + k] = first_id[fix.name] + k
+    return tuple(tokens)
+
+
+def reference_with_vectors(encoder: Any, layout_: list[Chunk], clip_skip: int,
+                           vectors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The formulas on a copy of the text encoder whose spare vocabulary rows (the
+    byte-level tokenizer uses 514 of 1000) hold the embeddings' vectors."""
+    import copy
+
+    widened = copy.deepcopy(encoder)
+    table = conditioning.text_model(widened).embeddings.token_embedding.weight
+    first_id, row = {}, 600
+    with torch.no_grad():
+        for name, vec in vectors.items():
+            first_id[name] = row
+            table[row:row + len(vec)] = vec
+            row += len(vec)
+    plain = [Chunk(as_new_tokens(c, first_id), c.weights) for c in layout_]
+    return reference(widened, plain, clip_skip)
+
+
+EMBEDDING_PROMPTS = {
+    "single and multi": "a cat, badhands on a (mat:1.3), glow",
+    "weighted": "(wideshot:1.2), [[bad hands]] harbour",
+    "at a boundary": "x" * 70 + " wideshot glow, (sea:0.8)",
+    "backtracked": "x" * 60 + ", wideshot " + "y" * 10,
+    "negative": "(badhands:1.4), (worst quality:1.2), glow BREAK wideshot",
+}
+
+
+@pytest.mark.parametrize("clip_skip", [1, 2])
+@pytest.mark.parametrize("case", list(EMBEDDING_PROMPTS))
+def test_embeddings_are_encoded_as_a1111_places_them(tiny: tuple[Any, Any], vectors: dict[str, torch.Tensor],
+                                                     case: str, clip_skip: int) -> None:
+    tokenizer, encoder = tiny
+    layout_ = with_embeddings(tokenizer, EMBEDDING_PROMPTS[case], positive=case != "negative")
+    assert any(c.fixes for c in layout_)
+    with torch.no_grad():
+        got = conditioning.encode(encoder, layout_, clip_skip, vectors)
+        want = reference_with_vectors(encoder, layout_, clip_skip, vectors)
+        bare = [Chunk(c.tokens, c.weights) for c in layout_]  # the placeholders, no vectors
+        as_text = conditioning.encode(encoder, bare, clip_skip)
+    assert got.shape == (1, 77 * len(layout_), 32)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert (got - as_text).abs().max() > 1e-2  # the vectors made a difference: the test can fail
+    # the hook is gone after each chunk: the bare chunks encode as before
+    with torch.no_grad():
+        torch.testing.assert_close(conditioning.encode(encoder, bare, clip_skip), as_text, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="is not loaded"):
+        conditioning.encode(encoder, layout_, clip_skip, {})
