@@ -172,24 +172,26 @@ def layers(text_encoder: Any) -> int:
 
 
 @contextmanager
-def placed(text_encoder: Any, fixes: Sequence[Fix], vectors: Mapping[str, torch.Tensor]) -> Iterator[None]:
-    """While encoding one chunk: its embeddings' vectors replace the input token
-    embeddings at ``offset + 1 ...`` (A1111's ``EmbeddingsWithFixes``, cut at the
-    chunk's end as it cuts them), through a forward hook on the token embedding."""
-    if not fixes:
+def placed(text_encoder: Any, rows: Sequence[Sequence[Fix]], vectors: Mapping[str, torch.Tensor]) -> Iterator[None]:
+    """While encoding one chunk index of a batch (one row per prompt variant): each
+    row's embeddings' vectors replace the input token embeddings at ``offset + 1 ...``
+    (A1111's ``EmbeddingsWithFixes``, cut at the chunk's end as it cuts them),
+    through a forward hook on the token embedding."""
+    if not any(rows):
         yield
         return
-    missing = [fix.name for fix in fixes if fix.name not in vectors]
+    missing = [fix.name for fixes in rows for fix in fixes if fix.name not in vectors]
     if missing:
         raise ValueError(f"embedding {missing[0]} is not loaded")
 
     def hook(module: Any, args: Any, output: torch.Tensor) -> torch.Tensor:
         output = output.clone()
-        for fix in fixes:
-            vec = vectors[fix.name].to(device=output.device, dtype=output.dtype)
-            start = fix.offset + 1
-            count = min(output.shape[1] - start, vec.shape[0])
-            output[:, start:start + count] = vec[:count]
+        for row, fixes in enumerate(rows):
+            for fix in fixes:
+                vec = vectors[fix.name].to(device=output.device, dtype=output.dtype)
+                start = fix.offset + 1
+                count = min(output.shape[1] - start, vec.shape[0])
+                output[row, start:start + count] = vec[:count]
         return output
 
     handle = text_model(text_encoder).embeddings.token_embedding.register_forward_hook(hook)
@@ -199,21 +201,51 @@ def placed(text_encoder: Any, fixes: Sequence[Fix], vectors: Mapping[str, torch.
         handle.remove()
 
 
-def encode(text_encoder: Any, prompt_chunks: list[Chunk], clip_skip: int,
-           embeddings: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """A prompt's embeddings, (1, 77*k, C) in float32, on the text encoder's device.
-    ``text_encoder`` must be in float32; ``embeddings`` holds the (n, C) vectors of
-    the embeddings the chunks' fixes name."""
+def encode_variants(text_encoder: Any, variants: Sequence[Sequence[Chunk]], clip_skip: int,
+                    embeddings: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Several texts of one prompt (its prompt-editing schedule) encoded together,
+    (V, 77*k, C) in float32: per chunk index one text-encoder call over all V, so
+    the mean restoration is over all of them, as A1111 encodes a schedule; a shorter
+    variant is padded with empty chunks first. ``text_encoder`` must be in float32;
+    ``embeddings`` holds the (n, C) vectors of the embeddings the chunks' fixes name."""
     if clip_skip > layers(text_encoder):
         raise ValueError(f"clip skip {clip_skip} is more than the text encoder's {layers(text_encoder)} layers")
     device = next(text_encoder.parameters()).device
+    count = max(len(chunks) for chunks in variants)
+    bos, eos = variants[0][0].tokens[0], variants[0][0].tokens[-1]
+    empty = Chunk((bos, *[eos] * (CHUNK + 1)), (1.0,) * (CHUNK + 2))  # BOS + 76 EOS: A1111's empty_chunk
     parts = []
-    for chunk in prompt_chunks:
-        tokens = torch.tensor([chunk.tokens], dtype=torch.long, device=device)
-        weights = torch.tensor([chunk.weights], dtype=torch.float32, device=device)
-        with placed(text_encoder, chunk.fixes, embeddings or {}):
+    for index in range(count):
+        column = [chunks[index] if index < len(chunks) else empty for chunks in variants]
+        tokens = torch.tensor([c.tokens for c in column], dtype=torch.long, device=device)
+        weights = torch.tensor([c.weights for c in column], dtype=torch.float32, device=device)
+        with placed(text_encoder, [c.fixes for c in column], embeddings or {}):
             parts.append(encode_chunk(text_encoder, tokens, weights, clip_skip))
     return torch.cat(parts, dim=1)
+
+
+def encode(text_encoder: Any, prompt_chunks: list[Chunk], clip_skip: int,
+           embeddings: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """A prompt's embeddings, (1, 77*k, C) in float32, on the text encoder's device."""
+    return encode_variants(text_encoder, [prompt_chunks], clip_skip, embeddings)
+
+
+@dataclass(frozen=True)
+class Scheduled:
+    """A prompt's embeddings over the denoiser's calls: A1111's list of
+    ``ScheduledPromptConditioning``. Row k of ``embeds`` serves up to call ``ends[k]``."""
+
+    ends: tuple[int, ...]
+    embeds: torch.Tensor  # (len(ends), 77*k, C)
+
+    def index(self, call: int) -> int:
+        """The row the denoiser's ``call`` (0-based) uses: the first ending at or after it
+        (the first, past the end, as A1111's ``reconstruct_cond_batch``)."""
+        return next((k for k, end in enumerate(self.ends) if call <= end), 0)
+
+    def at(self, call: int) -> torch.Tensor:
+        k = self.index(call)
+        return self.embeds[k:k + 1]
 
 
 @dataclass
@@ -250,6 +282,25 @@ def for_call(conds: list[torch.Tensor], unconds: list[torch.Tensor], filler: tor
     if cond_mask is None:
         return Conditioning(cond[:len(conds)], cond[len(conds):], None, None)
     return Conditioning(cond[:len(conds)], cond[len(conds):], cond_mask[:len(conds)], cond_mask[len(conds):])
+
+
+class CallSchedule:
+    """Per image its prompt's and negative's schedules: the ``Conditioning`` of any
+    denoiser call, and whether it differs from the previous call's."""
+
+    def __init__(self, conds: list[Scheduled], unconds: list[Scheduled], filler: torch.Tensor) -> None:
+        self.rows = conds + unconds
+        self.count = len(conds)
+        self.filler = filler
+        self.changes = any(len(row.ends) > 1 for row in self.rows)
+        self._last: tuple[tuple[int, ...], Conditioning] | None = None
+
+    def at(self, call: int) -> Conditioning:
+        picks = tuple(row.index(call) for row in self.rows)
+        if self._last is None or self._last[0] != picks:
+            rows = [row.embeds[k:k + 1] for row, k in zip(self.rows, picks)]
+            self._last = picks, for_call(rows[:self.count], rows[self.count:], self.filler)
+        return self._last[1]
 
 
 class MaskedUnet:

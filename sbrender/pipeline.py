@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 import structlog  # noqa: E402
 import torch  # noqa: E402
 
-from . import __version__, conditioning, embeddings, faults, models, prompts, samplers, speedups
+from . import __version__, conditioning, editing, embeddings, faults, models, prompts, samplers, speedups
 from .config import Settings
 from .errors import RenderError, ShutdownRequested, first_line
 from .jobs import Job
@@ -180,16 +180,22 @@ class DiffusersRenderer:
         generators = [torch.Generator("cpu").manual_seed(seed) for _, seeds in items for seed in seeds]
         try:
             with torch.inference_mode():
-                cond, facts = self._conditioning(items)
+                schedule, facts = self._conditioning(items)
         except ValueError as err:
             raise RenderError(f"cannot encode the prompt: {first_line(err)}") from err
+        cond = schedule.at(0)
         fault = next((f for j, _ in items if (f := self.faults.get(j.id)) is not None), None)
         stopped = False
 
         def step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-            nonlocal stopped
+            nonlocal stopped, cond
             if fault is not None:
                 kwargs = faults.inject(fault, kwargs)
+            if schedule.changes and (following := schedule.at(step + 1)) is not cond:
+                # Prompt editing: the next call's embeddings, as the pipeline holds them ([uncond; cond] with CFG).
+                cond = following
+                both = torch.cat([cond.uncond, cond.cond]) if pipe.do_classifier_free_guidance else cond.cond
+                kwargs["prompt_embeds"] = both.to(self.dtype)
             if on_step is not None and on_step(step + 1, job.steps):
                 stopped = True
                 pipe._interrupt = True
@@ -228,22 +234,30 @@ class DiffusersRenderer:
         return outputs
 
     def _conditioning(self, items: list[tuple[Job, list[int]]]
-                      ) -> tuple[conditioning.Conditioning, list[dict[str, Any]]]:
-        """Per image its job's prompt and negative embeddings (A1111's rules), and
-        per job how many chunks each took and which textual-inversion embeddings
-        it used (the prompt's, then the negative's: A1111's TI hashes order).
-        Raises ``ValueError``."""
+                      ) -> tuple[conditioning.CallSchedule, list[dict[str, Any]]]:
+        """Per image its job's prompt and negative embeddings (A1111's rules) over
+        the denoiser's calls (prompt editing and alternation change them between
+        calls), and per job how many chunks each took and which textual-inversion
+        embeddings it used (the prompt's, then the negative's: A1111's TI hashes
+        order). Raises ``ValueError``."""
         if embeddings.stamp(self.settings.embeddings_dir) != self._embeddings_stamp:
             self._load_embeddings()
-        clip_skip = items[0][0].clip_skip  # one per call: it is part of the batch key
-        encoded: dict[tuple[str, bool], tuple[torch.Tensor, list[str]]] = {}
+        first = items[0][0]  # clip skip, sampler and steps are one per call: they are in the batch key
+        clip_skip = first.clip_skip
+        # A1111 counts a second-order sampler's steps twice: its denoiser runs twice per step.
+        calls = first.steps * (2 if samplers.resolve(first.sampler, first.scheduler).sampler.second_order else 1)
+        encoded: dict[tuple[str, bool], tuple[conditioning.Scheduled, list[str]]] = {}
 
-        def embed(text: str, positive: bool) -> tuple[torch.Tensor, list[str]]:
+        def embed(text: str, positive: bool) -> tuple[conditioning.Scheduled, list[str]]:
             if (text, positive) not in encoded:
-                chunks = conditioning.chunks(prompts.parse(text, positive), self.pipe.tokenizer,
-                                             embeddings=self._embedding_names)
-                encoded[text, positive] = (conditioning.encode(self._text_encoder, chunks, clip_skip,
-                                                               self.catalog.vectors), conditioning.used(chunks))
+                # Extra-network tags leave the positive prompt before it is scheduled, as in A1111.
+                plain = prompts.extract_networks(text)[0] if positive else text
+                entries = editing.schedule(plain, calls)
+                variants = [conditioning.chunks(prompts.parse(variant, False), self.pipe.tokenizer,
+                                                embeddings=self._embedding_names) for _, variant in entries]
+                embeds = conditioning.encode_variants(self._text_encoder, variants, clip_skip, self.catalog.vectors)
+                used = conditioning.used([chunk for chunks in variants for chunk in chunks])
+                encoded[text, positive] = conditioning.Scheduled(tuple(end for end, _ in entries), embeds), used
             return encoded[text, positive]
 
         conds, unconds, facts = [], [], []
@@ -251,13 +265,16 @@ class DiffusersRenderer:
             (cond, cond_used), (uncond, uncond_used) = embed(job.prompt, True), embed(job.negative_prompt, False)
             conds += [cond] * len(seeds)
             unconds += [uncond] * len(seeds)
-            fact: dict[str, Any] = {"chunks": cond.shape[1] // 77, "negative_chunks": uncond.shape[1] // 77}
+            fact: dict[str, Any] = {"chunks": cond.embeds.shape[1] // 77,
+                                    "negative_chunks": uncond.embeds.shape[1] // 77}
+            if len(cond.ends) > 1 or len(uncond.ends) > 1:
+                fact["schedule"] = {"prompt": len(cond.ends), "negative_prompt": len(uncond.ends)}
             used = ([self.catalog.record(name, "prompt") for name in cond_used]
                     + [self.catalog.record(name, "negative_prompt") for name in uncond_used])
             if used:
                 fact["embeddings"] = used
             facts.append(fact)
-        return conditioning.for_call(conds, unconds, embed("", False)[0]), facts
+        return conditioning.CallSchedule(conds, unconds, embed("", False)[0].embeds), facts
 
     def _check(self, arrays: np.ndarray, nsfw: list[bool], seeds: list[int], scheduler: dict[str, Any],
                timings: dict[str, float], prompt: dict[str, Any]) -> RenderOutput | RenderError:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import Spool, daemon_env, sbrender
-from sbrender import conditioning, prompts
+from sbrender import conditioning, editing, prompts
 from sbrender.conditioning import Chunk
 from sbrender.models import BUILTINS, ensure_builtin
 
@@ -211,6 +211,102 @@ def test_padding_with_a_mask_is_as_if_unpadded(tiny: tuple[Any, Any], model_cach
     assert (unmasked[:1] - alone[0]).abs().max() > 1e-4
 
 
+# --- prompt editing ---------------------------------------------------------------------
+
+
+def reference_joint(encoder: Any, variants: list[list[Chunk]], clip_skip: int, empty: Chunk) -> torch.Tensor:
+    """A1111's encoding of a schedule, written out: the variants padded to one chunk
+    count with the empty chunk, then per chunk index one batch over all variants,
+    weighted, and rescaled to that whole batch's mean."""
+    model = conditioning.text_model(encoder)
+    count = max(len(v) for v in variants)
+    parts = []
+    for index in range(count):
+        column = [v[index] if index < len(v) else empty for v in variants]
+        out = model(input_ids=torch.tensor([c.tokens for c in column]), output_hidden_states=True)
+        z = out.last_hidden_state if clip_skip == 1 else model.final_layer_norm(out.hidden_states[-clip_skip])
+        weighted_z = z * torch.tensor([c.weights for c in column])[:, :, None]
+        parts.append(weighted_z * (z.mean() / weighted_z.mean()))
+    return torch.cat(parts, dim=1)
+
+
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_a_schedule_is_encoded_in_one_batch_with_a_joint_mean(tiny: tuple[Any, Any], clip_skip: int) -> None:
+    tokenizer, encoder = tiny
+    entries = editing.schedule("a (cat:1.4) [on a mat:under a [long] table BREAK by the sea:3]", 10)
+    variants = [chunks_of(tokenizer, text) for _, text in entries]
+    assert [len(v) for v in variants] == [1, 2]
+    empty = layout(tokenizer, [])[0]
+    with torch.no_grad():
+        got = conditioning.encode_variants(encoder, variants, clip_skip)
+        want = reference_joint(encoder, variants, clip_skip, empty)
+        alone = [reference_joint(encoder, [v], clip_skip, empty) for v in variants]
+    assert got.shape == (2, 154, 32)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    # Encoded one by one, the means differ: the joint batch is what A1111 does, and the test can tell.
+    assert (got[1:] - alone[1]).abs().max() > 1e-5
+
+
+def _render_with_switches(renderer: Any, job: Any, per_call: list[str]) -> Any:
+    """The tiny pipeline called directly, the prompt's embeddings switched before the
+    calls whose text changes (what prompt editing must amount to), uncond the empty prompt."""
+    import numpy as np
+
+    encoder, tokenizer = renderer._text_encoder, renderer.pipe.tokenizer
+    with torch.inference_mode():
+        enc = {t: conditioning.encode(encoder, chunks_of(tokenizer, t), 1) for t in set(per_call)}
+        uncond = conditioning.encode(encoder, chunks_of(tokenizer, ""), 1)
+
+        def switch(pipe: Any, i: int, t: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+            if i + 1 < len(per_call) and per_call[i + 1] != per_call[i]:
+                kwargs["prompt_embeds"] = torch.cat([uncond, enc[per_call[i + 1]]])
+            return kwargs
+
+        renderer._use_sampler(job.sampler, job.scheduler)
+        out = renderer.pipe(prompt_embeds=enc[per_call[0]], negative_prompt_embeds=uncond,
+                            num_inference_steps=job.steps, guidance_scale=job.guidance_scale, width=job.width,
+                            height=job.height, generator=[torch.Generator("cpu").manual_seed(job.seed)],
+                            callback_on_step_end=switch, output_type="np")
+    return np.asarray(out.images[0])
+
+
+@pytest.mark.parametrize("prompt, sampler, steps, per_call", [
+    # [a:b:1] at 4 steps: calls 0 and 1 draw a (A1111 compares the 0-based call with the step).
+    ("a lighthouse [at dawn:in a storm:1], calm sea", "DPM++ 2M", 4,
+     ["a lighthouse at dawn, calm sea"] * 2 + ["a lighthouse in a storm, calm sea"] * 2),
+    # A second-order sampler: scheduled over twice the steps (0.25 of 6 is step 1), 5 denoiser calls for 3 steps.
+    ("[a cat:a dog:0.25] on a mat", "Heun", 3, ["a cat on a mat"] * 2 + ["a dog on a mat"] * 3),
+    # Alternation: entries end at steps 1, 2, 3, 4, so calls 0 and 1 both take the first.
+    ("a [cat|dog] on a mat", "Euler", 4, ["a cat on a mat", "a cat on a mat", "a dog on a mat", "a cat on a mat"]),
+])
+def test_prompt_editing_renders_as_the_pipeline_fed_a1111s_switches(model_cache: Path, prompt: str, sampler: str,
+                                                                     steps: int, per_call: list[str]) -> None:
+    import numpy as np
+
+    from sbrender.config import load_settings
+    from sbrender.jobs import Job
+    from sbrender.pipeline import DiffusersRenderer
+
+    renderer = DiffusersRenderer(load_settings(None, env={}, overrides={"model": "tiny-random",
+                                                                        "cache": str(model_cache)}))
+    renderer.load()
+    job = Job(id="e", prompt=prompt, negative_prompt="", steps=steps, guidance_scale=7.0, width=64, height=64,
+              seed=5, count=1, sampler=sampler, priority=0)
+    # The float image before it becomes 8-bit: the tiny model heeds its text little, and a
+    # switch at the last call moves a pixel by less than one level.
+    seen: list[np.ndarray] = []
+    to_pil = renderer.pipe.numpy_to_pil
+    renderer.pipe.numpy_to_pil = lambda arrays: (seen.append(np.array(arrays)), to_pil(arrays))[1]
+    out = renderer.render(job, [5])
+    renderer.pipe.numpy_to_pil = to_pil
+    assert out.prompt["schedule"]["prompt"] > 1
+    got = seen[0][0]
+    np.testing.assert_allclose(got, _render_with_switches(renderer, job, per_call), rtol=0, atol=1e-6)
+    # Switching one call later, or never, draws another image: the test can tell.
+    for other in (per_call[:1] + per_call[:-1], per_call[:1] * len(per_call)):
+        assert np.abs(got - _render_with_switches(renderer, job, other)).max() > 1e-5  # 10 times the tolerance
+
+
 # --- end to end -------------------------------------------------------------------------
 
 
@@ -219,15 +315,23 @@ def test_a_long_weighted_prompt_renders_and_records_its_chunks(tmp_path: Path, m
     spool.drop("long.json", {"prompt": PROMPT, "negative_prompt": "blurry", "seed": 3})
     spool.drop("skip.json", {"prompt": "(a cat:1.2) BREAK on a mat", "seed": 3, "clip_skip": 2})
     spool.drop("plain.json", {"prompt": "a cat BREAK on a mat", "seed": 3})
+    spool.drop("edit.json", {"prompt": "a [cat:dog:0.5] on a mat", "negative_prompt": "[blurry|lowres]", "seed": 3,
+                             "steps": 4})
     proc = sbrender("run", "--once", *spool.cli_args(), env=daemon_env(model_cache), cwd=spool.root)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = {name: json.loads((spool.outbox / f"{name}.json").read_text()) for name in ("long", "skip", "plain")}
+    results = {name: json.loads((spool.outbox / f"{name}.json").read_text())
+               for name in ("long", "skip", "plain", "edit")}
     for name, result in results.items():
         assert result["status"] == "succeeded", result.get("error")
     assert results["long"]["prompt"] == {"chunks": 3, "negative_chunks": 1}
     assert results["skip"]["prompt"] == {"chunks": 2, "negative_chunks": 1}
     assert results["skip"]["params"]["clip_skip"] == 2
+    assert results["edit"]["prompt"] == {"chunks": 1, "negative_chunks": 1,
+                                         "schedule": {"prompt": 2, "negative_prompt": 4}}
     from PIL import Image
+
+    assert Image.open(spool.outbox / "edit.png").text["parameters"].startswith(
+        "a [cat:dog:0.5] on a mat\nNegative prompt: [blurry|lowres]\n")
 
     text = Image.open(spool.outbox / "skip.png").text["parameters"]
     assert text.startswith("(a cat:1.2) BREAK on a mat\n") and text.endswith("Clip skip: 2")
