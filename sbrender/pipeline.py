@@ -230,7 +230,10 @@ class DiffusersRenderer:
         for (job, seeds), fact in zip(items, facts):
             part = slice(first, first + len(seeds))
             first += len(seeds)
-            outputs.append(self._check(arrays[part], nsfw[part], seeds, scheduler, timings, fact))
+            output = self._check(arrays[part], nsfw[part], seeds, scheduler, timings, fact)
+            if isinstance(output, RenderOutput):
+                output.warnings.extend(prompts.notes(job.prompt, job.negative_prompt))
+            outputs.append(output)
         return outputs
 
     def _conditioning(self, items: list[tuple[Job, list[int]]]

@@ -142,3 +142,22 @@ def problem(text: str, positive: bool = True) -> str | None:
         if _AND.search(text):
             return "uses AND (composable prompts), which is not supported yet"
     return None
+
+
+def notes(prompt: str, negative: str) -> list[str]:
+    """What A1111 (and so sbrender) reads differently from how the prompts may look,
+    for the result's ``warnings``: nothing is dropped silently."""
+    from . import editing
+
+    found = []
+    _, tags = extract_networks(negative)
+    if tags:
+        found.append(f"negative_prompt: {tags[0].text} is encoded as text, as A1111 does: extra networks such as "
+                     "LoRAs apply from the prompt only")
+    if _AND.search(negative):
+        found.append("negative_prompt: AND is encoded as text, as A1111 does: composable prompts are for the prompt")
+    for field, text in (("prompt", extract_networks(prompt)[0]), ("negative_prompt", negative)):
+        if "[" in text and "|" in text and editing.parse(text) is None:
+            found.append(f"{field}: a | outside brackets makes A1111 read the whole text without prompt editing or "
+                         "alternation; so does sbrender")
+    return found

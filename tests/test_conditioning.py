@@ -317,15 +317,20 @@ def test_a_long_weighted_prompt_renders_and_records_its_chunks(tmp_path: Path, m
     spool.drop("plain.json", {"prompt": "a cat BREAK on a mat", "seed": 3})
     spool.drop("edit.json", {"prompt": "a [cat:dog:0.5] on a mat", "negative_prompt": "[blurry|lowres]", "seed": 3,
                              "steps": 4})
+    spool.drop("noted.json", {"prompt": "a cat", "negative_prompt": "blurry, <lora:x:1>", "seed": 3, "steps": 2})
     proc = sbrender("run", "--once", *spool.cli_args(), env=daemon_env(model_cache), cwd=spool.root)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = {name: json.loads((spool.outbox / f"{name}.json").read_text())
-               for name in ("long", "skip", "plain", "edit")}
+               for name in ("long", "skip", "plain", "edit", "noted")}
     for name, result in results.items():
         assert result["status"] == "succeeded", result.get("error")
     assert results["long"]["prompt"] == {"chunks": 3, "negative_chunks": 1}
     assert results["skip"]["prompt"] == {"chunks": 2, "negative_chunks": 1}
     assert results["skip"]["params"]["clip_skip"] == 2
+    assert results["noted"]["warnings"] == [
+        "negative_prompt: <lora:x:1> is encoded as text, as A1111 does: extra networks such as LoRAs apply from the "
+        "prompt only"]
+    assert "warnings" not in results["edit"] or results["edit"]["warnings"] == []
     assert results["edit"]["prompt"] == {"chunks": 1, "negative_chunks": 1,
                                          "schedule": {"prompt": 2, "negative_prompt": 4}}
     from PIL import Image

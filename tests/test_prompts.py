@@ -113,3 +113,17 @@ def test_sbrender_validate_refuses_them_without_loading_torch(tmp_path) -> None:
     assert lines[0].endswith("edit: invalid: prompt uses AND (composable prompts), which is not supported yet")
     assert lines[1].endswith("lora: invalid: prompt uses the LoRA tag <lora:x:1>: LoRAs are not supported yet")
     assert lines[2].endswith("fine: ok")
+
+
+@pytest.mark.parametrize("prompt, negative, words", [
+    ("a cat", "blurry, <lora:x:1>", "negative_prompt: <lora:x:1> is encoded as text, as A1111 does"),
+    ("a cat", "blurry AND ugly", "negative_prompt: AND is encoded as text"),
+    ("a | b [cat:dog:2]", "", "prompt: a | outside brackets makes A1111 read the whole text without prompt editing"),
+])
+def test_what_reads_differently_than_it_looks_is_noted(prompt: str, negative: str, words: str) -> None:
+    (note,) = prompts.notes(prompt, negative)
+    assert note.startswith(words)
+
+
+def test_ordinary_prompts_have_no_notes() -> None:
+    assert prompts.notes("a <lora:x:1> [cat|dog] (b:1.2)", "blurry, [lowres:3]") == []
