@@ -152,6 +152,8 @@ SETTINGS: tuple[Setting, ...] = (
             "let cuDNN time its convolution kernels once per image size and keep the fastest"),
     Setting("perf.compile", "off", _choice("off", "default", "reduce-overhead", "max-autotune", on="default"),
             "torch.compile the UNet and VAE decoder with this mode; compiled and warmed up before ready"),
+    Setting("perf.prompt_cache_mb", 64, _number(int, 0, 65_536),
+            "keep the embeddings of recent prompts, up to this many MB, so a repeated prompt skips the text encoder"),
     Setting("perf.vae_tiling", "auto", _choice("auto", "on", "off", on="on"),
             "decode the VAE in tiles (less memory for large images); auto: when a side exceeds 1024"),
     Setting("inbox", "inbox", _text, "folder watched for job files"),

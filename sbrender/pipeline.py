@@ -26,6 +26,7 @@ from . import __version__, conditioning, editing, embeddings, faults, models, pr
 from .config import Settings
 from .errors import RenderError, ShutdownRequested, first_line
 from .jobs import Job
+from .promptcache import PromptCache
 from .renderer import RenderOutput, StepCallback, call_key, only
 
 log = structlog.get_logger("sbrender")
@@ -76,6 +77,10 @@ class DiffusersRenderer:
         self.catalog = embeddings.Catalog()
         self._embedding_names: conditioning.EmbeddingNames | None = None
         self._embeddings_stamp: tuple[Any, ...] = ()
+        # (prompt text, positive, denoiser calls, clip skip, embeddings, text-encoder LoRAs) -> its encoding
+        self._prompts: PromptCache[tuple[conditioning.Scheduled, list[str]]] = PromptCache(
+            settings["perf.prompt_cache_mb"] << 20,
+            lambda entry: entry[0].embeds.element_size() * entry[0].embeds.nelement())
 
     def load(self) -> float:
         start = time.perf_counter()
@@ -249,19 +254,22 @@ class DiffusersRenderer:
         clip_skip = first.clip_skip
         # A1111 counts a second-order sampler's steps twice: its denoiser runs twice per step.
         calls = first.steps * (2 if samplers.resolve(first.sampler, first.scheduler).sampler.second_order else 1)
-        encoded: dict[tuple[str, bool], tuple[conditioning.Scheduled, list[str]]] = {}
+        encoder_state = (clip_skip, self._embeddings_stamp, self._text_encoder_loras())
+
+        def encode(text: str, positive: bool) -> tuple[conditioning.Scheduled, list[str]]:
+            # Extra-network tags leave the positive prompt before it is scheduled, as in A1111.
+            plain = prompts.extract_networks(text)[0] if positive else text
+            entries = editing.schedule(plain, calls)
+            variants = [conditioning.chunks(prompts.parse(variant, False), self.pipe.tokenizer,
+                                            embeddings=self._embedding_names) for _, variant in entries]
+            embeds = conditioning.encode_variants(self._text_encoder, variants, clip_skip, self.catalog.vectors)
+            used = conditioning.used([chunk for chunks in variants for chunk in chunks])
+            return conditioning.Scheduled(tuple(end for end, _ in entries), embeds), used
 
         def embed(text: str, positive: bool) -> tuple[conditioning.Scheduled, list[str]]:
-            if (text, positive) not in encoded:
-                # Extra-network tags leave the positive prompt before it is scheduled, as in A1111.
-                plain = prompts.extract_networks(text)[0] if positive else text
-                entries = editing.schedule(plain, calls)
-                variants = [conditioning.chunks(prompts.parse(variant, False), self.pipe.tokenizer,
-                                                embeddings=self._embedding_names) for _, variant in entries]
-                embeds = conditioning.encode_variants(self._text_encoder, variants, clip_skip, self.catalog.vectors)
-                used = conditioning.used([chunk for chunks in variants for chunk in chunks])
-                encoded[text, positive] = conditioning.Scheduled(tuple(end for end, _ in entries), embeds), used
-            return encoded[text, positive]
+            # A schedule's step count only matters to a prompt that has one.
+            steps = calls if "[" in text and editing.is_scheduled(text) else 0
+            return self._prompts.get((text, positive, steps, encoder_state), lambda: encode(text, positive))
 
         conds, unconds, facts = [], [], []
         for job, seeds in items:
@@ -278,6 +286,10 @@ class DiffusersRenderer:
                 fact["embeddings"] = used
             facts.append(fact)
         return conditioning.CallSchedule(conds, unconds, embed("", False)[0].embeds), facts
+
+    def _text_encoder_loras(self) -> tuple[Any, ...]:
+        """The LoRAs active in the text encoder, with their weights: part of a cached prompt's key."""
+        return ()
 
     def _check(self, arrays: np.ndarray, nsfw: list[bool], seeds: list[int], scheduler: dict[str, Any],
                timings: dict[str, float], prompt: dict[str, Any]) -> RenderOutput | RenderError:
