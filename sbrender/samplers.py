@@ -28,6 +28,8 @@ class Sampler:
     scheduler: str
     options: dict[str, Any] = field(default_factory=dict)
     automatic: str = "Automatic"
+    # Two denoiser calls per step: A1111 schedules prompt editing over twice the steps.
+    second_order: bool = False
 
 
 _SDE = {"algorithm_type": "sde-dpmsolver++"}
@@ -41,9 +43,9 @@ SAMPLERS: tuple[Sampler, ...] = (
     Sampler("Euler a", "EulerAncestralDiscreteScheduler"),
     Sampler("Euler", "EulerDiscreteScheduler"),
     Sampler("LMS", "LMSDiscreteScheduler"),
-    Sampler("Heun", "HeunDiscreteScheduler"),
-    Sampler("DPM2", "KDPM2DiscreteScheduler", automatic="Karras"),
-    Sampler("DPM2 a", "KDPM2AncestralDiscreteScheduler", automatic="Karras"),
+    Sampler("Heun", "HeunDiscreteScheduler", second_order=True),
+    Sampler("DPM2", "KDPM2DiscreteScheduler", automatic="Karras", second_order=True),
+    Sampler("DPM2 a", "KDPM2AncestralDiscreteScheduler", automatic="Karras", second_order=True),
     Sampler("DDIM", "DDIMScheduler"),
     Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True}),  # as SD1.5 ships it (PRK fails under 4 steps)
     Sampler("UniPC", "UniPCMultistepScheduler"),
