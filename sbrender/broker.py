@@ -93,6 +93,11 @@ class Broker(Protocol):
     def take_cancelled(self, ids: set[str]) -> list[Take]:
         """Queued entries with these ids, taken out of turn to be cancelled."""
 
+    def progress(self, ids: list[str], step: int, steps: int) -> None:
+        """The render of these ids is at ``step`` of ``steps``: for a broker that
+        tells clients (the file spool's daemons say it in their status files).
+        Called by the housekeeper during a render, a few times a second."""
+
     def cancelled(self) -> set[str]:
         """Ids someone asked to cancel (queued or running anywhere), and ids this
         daemon lost to another (a network queue's lease): a render of them stops."""

@@ -412,7 +412,7 @@ def retry(config_file: str | None, inbox: str | None, outbox: str | None, state:
         name = client.retry(job_id)
     except JobError as err:
         _fail(str(err))
-    click.echo(f"{job_id}: queued again as {client.inbox / name}")
+    click.echo(f"{job_id}: queued again" + (f" as {client.inbox / name}" if client.queue is None else ""))
 
 
 @main.command()

@@ -121,11 +121,6 @@ class Client:
             return True
         return self.spool.ledger.in_use(job_id)
 
-    def _files_only(self, what: str) -> None:
-        if self.queue is not None:
-            raise ConfigError(f"`{what}` does not read a Redis queue yet",
-                              hint="`sbrender wait ID --json` shows a job's result")
-
     def _check_inbox(self) -> None:
         """An inbox that is not there is a setting to fix (or a volume to mount), not an empty queue."""
         if not self.inbox.is_dir():
@@ -157,8 +152,10 @@ class Client:
 
     def retry(self, job_id: str) -> str:
         """Put a failed or cancelled job back into the queue under its id. Its old
-        result moves to ``state/retried/``. Returns the new job file's name."""
-        self._files_only("retry")
+        result moves to ``state/retried/`` (with a Redis queue: to the job's list of
+        retried results). Returns the new job file's name (the id, on Redis)."""
+        if self.queue is not None:
+            return self._retry_on_redis(job_id)
         result = self.result(job_id)
         if result is None:
             if self.status(job_id) is None:
@@ -194,6 +191,19 @@ class Client:
         self.spool.clear_cancel(job_id)
         _publish_new(self.inbox, f"{job_id}.json", data)
         return f"{job_id}.json"
+
+    def _retry_on_redis(self, job_id: str) -> str:
+        assert self.queue is not None
+        found = self.queue.document(job_id)
+        if found is None:
+            raise JobError(no_such_job(job_id))
+        priority = found["job"].get("priority", 0)
+        outcome = self.queue.retry(job_id, priority if isinstance(priority, int) else 0)
+        if outcome in (PENDING, RUNNING):
+            raise JobError(f"job {job_id} is not finished yet; only a failed or cancelled job can be retried")
+        if outcome != "retried":
+            raise JobError(f"job {job_id} is {outcome}; only a failed or cancelled job can be retried")
+        return job_id
 
     # --- consuming ---------------------------------------------------------------------
 
@@ -256,7 +266,7 @@ class Client:
         """Where a job stands: finished (its status), running (step i of n), or
         pending (its place among the pending jobs, oldest first)."""
         if self.queue is not None:
-            return {"state": self.queue.state(job_id) or "unknown"}
+            return self.queue.progress(job_id)
         result = self.result(job_id)
         if result is not None:
             return {"state": result.get("status")}
@@ -278,7 +288,8 @@ class Client:
     def jobs(self) -> list[JobState]:
         """Every job the spool knows: pending, running, then finished, oldest first.
         Raises ``ConfigError`` when the inbox does not exist."""
-        self._files_only("jobs")
+        if self.queue is not None:
+            return self._jobs_on_redis()
         self._check_inbox()
         running = {job for d in self.daemons() if d["alive"] and d.get("state") == "rendering"
                    for job in _rendering(d.get("current") or {})}
@@ -311,6 +322,18 @@ class Client:
         out.sort(key=lambda j: (order.get(j.state, 2), j.since, j.id))
         return out
 
+    def _jobs_on_redis(self) -> list[JobState]:
+        assert self.queue is not None
+        out = []
+        for item in self.queue.jobs():
+            result = item["result"] or {}
+            since = parse_iso(result.get("timings", {}).get("finished_at")) or item["queued_at"]
+            out.append(JobState(item["id"], item["state"], str(item["job"].get("prompt", "")), since, "",
+                                (result.get("error") or {}).get("message")))
+        order = {RUNNING: 0, PENDING: 1}
+        out.sort(key=lambda j: (order.get(j.state, 2), j.since, j.id))
+        return out
+
     def _unfinished(self) -> Iterator[tuple[str, float, Entry, bool]]:
         """``(path, mtime, entry, claimed)`` for each entry of each job file not
         finished yet. The inbox is read first, then the daemons' work folders,
@@ -327,10 +350,11 @@ class Client:
 
     def show(self, job_id: str) -> dict[str, Any] | None:
         """The result JSON, or for a job not finished yet its state and parameters."""
-        self._files_only("show")
         result = self.result(job_id)
         if result is not None:
             return result
+        if self.queue is not None:
+            return self._show_on_redis(job_id)
         self._check_inbox()
         found: tuple[str, Entry] | None = None
         for path, _, entry, in_work in self._unfinished():
@@ -348,6 +372,22 @@ class Client:
             out["metadata"] = entry.metadata
         else:
             out["error"] = entry.error.to_dict()
+        return out
+
+
+    def _show_on_redis(self, job_id: str) -> dict[str, Any] | None:
+        assert self.queue is not None
+        found = self.queue.document(job_id)
+        if found is None:
+            return None
+        out: dict[str, Any] = {"id": job_id, "status": found["state"]}
+        try:
+            job = build_job(job_id, found["job"], self.rules)
+        except JobError as err:
+            out["error"] = err.to_dict()
+            return out
+        out["params"] = job.params()
+        out["metadata"] = job.metadata
         return out
 
 

@@ -81,6 +81,7 @@ class Dispatcher:
         self.lock = threading.Lock()
         self.interrupt = threading.Event()  # a job of the render in progress was cancelled
         self._running: frozenset[str] = frozenset()  # ids in the renderer's call; empty between calls
+        self._step = (0, 0)  # the call's last step, and its steps: recorded by the step callback
         self._rendering = threading.Event()
         self._closed = threading.Event()
         self._housekeeper = threading.Thread(target=self._housekeep, name="sbrender-housekeeper", daemon=True)
@@ -219,10 +220,12 @@ class Dispatcher:
         """The renderer's call, with the lock released for the housekeeper."""
 
         def on_step(step: int, steps: int) -> bool:
+            self._step = (step, steps)
             self.progress(ids, step, steps)
             return self.stop.is_set() or self.interrupt.is_set()
 
         self.interrupt.clear()
+        self._step = (0, items[0][0].steps)
         self._running = frozenset(ids)
         self._rendering.set()
         self.lock.release()
@@ -290,6 +293,7 @@ class Dispatcher:
         a cancelled job of this render stops it at its next step."""
         self._collect()
         self.broker.refresh()
+        self.broker.progress(sorted(self._running), *self._step)
         cancelled = self.broker.cancelled()
         if cancelled & self._running:
             self.interrupt.set()

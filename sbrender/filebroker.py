@@ -245,6 +245,9 @@ class FileBroker:
         holder = (existing or {}).get("input", {}).get("file", "another job file")
         return Reservation(dup_id, held_by=holder)
 
+    def progress(self, ids: list[str], step: int, steps: int) -> None:
+        pass  # a daemon's progress is in its status file
+
     def may_publish(self, take: Take) -> bool:
         return True  # a claim is never taken away from a live daemon
 

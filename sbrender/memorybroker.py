@@ -120,6 +120,9 @@ class MemoryBroker:
                 n += 1
             return Reservation(f"{job_id}.dup{n}", held_by=holder.source)
 
+    def progress(self, ids: list[str], step: int, steps: int) -> None:
+        pass
+
     def may_publish(self, take: Take) -> bool:
         return True  # a claim is never taken away from a live daemon
 

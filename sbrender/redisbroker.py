@@ -74,6 +74,7 @@ class RedisBroker:
         self._lost: set[str] = set()  # handed out, then taken over by another daemon
         self._uncommitted: list[tuple[Held, str, str]] = []  # published, commit to send again
         self._down: str | None = None
+        self._progressed: tuple[list[str], int] = ([], 0)
         self._pending = 0
         self._due = {"renew": 0.0, "recover": 0.0, "count": 0.0}
         self._closing = threading.Event()
@@ -321,6 +322,17 @@ class RedisBroker:
                             float(queued_at), {held.job_id: int(crashes)} if int(crashes) else {})
         held.take = Take(delivery, 0)
         return held.take
+
+    def progress(self, ids: list[str], step: int, steps: int) -> None:
+        """Step i of N into each held job's hash, for `Client.progress`; only when it changed."""
+        if self._down is not None or (ids, step) == self._progressed:
+            return
+        self._progressed = (ids, step)
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in ids:
+            if job_id in self._held:
+                pipe.hset(rq.job_key(job_id), mapping={"step": step, "steps": steps})
+        self._guard(None, pipe.execute)
 
     def cancelled(self) -> set[str]:
         """Ids with a cancel request, and those this daemon lost to another: a render

@@ -184,7 +184,7 @@ if st[1] == 'running' and st[4] and st[4] ~= '' and st[4] ~= ARGV[2] then
     redis.call('XADD', KEYS[4], '*', 'id', ARGV[4], 'crashes', crashes, 'last_owner', st[4])
   end
 end
-redis.call('HSET', KEYS[1], 'state', 'running', 'owner', ARGV[2])
+redis.call('HSET', KEYS[1], 'state', 'running', 'owner', ARGV[2], 'step', 0)
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('XADD', KEYS[3], '*', 'type', 'running', 'owner', ARGV[2])
 local r = redis.call('HMGET', KEYS[1], 'spec', 'token', 'queued_at')
@@ -236,6 +236,21 @@ redis.call('XCLAIM', KEYS[2], 'render', '%s', 0, ARGV[1], 'IDLE', 315360000000, 
 return 1
 """ % RETURNED
 
+
+# KEYS: job, band stream, events. ARGV: id, token. A failed or cancelled job is
+# queued again under its id (a new token: a job without a seed draws a new one);
+# its old result is kept in the list ``retried``.
+RETRY = """
+local st = redis.call('HMGET', KEYS[1], 'state', 'spec', 'result')
+if st[1] ~= 'failed' and st[1] ~= 'cancelled' then return st[1] or 'unknown' end
+local eid = redis.call('XADD', KEYS[2], '*', 'id', ARGV[1], 'spec', st[2])
+redis.call('RPUSH', KEYS[1] .. ':retried', st[3])
+redis.call('HDEL', KEYS[1], 'result', 'done_by', 'owner', 'cancel', 'step', 'steps')
+redis.call('HSET', KEYS[1], 'state', 'pending', 'stream', KEYS[2], 'entry', eid, 'token', ARGV[2], 'crashes', 0)
+redis.call('PERSIST', KEYS[3])
+redis.call('XADD', KEYS[3], '*', 'type', 'pending')
+return 'retried'
+"""
 
 # KEYS: streams. ARGV: idle ms. Consumer names are unique per process start, so
 # those of past runs pile up: one with nothing pending, idle that long, goes (a
@@ -312,6 +327,39 @@ class RedisQueue:
         if state not in FINISHED or result is None:
             return None
         return json.loads(result)
+
+    def progress(self, job_id: str) -> dict[str, Any]:
+        """The job's state; while running, its step and steps too."""
+        state, step, steps = self._call(self.redis.hmget, job_key(job_id), "state", "step", "steps")
+        if state == "running" and steps:
+            return {"state": state, "step": int(step or 0), "steps": int(steps)}
+        return {"state": state or "unknown"}
+
+    def document(self, job_id: str) -> dict[str, Any] | None:
+        """The job as submitted (a mapping of fields) and its state, or None for an unknown id."""
+        state, spec, queued_at = self._call(self.redis.hmget, job_key(job_id), "state", "spec", "queued_at")
+        if state is None:
+            return None
+        return {"state": state, "job": json.loads(spec), "queued_at": float(queued_at or 0)}
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """Every job's id, state, document, queue time and result (SCAN: O(all jobs))."""
+        keys = [key for key in self._call(lambda: list(self.redis.scan_iter(match=job_key("*"), count=1000)))
+                if key.count(":") == 2]  # not job:<id>:retried
+        pipe = self.redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.hmget(key, "state", "spec", "queued_at", "result")
+        out = []
+        for key, (state, spec, queued_at, result) in zip(keys, self._call(pipe.execute)):
+            if state is not None:
+                out.append({"id": key[len(job_key("")):], "state": state, "job": json.loads(spec or "{}"),
+                            "queued_at": float(queued_at or 0), "result": json.loads(result) if result else None})
+        return out
+
+    def retry(self, job_id: str, priority: int) -> str:
+        """"retried", or the state that forbids it ("unknown", "pending", ...)."""
+        keys = [job_key(job_id), stream(band(priority)), events_key(job_id)]
+        return str(self._call(self.redis.register_script(RETRY), keys=keys, args=[job_id, secrets.token_hex(8)]))
 
     def cancel(self, job_id: str) -> str:
         """The job's state when asked: "unknown", a finished state, or "pending"/"running"."""

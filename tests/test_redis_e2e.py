@@ -17,11 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from conftest import DaemonProcess, Spool, daemon_env, sbrender, wait_for
 from redis_server import RedisServer
 from sbrender import redisqueue as rq
+from sbrender.cli import main
 from sbrender.client import Client
+from sbrender.errors import JobError
 from sbrender.config import load_settings
 from sbrender.service import Service
 from test_dispatcher import ScriptedRenderer
@@ -188,6 +191,36 @@ def test_a_render_longer_than_the_lease_is_never_handed_to_a_second_daemon(
     assert slow.calls == [["long"]] and idle.calls == [], "rendered once, by its first daemon"
     assert job_field(redis_server, "long", "attempts") == "1"
     second.stop()
+
+
+def test_jobs_show_progress_and_retry_read_the_redis_queue(
+        daemons: Callable[..., Daemon], redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    renderer = ScriptedRenderer(endless={"long"}, poison={"bad"})
+    daemon = daemons(renderer)
+    client = client_of(redis_server, daemon.outbox)
+    client.submit("never ends", job_id="long", steps=7)
+    assert renderer.stepping.wait(20)
+    client.submit("waits", job_id="waiting", metadata={"row": 1})
+    wait_for(lambda: client.progress("long").get("step", 0) >= 1, 20, "no step recorded in Redis")
+    assert client.progress("long")["steps"] == 7 and client.progress("waiting") == {"state": "pending"}
+    assert [(j.id, j.state) for j in client.jobs()] == [("long", "running"), ("waiting", "pending")]
+    shown = client.show("waiting")
+    assert shown is not None and shown["status"] == "pending" and shown["params"]["prompt"] == "waits"
+    assert shown["metadata"] == {"row": 1} and client.show("nope") is None
+    client.submit("fails", job_id="bad")
+    client.cancel("long")
+    assert client.wait("bad", timeout=30)["status"] == "failed"
+    with pytest.raises(JobError, match="only a failed or cancelled job"):
+        client.retry("waiting")
+    assert client.retry("bad") == "bad" and client.progress("bad")["state"] in ("pending", "running", "failed")
+    assert client.wait("bad", timeout=30)["status"] == "failed"
+    assert renderer.calls.count(["bad"]) == 2, "retried: rendered again"
+    assert redis_server.client().llen(rq.job_key("bad") + ":retried") == 1
+    monkeypatch.setenv("SBRENDER_QUEUE", redis_server.url)
+    listed = CliRunner().invoke(main, ["jobs", "--json", "--outbox", str(daemon.outbox)])
+    assert listed.exit_code == 0, listed.output
+    assert {j["id"]: j["state"] for j in json.loads(listed.output)} == {
+        "long": "cancelled", "waiting": "succeeded", "bad": "failed"}
 
 
 # --- real daemon processes ------------------------------------------------------------------------
