@@ -134,12 +134,12 @@ class Client:
         cancelled result, a running one stops at its next step. Returns the job's
         state when asked; raises ``JobError`` for a finished or unknown job."""
         if self.queue is not None:
-            state = self.queue.cancel(job_id)
-            if state == "unknown":
+            asked = self.queue.cancel(job_id)
+            if asked == "unknown":
                 raise JobError(f"no job {job_id} is pending or running")
-            if state not in (PENDING, RUNNING):
-                raise JobError(f"job {job_id} already finished ({state}); nothing to cancel")
-            return state
+            if asked not in (PENDING, RUNNING):
+                raise JobError(f"job {job_id} already finished ({asked}); nothing to cancel")
+            return asked
         result = self.result(job_id)
         if result is not None:
             raise JobError(f"job {job_id} already finished ({result.get('status')}); nothing to cancel")

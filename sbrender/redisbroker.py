@@ -20,6 +20,7 @@ import json
 import secrets
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -368,13 +369,13 @@ class RedisBroker:
         self._lost.discard(job_id)
         return False
 
-    def done(self, take: Take, ok: bool, result: dict[str, Any] | None = None) -> None:
+    def done(self, take: Take, ok: bool, result: Mapping[str, Any] | None = None) -> None:
         held = self._held.get(take.entry.id)
         if held is None or held.take is not take:
             return
         self._drop(held)
         status = str(result["status"]) if result else (SUCCEEDED if ok else FAILED)
-        self._send_commit(held, status, json.dumps(result or {"id": held.job_id, "status": status},
+        self._send_commit(held, status, json.dumps(dict(result or {"id": held.job_id, "status": status}),
                                                    ensure_ascii=False))
 
     def _send_commit(self, held: Held, status: str, document: str) -> None:

@@ -143,6 +143,18 @@ def test_an_outage_of_redis_pauses_the_daemon_and_it_resumes_when_the_server_is_
     assert not daemon.service._problems
 
 
+def test_a_daemon_started_before_its_server_waits_paused_and_serves_once_it_answers(
+        daemons: Callable[..., Daemon], redis_server: RedisServer) -> None:
+    redis_server.kill()
+    daemon = daemons()
+    wait_for(lambda: daemon.service._problems, 30, "the missing server was not noticed")
+    assert daemon.service.status.data["state"] == "paused"
+    redis_server.start()
+    client = client_of(redis_server, daemon.outbox)
+    client.submit("first job", job_id="first")
+    assert client.wait("first", timeout=30)["status"] == "succeeded"
+
+
 class SlowRenderer(ScriptedRenderer):
     """Each step takes ``step_s``; ``started`` is set at a render's first step."""
 
