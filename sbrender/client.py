@@ -114,12 +114,13 @@ class Client:
     def is_known(self, job_id: str) -> bool:
         """Whether an id is in use: queued, claimed, reserved by a running job, or
         finished. An id whose result was removed is free again (sbrender/ledger.py)."""
-        if self.queue is not None:
-            return self.queue.state(job_id) is not None
+        if self.queue is not None and self.queue.state(job_id) is not None:
+            return True
+        # On Redis too: a file in this host's inbox is forwarded under its id soon.
         if any((folder / f"{job_id}{suffix}").exists()
                for folder in (self.inbox, *self.spool.work_folders()) for suffix in ids.JOB_SUFFIXES):
             return True
-        return self.spool.ledger.in_use(job_id)
+        return self.queue is None and self.spool.ledger.in_use(job_id)
 
     def _check_inbox(self) -> None:
         """An inbox that is not there is a setting to fix (or a volume to mount), not an empty queue."""

@@ -30,6 +30,7 @@ from . import redisqueue as rq
 from .broker import BatchKey, Delivery, Reservation, Take
 from .config import Settings
 from .errors import JobError
+from .forwarder import InboxForwarder, invalid_error
 from .jobs import BadJob, Entry, Job, Rules, parse_job_bytes
 from .peers import owner_name
 from .results import FAILED, SUCCEEDED
@@ -62,7 +63,6 @@ class RedisBroker:
         self.lease_s: float = settings["redis.lease_seconds"]
         self.max_crashes: int = settings["limits.max_crashes"]
         self.batch_size: int = settings["perf.batch_size"]
-        self.folders = (settings.outbox, settings.state / "daemons")
         self.wake = wake
         self.consumer = f"{owner_name()}-{secrets.token_hex(3)}"
         self.redis = rq.connect(self.url)
@@ -70,6 +70,7 @@ class RedisBroker:
         self._renew = self.redis.register_script(rq.RENEW)
         self._commit = self.redis.register_script(rq.COMMIT)
         self._give_back = self.redis.register_script(rq.GIVE_BACK)
+        self.forwarder = InboxForwarder(settings, rq.RedisQueue(self.url))
         self._held: dict[str, Held] = {}  # job id -> entry this consumer holds
         self._ready: list[Held] = []  # held, not handed out yet (or deferred), in queue order
         self._lost: set[str] = set()  # handed out, then taken over by another daemon
@@ -84,8 +85,7 @@ class RedisBroker:
     # --- life cycle ----------------------------------------------------------------
 
     def prepare(self) -> None:
-        for folder in self.folders:
-            folder.mkdir(parents=True, exist_ok=True)
+        self.forwarder.prepare()  # the spool's folders: the inbox it forwards, the outbox, status files
         self._guard(None, self._ensure_groups)
 
     def _ensure_groups(self) -> None:
@@ -115,10 +115,12 @@ class RedisBroker:
         for held in [h for h in self._ready if h.take is None]:
             self._release(held)
         self._ready.clear()
+        self.forwarder.close()
         return not self._held
 
     def describe(self) -> dict[str, str]:
-        return {"queue": rq.redacted(self.url), "consumer": self.consumer, "lease_s": f"{self.lease_s:g}"}
+        return {"queue": rq.redacted(self.url), "consumer": self.consumer, "lease_s": f"{self.lease_s:g}",
+                "inbox": str(self.forwarder.spool.inbox), "outbox": str(self.forwarder.spool.outbox)}
 
     def problems(self) -> list[str]:
         if self._down is None:
@@ -183,6 +185,7 @@ class RedisBroker:
         for item in list(self._uncommitted):
             self._uncommitted.remove(item)
             self._send_commit(*item)
+        self.forwarder.refresh()
 
     def _renew_all(self) -> None:
         held = list(self._held.values())
@@ -438,6 +441,12 @@ def _last_id(client: Any, key: str) -> str:
 
 def _entry(job_id: str, data: bytes, rules: Rules) -> Entry:
     """The job a queued document holds, checked with the daemon's own rules."""
+    try:
+        error = invalid_error(json.loads(data))
+    except ValueError:
+        error = None
+    if error is not None:
+        return BadJob(job_id, error)
     entries = parse_job_bytes(f"{job_id}.json", data, rules)
     if len(entries) == 1 and entries[0].id == job_id:
         return entries[0]

@@ -155,6 +155,38 @@ def test_a_daemon_started_before_its_server_waits_paused_and_serves_once_it_answ
     assert client.wait("first", timeout=30)["status"] == "succeeded"
 
 
+def drop(inbox: Path, name: str, text: str) -> None:
+    """As a producer should: a hidden temp name, then a rename."""
+    (inbox / f".{name}.tmp").write_text(text)
+    os.rename(inbox / f".{name}.tmp", inbox / name)
+
+
+def test_files_dropped_into_the_inbox_are_forwarded_with_the_file_spools_answers(
+        daemons: Callable[..., Daemon], redis_server: RedisServer) -> None:
+    daemon = daemons(**{"watch.settle_seconds": 0.2, "watch.rescan_seconds": 0.2})
+    inbox, state = daemon.settings.inbox, daemon.settings.state
+    client = client_of(redis_server, daemon.outbox)
+    drop(inbox, "cat.yaml", "prompt: a cat\nseed: 3\npriority: 2\n")
+    drop(inbox, "trio.yaml", "jobs:\n  - prompt: one\n  - prompt: two\n  - prompt: three\n    width: 65\n")
+    (inbox / "target.txt").write_text("prompt: secret\n")
+    os.symlink(inbox / "target.txt", inbox / "link.yaml")
+    cat = client.wait("cat", timeout=30)
+    assert cat["status"] == "succeeded" and cat["params"]["seed"] == 3 and cat["params"]["priority"] == 2
+    assert [client.wait(f"trio-00{k}", timeout=30)["status"] for k in (1, 2, 3)] == ["succeeded", "succeeded",
+                                                                                     "failed"]
+    bad = client.wait("trio-003", timeout=30)["error"]
+    assert bad["field"] == "width" and "multiple of 8" in bad["message"] and "job 3 of the batch" in bad["message"]
+    link = client.wait("link", timeout=30)
+    assert link["status"] == "failed" and link["error"]["type"] == "unsafe_file"
+    assert json.loads((daemon.outbox / "link.json").read_text()) == link, "the outbox has the same answer"
+    wait_for(lambda: (state / "done" / "cat.yaml").exists() and (state / "failed" / "trio.yaml").exists(), 30,
+             "the forwarded files were not archived")
+    drop(inbox, "cat.yaml", "prompt: another cat\n")
+    dup = client.wait("cat.dup1", timeout=30)
+    assert dup["status"] == "failed" and dup["error"]["type"] == "duplicate_id"
+    assert client.result("cat") == cat, "the first job under the id stands"
+
+
 class SlowRenderer(ScriptedRenderer):
     """Each step takes ``step_s``; ``started`` is set at a render's first step."""
 
@@ -282,6 +314,12 @@ def test_a_daemon_renders_a_job_from_submit_wait(start_daemon: Any, redis_spool:
     assert again.returncode == 0, "a re-submit of one job by id is safe"
     other = sbrender("submit", "a dog", "--id", "cat", *redis_spool.cli_args(), env=env, cwd=redis_spool.root)
     assert other.returncode == 1 and "already in use" in other.stderr
+    redis_spool.drop("dropped.yaml", "prompt: a file dropped into the inbox\nseed: 9\n")
+    waited = sbrender("wait", "dropped", "--json", "--timeout", "120", *redis_spool.cli_args(), env=env,
+                      cwd=redis_spool.root, timeout=150)
+    assert waited.returncode == 0, waited.stderr
+    assert json.loads(waited.stdout)["params"]["seed"] == 9
+    assert (redis_spool.outbox / "dropped.png").exists()
 
 
 def _started(server: RedisServer, job_id: str, daemon: DaemonProcess) -> bool:
