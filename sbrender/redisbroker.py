@@ -102,7 +102,8 @@ class RedisBroker:
     def open(self) -> None:
         prune = self.redis.register_script(rq.PRUNE)
         self._guard(None, prune, keys=list(rq.ALL_STREAMS), args=[int(rq.PRUNE_IDLE_S * 1000)])
-        self._watcher = threading.Thread(target=self._watch, name="sbrender-redis-watch", daemon=True)
+        self._watcher = threading.Thread(target=rq.watch, args=(self.url, self.wake, self._closing),
+                                         name="sbrender-redis-watch", daemon=True)
         self._watcher.start()
         self.refresh()
 
@@ -409,34 +410,6 @@ class RedisBroker:
         self._drop(held)
         self._guard(None, self._give_back, keys=[rq.job_key(held.job_id), held.stream],
                     args=[held.eid, self.consumer])
-
-    # --- waking the loop -----------------------------------------------------------------
-
-    def _watch(self) -> None:
-        """Block on the streams (reading, not consuming) and wake the loop when an
-        entry is added: a submit reaches an idle daemon in milliseconds."""
-        client = rq.connect(self.url, blocking=True)
-        last: dict[str, str] | None = None
-        while not self._closing.is_set():
-            try:
-                if last is None:
-                    last = {key: _last_id(client, key) for key in rq.ALL_STREAMS}
-                reply = client.xread(last, count=64, block=int(rq.BLOCK_S * 1000))
-            except Exception:  # noqa: BLE001 - the loop learns of an outage through problems()
-                last = None
-                self._closing.wait(0.5)
-                continue
-            for key, items in reply or []:
-                if items:
-                    last[key] = items[-1][0]
-            if reply:
-                self.wake.set()
-        client.close()
-
-
-def _last_id(client: Any, key: str) -> str:
-    newest = client.xrevrange(key, count=1)
-    return newest[0][0] if newest else "0-0"
 
 
 def _entry(job_id: str, data: bytes, rules: Rules) -> Entry:

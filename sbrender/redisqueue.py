@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -275,6 +276,34 @@ PRUNE_IDLE_S = 3600.0
 
 def spec_hash(job: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(job, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def watch(url: str, wake: threading.Event, closing: threading.Event) -> None:
+    """Until ``closing``: block on the job streams (reading, not consuming) and set
+    ``wake`` when an entry is added, so a submit reaches an idle daemon in
+    milliseconds. Errors only delay: the daemon learns of an outage elsewhere."""
+    client = connect(url, blocking=True)
+    last: dict[str, str] | None = None
+    while not closing.is_set():
+        try:
+            if last is None:
+                last = {key: _last_id(client, key) for key in ALL_STREAMS}
+            reply = client.xread(last, count=64, block=int(BLOCK_S * 1000))
+        except Exception:  # noqa: BLE001 - see the docstring
+            last = None
+            closing.wait(0.5)
+            continue
+        for key, items in reply or []:
+            if items:
+                last[key] = items[-1][0]
+        if reply:
+            wake.set()
+    client.close()
+
+
+def _last_id(client: Any, key: str) -> str:
+    newest = client.xrevrange(key, count=1)
+    return newest[0][0] if newest else "0-0"
 
 
 class RedisQueue:
