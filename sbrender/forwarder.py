@@ -10,6 +10,8 @@ publishes the same failed result the file spool would; an id already used by
 another job gets ``<id>.dupN`` and a ``duplicate_id`` failure. Then the file is
 archived. A daemon that dies mid-file leaves it claimed; the next one adopts it
 and sends it again, which is safe: a submit is idempotent by id and document.
+It also removes the temp files dead daemons left in the outbox, as the file
+spool's recovery does: it owns the folders on a Redis queue.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from .spool import FileInfo, Spool
 
 log = structlog.get_logger("sbrender")
 
+TEMPS_EVERY_S = 60.0  # how often temp files of daemons that are gone are looked for (a scan of the outbox)
 INVALID = "__invalid__"  # a queued document that stands for a job that failed validation
 
 
@@ -61,6 +64,7 @@ class InboxForwarder:
         self.every_s: float = settings["watch.rescan_seconds"]
         self.settle_ns = int(settings["watch.settle_seconds"] * 1e9)
         self._next = 0.0
+        self._next_temps = 0.0
 
     def prepare(self) -> None:
         self.spool.prepare()
@@ -69,8 +73,13 @@ class InboxForwarder:
         self.spool.forget_owner(self.spool.owner)
 
     def refresh(self) -> None:
-        """Forward what dead daemons left claimed, then what settled in the inbox."""
+        """Forward what dead daemons left claimed, then what settled in the inbox;
+        now and then, remove the temp files that dead daemons left."""
         now = time.monotonic()
+        if now >= self._next_temps:
+            self._next_temps = now + TEMPS_EVERY_S
+            for path in self.spool.remove_stale_temps():
+                log.info("removed stale temp file", file=str(path))
         if now < self._next:
             return
         self._next = now + self.every_s
