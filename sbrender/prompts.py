@@ -12,8 +12,9 @@ uses the same parse to build the conditioning (``sbrender.conditioning``).
   prompt's text and kept as data.
 
 Prompt editing (``[a:b:N]``, ``[a:N]``, ``[a::N]``), alternation (``[a|b]``),
-composable prompts (``AND``) and extra networks are not rendered yet: ``problem``
-names them, so a job that uses them is refused instead of drawn differently.
+composable prompts (``AND``) and extra networks other than LoRAs are not
+rendered yet: ``problem`` names them, so a job that uses them is refused instead
+of drawn differently.
 """
 
 from __future__ import annotations
@@ -180,10 +181,10 @@ def problem(text: str, positive: bool = True) -> str | None:
     """Why this prompt cannot be rendered as A1111 would render it, or None."""
     if positive:
         _, networks = extract_networks(text)
-        if networks:
-            net = networks[0]
-            if net.kind == "lora":
-                return f"uses the LoRA tag {net.text}: LoRAs are not supported yet"
+        # LoRA tags are read by sbrender.loras (their weights and names are checked there).
+        other = [net for net in networks if net.kind != "lora"]
+        if other:
+            net = other[0]
             return f"uses the extra-network tag {net.text}: extra networks ({net.kind}) are not supported yet"
         if _AND.search(text):
             return "uses AND (composable prompts), which is not supported yet"
