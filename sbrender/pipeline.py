@@ -21,9 +21,9 @@ for _name, _value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from . import __version__, conditioning, faults, models, prompts, samplers, speedups
+from . import __version__, adapters, conditioning, faults, loras, models, prompts, samplers, speedups
 from .config import Settings
-from .errors import RenderError, ShutdownRequested, first_line
+from .errors import JobError, RenderError, ShutdownRequested, first_line
 from .jobs import Job
 from .renderer import RenderOutput, StepCallback, call_key, only
 
@@ -71,6 +71,8 @@ class DiffusersRenderer:
         self._vae_tiling = False
         self.perf: dict[str, Any] = {}
         self._text_encoder: Any = None  # float32, for the conditioning
+        self._adapters: adapters.Adapters | None = None
+        self._catalog: loras.Catalog | None = None  # loras_dir, scanned when a job first names a LoRA
 
     def load(self) -> float:
         start = time.perf_counter()
@@ -96,6 +98,9 @@ class DiffusersRenderer:
         self._text_encoder = (text_encoder if text_encoder.dtype == torch.float32
                               else copy.deepcopy(text_encoder).to(torch.float32))
         self.perf = speedups.apply(self.pipe, self.settings, self.device)
+        # LoRAs go into the UNet and this float32 text encoder (the one that encodes).
+        self._adapters = adapters.Adapters(self.pipe, self._text_encoder, self.settings["loras_cache"],
+                                           self.settings.cache)
         if self.settings["perf.compile"] != "off":
             self.warm_up()
         return time.perf_counter() - start
@@ -155,11 +160,14 @@ class DiffusersRenderer:
         self._use_vae_tiling(job.width, job.height)
         counts = [len(seeds) for _, seeds in items]
         generators = [torch.Generator("cpu").manual_seed(seed) for _, seeds in items for seed in seeds]
+        used = self._use_loras(job)  # one set per call: it is part of the batch key; before encoding
         try:
             with torch.inference_mode():
                 cond, facts = self._conditioning(items)
         except ValueError as err:
             raise RenderError(f"cannot encode the prompt: {first_line(err)}") from err
+        if used:
+            facts = [{**fact, "loras": used} for fact in facts]
         fault = next((f for j, _ in items if (f := self.faults.get(j.id)) is not None), None)
         stopped = False
 
@@ -203,6 +211,28 @@ class DiffusersRenderer:
             first += len(seeds)
             outputs.append(self._check(arrays[part], nsfw[part], seeds, scheduler, timings, fact))
         return outputs
+
+    def _use_loras(self, job: Job) -> list[dict[str, Any]]:
+        """Make the job's LoRA set the active one (none: adapters off); per LoRA its
+        record for the result. Raises ``JobError`` for a name no file has, ``RenderError``."""
+        assert self._adapters is not None, "load() first"
+        uses = job.lora_set
+        if uses and self.settings["perf.fuse_qkv"]:
+            raise RenderError("LoRAs cannot be used with perf.fuse_qkv: the fused q/k/v projections would "
+                              "bypass the LoRA's layers", hint="set perf.fuse_qkv: false to render LoRAs")
+        if uses:
+            try:
+                if self._catalog is None:
+                    raise JobError("loras_dir not scanned yet")
+                loras.requested(job.prompt, job.loras, self._catalog)
+                if not all(self._catalog.lookup(u.name).path.exists() for u in uses):
+                    raise JobError("a LoRA file is gone")
+            except JobError:
+                # loras_dir as it is now (files added, removed or renamed since), once.
+                self._catalog = loras.scan(self.settings.loras_dir)
+                loras.requested(job.prompt, job.loras, self._catalog)  # its error is the job's
+        catalog = self._catalog
+        return self._adapters.use([(catalog.lookup(u.name), u) for u in uses] if catalog is not None else [])
 
     def _conditioning(self, items: list[tuple[Job, list[int]]]
                       ) -> tuple[conditioning.Conditioning, list[dict[str, Any]]]:

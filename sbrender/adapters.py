@@ -1,0 +1,161 @@
+"""LoRA files as peft adapters on the warm pipeline: loaded once, switched per job.
+
+A file's UNet layers go into the pipeline's UNet; its text-encoder layers into
+the float32 text encoder the prompts are encoded with (``DiffusersRenderer``
+hands the pipeline ``prompt_embeds``, so the pipeline's own text encoder is never
+run and gets none). Nothing is fused: the base weights stay as loaded, and with
+its adapters switched off a layer computes its base layer alone, so a job
+without LoRAs renders as if none had ever been loaded. Each adapter's scale is
+weight * alpha / rank, A1111's ``W + m * (alpha/rank) * up @ down`` unmerged.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import loras
+from .errors import RenderError, first_line
+
+# Keys of the LoRA formats diffusers converts (kohya/A1111, diffusers, peft); anything
+# else (LyCORIS LoHa/LoKr, OFT, DoRA, embeddings bundled in) would be dropped or
+# misread, and the image silently differ from A1111's.
+_DOWN = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight")
+_KNOWN = (*_DOWN, ".lora_up.weight", ".lora_B.weight", ".lora.up.weight", ".alpha")
+_PARTS = {"unet": "unet.", "text_encoder": "text_encoder."}  # diffusers' prefixes after conversion
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A file loaded as an adapter, under ``adapter`` in the models it has layers for."""
+
+    adapter: str
+    parts: frozenset[str]  # "unet", "text_encoder"
+    short_hash: str  # A1111's (Lora hashes)
+    sha256: str  # of the whole file
+
+
+class Adapters:
+    """The loaded LoRA files (at most ``capacity`` besides the set in use, least
+    recently used dropped first) and the set that is active."""
+
+    def __init__(self, pipe: Any, text_encoder: Any, capacity: int, cache: Path) -> None:
+        self.pipe = pipe
+        self.unet = getattr(pipe.unet, "_orig_mod", pipe.unet)  # under torch.compile: the module itself
+        self.text_encoder = text_encoder
+        self.capacity = capacity
+        self.cache = cache
+        self._loaded: OrderedDict[tuple[str, int, int], Loaded] = OrderedDict()
+        self._active: tuple[tuple[str, float, float], ...] | None = ()  # None: unknown, set it again
+        self._serial = 0
+
+    def use(self, wanted: list[tuple[loras.LoraFile, loras.LoraUse]]) -> list[dict[str, Any]]:
+        """Make exactly ``wanted`` the active set (nothing for an empty list); per LoRA
+        its record for the result. Raises ``RenderError`` (the pipeline left clean)."""
+        chosen = [(self._load(f, use), use) for f, use in wanted]
+        self._evict(keep={c.adapter for c, _ in chosen})
+        self._activate(chosen)
+        return [{**use.to_dict(), "hash": c.short_hash, "sha256": c.sha256} for c, use in chosen]
+
+    @property
+    def loaded(self) -> list[str]:
+        """The adapter names loaded now, least recently used first."""
+        return [c.adapter for c in self._loaded.values()]
+
+    def _load(self, f: loras.LoraFile, use: loras.LoraUse) -> Loaded:
+        try:
+            st = os.stat(f.path)
+        except OSError as err:
+            raise RenderError(f"cannot read LoRA {use.name} ({f.path}): {err.strerror or err}") from None
+        key = (str(f.path), st.st_size, st.st_mtime_ns)  # a file replaced in place is loaded afresh
+        if key in self._loaded:
+            self._loaded.move_to_end(key)
+            return self._loaded[key]
+        self._serial += 1
+        adapter = f"lora{self._serial}"  # peft names become attribute names: no dots, no user text
+        self._active = None
+        try:
+            parts = self._inject(f.path, adapter)
+            loaded = Loaded(adapter, parts, loras.short_hash(f, self.cache), loras.file_sha256(f.path, self.cache))
+        except Exception as err:  # noqa: BLE001 - any library error on a bad file fails this job only
+            self._delete(adapter)
+            raise RenderError(f"cannot load LoRA {use.name} ({f.path}): {first_line(err)}",
+                              hint="the file is damaged or not an SD1.x LoRA in kohya/A1111 format; "
+                                   "other jobs are not affected") from err
+        self._loaded[key] = loaded
+        return loaded
+
+    def _inject(self, path: Path, adapter: str) -> frozenset[str]:
+        """Load the file's layers under ``adapter``; the parts it has layers for.
+        Raises ``ValueError`` for a file that does not fit the model, whole."""
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))  # safetensors only: a name never reaches a pickle loader
+        odd = next((k for k in tensors if not k.endswith(_KNOWN)), None)
+        if odd is not None:
+            raise ValueError(f"unsupported layer {odd!r} (LyCORIS LoHa/LoKr, OFT, DoRA and bundled "
+                             "embeddings are not supported; plain LoRA only)")
+        expected = sum(k.endswith(_DOWN) for k in tensors)
+        if not expected:
+            raise ValueError("it holds no LoRA layers")
+        state, alphas = self.pipe.lora_state_dict(tensors)
+        parts = frozenset(part for part, prefix in _PARTS.items() if any(k.startswith(prefix) for k in state))
+        if "unet" in parts:
+            self.pipe.load_lora_into_unet(state, alphas, unet=self.unet, adapter_name=adapter, _pipeline=self.pipe)
+        if "text_encoder" in parts:
+            self.pipe.load_lora_into_text_encoder(state, alphas, text_encoder=self.text_encoder,
+                                                  adapter_name=adapter, _pipeline=self.pipe)
+        found = sum(_layers(model, adapter) for model in (self.unet, self.text_encoder))
+        if found != expected:
+            raise ValueError(f"{expected - found} of its {expected} layers match no layer of this model "
+                             "(a LoRA for another model family, such as SDXL?)")
+        return parts
+
+    def _delete(self, adapter: str) -> None:
+        """Take an adapter out of both models, wherever it got to (a failed load can
+        leave half of one attached)."""
+        from diffusers.utils.peft_utils import delete_adapter_layers
+
+        for model in (self.unet, self.text_encoder):
+            if _layers(model, adapter) or adapter in (getattr(model, "peft_config", None) or {}):
+                delete_adapter_layers(model, adapter)
+        self._active = None
+
+    def _evict(self, keep: set[str]) -> None:
+        for key in list(self._loaded):
+            if len(self._loaded) <= self.capacity:
+                break
+            if self._loaded[key].adapter not in keep:
+                self._delete(self._loaded.pop(key).adapter)
+
+    def _activate(self, chosen: list[tuple[Loaded, loras.LoraUse]]) -> None:
+        """Per model: the set's adapters with their weights, or adapters off."""
+        from diffusers.loaders.lora_base import (disable_lora_for_text_encoder, enable_lora_for_text_encoder,
+                                                 set_adapters_for_text_encoder)
+
+        state = tuple((c.adapter, use.te, use.unet) for c, use in chosen)
+        if state == self._active:
+            return  # the usual case: the same set as the job before
+        unet = [(c.adapter, use.unet) for c, use in chosen if "unet" in c.parts]
+        te = [(c.adapter, use.te) for c, use in chosen if "text_encoder" in c.parts]
+        if getattr(self.unet, "peft_config", None):
+            if unet:
+                self.unet.enable_lora()
+                self.unet.set_adapters([a for a, _ in unet], [w for _, w in unet])
+            else:
+                self.unet.disable_lora()
+        if getattr(self.text_encoder, "peft_config", None):
+            if te:
+                enable_lora_for_text_encoder(self.text_encoder)
+                set_adapters_for_text_encoder([a for a, _ in te], self.text_encoder, [w for _, w in te])
+            else:
+                disable_lora_for_text_encoder(self.text_encoder)
+        self._active = state
+
+
+def _layers(model: Any, adapter: str) -> int:
+    """How many of the model's layers hold ``adapter``."""
+    return sum(1 for m in model.modules() if adapter in (getattr(m, "lora_A", None) or {}))
