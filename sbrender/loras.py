@@ -131,7 +131,7 @@ class Catalog:
         if found is None and name in self._aliases:  # type: ignore[attr-defined]
             return self._aliases[name]  # type: ignore[attr-defined]
         if found is None:
-            raise unknown(name, self.names(), self.folder if self.exists else None, field)
+            raise unknown(name, self.names(), self.folder, self.exists, field)
         usable = [f for f in found if not f.problem]
         if len(usable) == 1:
             return usable[0]
@@ -143,18 +143,18 @@ class Catalog:
         raise JobError(f"LoRA {name} cannot be used: {bad.path.relative_to(self.folder)} {bad.problem}", field=field)
 
 
-def unknown(name: str, known: list[str], folder: Path | None, field: str = "loras") -> JobError:
+def unknown(name: str, known: list[str], folder: Path, exists: bool = True, field: str = "loras") -> JobError:
     """The error for a name no file has: the known names, close matches first."""
-    where = f"in {folder}" if folder is not None else "(loras_dir does not exist)"
     if not known:
-        return JobError(f"unknown LoRA {name}: there are no LoRA files {where}", field=field,
-                        hint="put .safetensors LoRAs in loras_dir (SBRENDER_LORAS_DIR)")
+        where = f"there are no LoRA files in {folder}" if exists else f"loras_dir {folder} does not exist"
+        return JobError(f"unknown LoRA {name}: {where}", field=field,
+                        hint="put .safetensors LoRA files there, or set loras_dir, SBRENDER_LORAS_DIR, to their folder")
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
     rest = [k for k in known if k not in close]
     shown = close + rest[:max(0, 20 - len(close))]
     more = f" and {len(known) - len(shown)} more" if len(known) > len(shown) else ""
     lead = f"did you mean {' or '.join(close)}? " if close else ""
-    return JobError(f"unknown LoRA {name} {where}", field=field,
+    return JobError(f"unknown LoRA {name} in {folder}", field=field,
                     hint=f"{lead}known: {', '.join(shown)}{more}; names are file stems, case-sensitive")
 
 
