@@ -50,6 +50,7 @@ class Adapters:
         self.cache = cache
         self._loaded: OrderedDict[tuple[str, int, int], Loaded] = OrderedDict()
         self._active: tuple[tuple[str, float, float], ...] | None = ()  # None: unknown, set it again
+        self._layers: dict[int, list[Any]] = {}  # id(model) -> its LoRA layers; emptied by a load or delete
         self._serial = 0
 
     def use(self, wanted: list[tuple[loras.LoraFile, loras.LoraUse]]) -> list[dict[str, Any]]:
@@ -76,7 +77,7 @@ class Adapters:
             return self._loaded[key]
         self._serial += 1
         adapter = f"lora{self._serial}"  # peft names become attribute names: no dots, no user text
-        self._active = None
+        self._active, self._layers = None, {}
         try:
             parts = self._inject(f.path, adapter)
             loaded = Loaded(adapter, parts, loras.short_hash(f, self.cache), loras.file_sha256(f.path, self.cache))
@@ -122,7 +123,7 @@ class Adapters:
         for model in (self.unet, self.text_encoder):
             if _layers(model, adapter) or adapter in (getattr(model, "peft_config", None) or {}):
                 delete_adapter_layers(model, adapter)
-        self._active = None
+        self._active, self._layers = None, {}
 
     def _evict(self, keep: set[str]) -> None:
         for key in list(self._loaded):
@@ -132,28 +133,33 @@ class Adapters:
                 self._delete(self._loaded.pop(key).adapter)
 
     def _activate(self, chosen: list[tuple[Loaded, loras.LoraUse]]) -> None:
-        """Per model: the set's adapters with their weights, or adapters off."""
-        from diffusers.loaders.lora_base import (disable_lora_for_text_encoder, enable_lora_for_text_encoder,
-                                                 set_adapters_for_text_encoder)
-
+        """Per LoRA layer of either model: the set's adapters active, each scaled by
+        its weight (peft's ``set_scale``: weight * alpha / rank). Done on the layers
+        directly: diffusers' ``set_adapters`` and ``enable_lora`` walk every module
+        and flip ``requires_grad`` on every LoRA parameter, which took about a
+        denoising step of tiny-random. With no adapter active a layer computes its
+        base layer alone (adapters are never disabled, so none is ever left off)."""
         state = tuple((c.adapter, use.te, use.unet) for c, use in chosen)
         if state == self._active:
             return  # the usual case: the same set as the job before
-        unet = [(c.adapter, use.unet) for c, use in chosen if "unet" in c.parts]
-        te = [(c.adapter, use.te) for c, use in chosen if "text_encoder" in c.parts]
-        if getattr(self.unet, "peft_config", None):
-            if unet:
-                self.unet.enable_lora()
-                self.unet.set_adapters([a for a, _ in unet], [w for _, w in unet])
-            else:
-                self.unet.disable_lora()
-        if getattr(self.text_encoder, "peft_config", None):
-            if te:
-                enable_lora_for_text_encoder(self.text_encoder)
-                set_adapters_for_text_encoder([a for a, _ in te], self.text_encoder, [w for _, w in te])
-            else:
-                disable_lora_for_text_encoder(self.text_encoder)
+        for model, weights in ((self.unet, {c.adapter: use.unet for c, use in chosen if "unet" in c.parts}),
+                               (self.text_encoder, {c.adapter: use.te for c, use in chosen
+                                                    if "text_encoder" in c.parts})):
+            for layer in self._lora_layers(model):
+                active = [a for a in weights if a in layer.lora_A]
+                for adapter in active:
+                    layer.set_scale(adapter, weights[adapter])
+                layer._active_adapter = active  # what set_adapter sets, without its requires_grad walk
         self._active = state
+
+    def _lora_layers(self, model: Any) -> list[Any]:
+        """The model's peft LoRA layers, found once after each load or delete."""
+        key = id(model)
+        if key not in self._layers:
+            from peft.tuners.lora import LoraLayer
+
+            self._layers[key] = [m for m in model.modules() if isinstance(m, LoraLayer)]
+        return self._layers[key]
 
 
 def _layers(model: Any, adapter: str) -> int:
