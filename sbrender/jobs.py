@@ -52,7 +52,7 @@ class Rules:
     @classmethod
     def from_settings(cls, settings: Settings, with_loras: bool = True) -> Rules:
         """The settings' defaults and limits; with ``with_loras``, the LoRA catalog
-        as ``loras_dir`` holds it now (a header read per file)."""
+        of ``loras_dir`` (read only when a job names a LoRA)."""
         names = {f.name for f in dataclasses.fields(cls)}
         values = {**settings.section("defaults"), **settings.section("limits")}
         catalog = loras.scan(settings.loras_dir) if with_loras else None

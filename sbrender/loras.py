@@ -99,45 +99,68 @@ def _describe(path: Path) -> LoraFile:
                     sshs.lower() if isinstance(sshs, str) and sshs else "")
 
 
-@dataclass(frozen=True, eq=False)  # compared and hashed by identity: Rules holds one
 class Catalog:
-    """The LoRA files of one folder, as scanned."""
+    """The LoRA files under one folder, read when first asked: the folder's listing
+    at the first lookup, a file's header when its name is looked up, every header
+    only for aliases. Compared and hashed by identity (``Rules`` holds one)."""
 
-    folder: Path
-    files: tuple[LoraFile, ...] = ()
-    exists: bool = True
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._stems: dict[str, list[Path]] | None = None
+        self._described: dict[Path, LoraFile] = {}
+        self._aliases: dict[str, LoraFile] | None = None
 
-    def __post_init__(self) -> None:
-        by_stem: dict[str, list[LoraFile]] = {}
-        for f in self.files:
-            by_stem.setdefault(f.name, []).append(f)
-        claims: dict[str, list[LoraFile]] = {}
-        for f in self.files:
-            if f.alias and f.alias != f.name and not f.problem:
-                claims.setdefault(f.alias, []).append(f)
-        # An alias two files claim, or that is another file's stem, is off (A1111's forbidden aliases).
-        aliases = {a: fs[0] for a, fs in claims.items() if len(fs) == 1 and a not in by_stem}
-        object.__setattr__(self, "_stems", by_stem)
-        object.__setattr__(self, "_aliases", aliases)
+    @property
+    def exists(self) -> bool:
+        return self.folder.is_dir()
+
+    def _paths(self) -> dict[str, list[Path]]:
+        if self._stems is None:
+            self._stems = {}
+            for path in _walk(self.folder):
+                self._stems.setdefault(path.stem, []).append(path)
+        return self._stems
+
+    def _file(self, path: Path) -> LoraFile:
+        if path not in self._described:
+            self._described[path] = _describe(path)
+        return self._described[path]
+
+    @property
+    def files(self) -> list[LoraFile]:
+        """Every file, its header read."""
+        return [self._file(p) for paths in self._paths().values() for p in paths]
+
+    def aliases(self) -> dict[str, LoraFile]:
+        """The ``ss_output_name`` aliases that work: not claimed by two files, not
+        another file's stem (A1111's forbidden aliases)."""
+        if self._aliases is None:
+            claims: dict[str, list[LoraFile]] = {}
+            for f in self.files:
+                if f.alias and f.alias != f.name and not f.problem:
+                    claims.setdefault(f.alias, []).append(f)
+            stems = self._paths()
+            self._aliases = {a: fs[0] for a, fs in claims.items() if len(fs) == 1 and a not in stems}
+        return self._aliases
 
     def names(self) -> list[str]:
         """Every name a job may use: stems and working aliases, sorted."""
-        return sorted({*self._stems, *self._aliases})  # type: ignore[attr-defined]
+        return sorted({*self._paths(), *self.aliases()})
 
     def lookup(self, name: str, field: str = "loras") -> LoraFile:
         """The usable file a name stands for; a ``JobError`` that says why not."""
-        stems: dict[str, list[LoraFile]] = self._stems  # type: ignore[attr-defined]
-        found = stems.get(name)
-        if found is None and name in self._aliases:  # type: ignore[attr-defined]
-            return self._aliases[name]  # type: ignore[attr-defined]
-        if found is None:
+        paths = self._paths().get(name)
+        if paths is None:
+            if name in self.aliases():
+                return self.aliases()[name]
             raise unknown(name, self.names(), self.folder, self.exists, field)
+        found = [self._file(p) for p in paths]
         usable = [f for f in found if not f.problem]
         if len(usable) == 1:
             return usable[0]
         if usable:
-            paths = ", ".join(str(f.path.relative_to(self.folder)) for f in usable)
-            raise JobError(f"LoRA {name} is ambiguous: {len(usable)} files are named so ({paths})", field=field,
+            shown = ", ".join(str(f.path.relative_to(self.folder)) for f in usable)
+            raise JobError(f"LoRA {name} is ambiguous: {len(usable)} files are named so ({shown})", field=field,
                            hint=f"rename all but one of them in {self.folder}")
         bad = found[0]
         raise JobError(f"LoRA {name} cannot be used: {bad.path.relative_to(self.folder)} {bad.problem}", field=field)
@@ -159,10 +182,13 @@ def unknown(name: str, known: list[str], folder: Path, exists: bool = True, fiel
 
 
 def scan(folder: Path) -> Catalog:
-    """Every LoRA file under ``folder``; an absent folder is an empty catalog."""
-    if not folder.is_dir():
-        return Catalog(folder, (), exists=False)
-    found: list[LoraFile] = []
+    """The LoRA files under ``folder`` (read lazily); an absent folder has none."""
+    return Catalog(folder)
+
+
+def _walk(folder: Path) -> list[Path]:
+    """The LoRA files under ``folder``: hidden ones and links to folders skipped."""
+    found: list[Path] = []
     for root, dirs, names in os.walk(folder):  # links to folders are not followed: no loops
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(names):
@@ -170,12 +196,11 @@ def scan(folder: Path) -> Catalog:
             if name.startswith(".") or path.suffix.lower() not in (SUFFIX, *PICKLE_SUFFIXES):
                 continue
             try:
-                if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read
-                    continue
+                if stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read
+                    found.append(path)
             except OSError:
                 continue  # a dangling link
-            found.append(_describe(path))
-    return Catalog(folder, tuple(found))
+    return found
 
 
 # --- what a job asks for ------------------------------------------------------------

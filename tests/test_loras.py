@@ -241,14 +241,14 @@ def test_validate_refuses_an_unknown_lora_by_name(tmp_path: Path, model_cache: P
 # --- rendering ------------------------------------------------------------------------
 
 
-def renderer(model_cache: Path, tmp_path: Path, folder: Path) -> Any:
+def renderer(model_cache: Path, tmp_path: Path, folder: Path, dtype: str = "float32") -> Any:
     from sbrender.config import load_settings
     from sbrender.pipeline import DiffusersRenderer
 
     empty = tmp_path / "empty.yaml"
     empty.write_text("")
     settings = load_settings(empty, env={}, overrides={
-        "model": "tiny-random", "cache": str(model_cache), "offline": True, "device": "cpu",
+        "model": "tiny-random", "cache": str(model_cache), "offline": True, "device": "cpu", "dtype": dtype,
         "loras_dir": str(folder), "loras_cache": 2})
     r = DiffusersRenderer(settings)
     r.load()
@@ -330,6 +330,24 @@ def test_switching_sets_and_back_to_none_is_exact_and_the_cache_is_bounded(tmp_p
     for a, b in zip(after[1:], clean[1:]):
         assert torch.equal(a, b)
     assert torch.equal(after[0].cond, clean[0].cond)
+
+
+def test_in_half_precision_the_text_encoder_layers_go_to_the_float32_encoder(tmp_path: Path,
+                                                                            model_cache: Path) -> None:
+    """The pipeline's own half-precision text encoder is never run (it gets
+    prompt_embeds): it gets no adapter; the float32 copy that encodes does."""
+    import torch
+
+    folder = tmp_path / "loras"
+    write_lora(folder / "style.safetensors", kohya_lora(model_cache, seed=2))
+    r = renderer(model_cache, tmp_path, folder, dtype="bfloat16")
+    job = build_job("j", {"prompt": "a cat <lora:style:0.5>", "steps": 2, "width": 64, "height": 64, "seed": 1},
+                    Rules())
+    out = r.render(job, [1])
+    assert [x["name"] for x in out.prompt["loras"]] == ["style"]
+    assert r.pipe.text_encoder is not r._text_encoder and not getattr(r.pipe.text_encoder, "peft_config", None)
+    assert {p.dtype for n, p in r._text_encoder.named_parameters() if "lora_" in n} == {torch.float32}
+    assert {p.dtype for n, p in r.pipe.unet.named_parameters() if "lora_" in n} == {torch.bfloat16}
 
 
 def test_a_file_that_fails_to_load_leaves_no_adapter_behind(tmp_path: Path, model_cache: Path) -> None:
