@@ -90,7 +90,7 @@ def plain_loop(renderer: Any, jobs: list[Job], batch: int, folder: Path) -> floa
     import torch
 
     pipe = renderer.pipe
-    renderer._use_sampler(jobs[0].sampler)
+    renderer._use_sampler(jobs[0].sampler, jobs[0].scheduler)
     folder.mkdir(parents=True, exist_ok=True)
     _sync(renderer)
     start = time.perf_counter()
@@ -206,7 +206,7 @@ class DaemonRun:
 
 def _fields(job: Job) -> dict[str, Any]:
     return {"steps": job.steps, "guidance_scale": job.guidance_scale, "width": job.width, "height": job.height,
-            "seed": job.seed, "sampler": job.sampler}
+            "seed": job.seed, "sampler": job.sampler, "scheduler": job.scheduler}
 
 
 def _idle(rounds: list[list[tuple[float, float, int]]]) -> dict[str, Any]:

@@ -208,6 +208,7 @@ def _parse_meta(items: tuple[str, ...]) -> dict[str, str] | None:
 @click.option("--seed", type=int, help="Seed (default: random, recorded in the result).")
 @click.option("--count", type=int, help="Images for this job (seeds seed, seed+1, ...).")
 @click.option("--sampler", help=f"Sampler, e.g. {', '.join(samplers.names()[:4])} ...")
+@click.option("--scheduler", help=f"Schedule type: {', '.join(samplers.schedules())} (default: the sampler's own).")
 @click.option("--priority", type=int, help="Higher renders first (default 0).")
 @click.option("--id", "job_id", help="Job id (default: a new unique one).")
 @click.option("--meta", multiple=True, metavar="KEY=VALUE", help="Add to the job's metadata (repeatable).")
@@ -217,8 +218,8 @@ def _parse_meta(items: tuple[str, ...]) -> dict[str, str] | None:
 @_errors_exit
 def submit(config_file: str | None, inbox: str | None, outbox: str | None, state: str | None, prompt: str,
            negative: str | None, steps: int | None, guidance: float | None, size: str | None, seed: int | None,
-           count: int | None, sampler: str | None, priority: int | None, job_id: str | None,
-           meta: tuple[str, ...], wait: bool, timeout: float | None, as_json: bool) -> None:
+           count: int | None, sampler: str | None, scheduler: str | None, priority: int | None,
+           job_id: str | None, meta: tuple[str, ...], wait: bool, timeout: float | None, as_json: bool) -> None:
     """Queue PROMPT as a job and print its id."""
     settings = _settings(config_file, inbox=inbox, outbox=outbox, state=state)
     client = Client.from_settings(settings)
@@ -226,7 +227,8 @@ def submit(config_file: str | None, inbox: str | None, outbox: str | None, state
     try:
         job_id = client.submit(prompt, job_id=job_id, negative_prompt=negative, steps=steps,
                                guidance_scale=guidance, width=width, height=height, seed=seed, count=count,
-                               sampler=sampler, priority=priority, metadata=_parse_meta(meta))
+                               sampler=sampler, scheduler=scheduler, priority=priority,
+                               metadata=_parse_meta(meta))
     except JobError as err:
         _fail(f"job not submitted: {err}")
     if not wait:

@@ -97,7 +97,14 @@ def _choice(*options: str, on: str | None = None) -> Parser:
 
 def _sampler(value: Any) -> str:
     try:
-        return samplers.lookup(_text(value)).name
+        return samplers.canonical(_text(value))
+    except KeyError as err:
+        raise ValueError(err.args[0]) from None
+
+
+def _schedule(value: Any) -> str:
+    try:
+        return samplers.schedule(_text(value))
     except KeyError as err:
         raise ValueError(err.args[0]) from None
 
@@ -156,7 +163,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("defaults.guidance_scale", 7.0, _number(float, 0.0, 30.0), "classifier-free guidance (CFG)"),
     Setting("defaults.width", 512, _number(int, 8, 65_536), "image width, a multiple of 8"),
     Setting("defaults.height", 512, _number(int, 8, 65_536), "image height, a multiple of 8"),
-    Setting("defaults.sampler", "DPM++ 2M Karras", _sampler, "A1111 sampler name or diffusers class"),
+    Setting("defaults.sampler", "DPM++ 2M", _sampler, "A1111 sampler name or diffusers class"),
+    Setting("defaults.scheduler", "Automatic", _schedule, "A1111 schedule type; Automatic = the sampler's own "
+            "(Karras for DPM++ 2M)"),
     Setting("defaults.clip_skip", 1, _number(int, 1, 12), "A1111's Clip skip: 1 = the text encoder's last layer"),
     Setting("limits.max_steps", 150, _number(int, 1, 10_000), "most steps a job may ask for"),
     Setting("limits.min_side", 64, _number(int, 8, 65_536), "smallest width or height"),

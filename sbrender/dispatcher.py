@@ -303,12 +303,12 @@ class Dispatcher:
         job = dataclasses.replace(slot.job, seed=slot.seed)
         params = job.params()
         model = self.description.get("model", {})
-        model_name, model_hash = model.get("name", ""), model.get("hash", "")
+        model_name, model_hash = infotext_name(model), model.get("hash", "")
         record = json.dumps({"id": job.id, **params, "model": model_name,
                              **({"model_hash": model_hash} if model_hash else {}), "metadata": job.metadata})
         images = tuple(
-            results.ImageToWrite(name, image, seed, {"parameters": infotext(params, seed, infotext_name(model),
-                                                                            model_hash), "sbrender": record})
+            results.ImageToWrite(name, image, seed, {"parameters": infotext(params, seed, model_name, model_hash,
+                                                                            out.prompt), "sbrender": record})
             for name, image, seed in zip(image_names(job.id, len(out.images)), out.images, out.seeds))
         result = results.succeeded(job, input=slot.input_rec, images=[], sampler=out.scheduler,
                                    renderer=self.description, times={}, warnings=out.warnings)

@@ -36,7 +36,8 @@ class Rules:
     guidance_scale: float = 7.0
     width: int = 512
     height: int = 512
-    sampler: str = "DPM++ 2M Karras"
+    sampler: str = "DPM++ 2M"
+    scheduler: str = "Automatic"
     clip_skip: int = 1
     max_steps: int = 150
     min_side: int = 64
@@ -72,9 +73,10 @@ class Job:
     height: int
     seed: int | None  # None: pick a random one when rendering, and record it
     count: int
-    sampler: str
+    sampler: str  # A1111 1.9+ name ("DPM++ 2M"); an older one ("DPM++ 2M Karras") where built by hand
     priority: int
     clip_skip: int = 1  # A1111's numbering: 1 = the text encoder's last layer
+    scheduler: str = "Automatic"  # A1111's schedule type, resolved by build_job ("Karras")
     loras: tuple[loras.LoraUse, ...] = ()  # the loras field; see lora_set for the tags too
     metadata: dict[str, Any] = field(default_factory=dict)
     source: str = ""
@@ -96,6 +98,7 @@ class Job:
             "seed": self.seed,
             "count": self.count,
             "sampler": self.sampler,
+            "scheduler": self.scheduler,
             "priority": self.priority,
             "clip_skip": self.clip_skip,
             # Only when given: the prompt keeps its own <lora:...> tags.
@@ -215,12 +218,22 @@ def _count(value: Any, rules: Rules) -> int:
 
 
 def _sampler(value: Any, rules: Rules) -> str:
+    """The name as given, once known; ``build_job`` resolves it with the schedule."""
     if not isinstance(value, str):
         raise JobError(f"sampler must be a string, not {_describe(value)}", field="sampler")
     try:
-        return samplers.lookup(value).name
+        return samplers.canonical(value)
     except KeyError as err:
         raise JobError(err.args[0], field="sampler") from None
+
+
+def _scheduler(value: Any, rules: Rules) -> str:
+    if not isinstance(value, str):
+        raise JobError(f"scheduler must be a string, not {_describe(value)}", field="scheduler")
+    try:
+        return samplers.schedule(value)
+    except KeyError as err:
+        raise JobError(err.args[0], field="scheduler") from None
 
 
 def _clip_skip(value: Any, rules: Rules) -> int:
@@ -280,7 +293,10 @@ FIELDS: tuple[Field, ...] = (
     Field("height", _side("height"), "height", "image height in pixels, a multiple of 8"),
     Field("seed", _seed, None, "random seed; omitted, null or -1: random (recorded in the result)"),
     Field("count", _count, None, "images for this job, seeds seed, seed+1, ..."),
-    Field("sampler", _sampler, "sampler", "A1111 sampler name or diffusers scheduler class"),
+    Field("sampler", _sampler, "sampler", "A1111 sampler name (DPM++ 2M; an older DPM++ 2M Karras works too) or "
+          "diffusers scheduler class"),
+    Field("scheduler", _scheduler, "scheduler", "A1111's schedule type: Automatic (the sampler's own, as in A1111), "
+          "Karras, Exponential, Uniform, SGM Uniform", ("schedule_type",)),
     Field("clip_skip", _clip_skip, "clip_skip", "text encoder layers to skip, A1111's Clip skip: 1 = none, 2 = "
           "the layer before the last"),
     Field("loras", _loras, None, "LoRAs by name: {name: weight} or {name: {te: w, unet: w}}; added to the "
@@ -334,7 +350,14 @@ def build_job(job_id: str, data: Any, rules: Rules, shared: Mapping[str, Any] | 
     if "prompt" not in given:
         raise JobError("prompt is missing", field="prompt", hint="add: prompt: \"a cat on a mat\"")
     merged = {**_defaults(rules), **given}
+    if "sampler" in given and "scheduler" not in given:
+        merged["scheduler"] = "Automatic"  # a schedule belongs to its sampler: the default one's does not carry over
     values = {f.name: f.check(merged[f.name], rules) for f in FIELDS}
+    try:
+        choice = samplers.resolve(values["sampler"], values["scheduler"])
+    except KeyError as err:
+        raise JobError(err.args[0], field="scheduler") from None
+    values["sampler"], values["scheduler"] = choice.key
     if values["seed"] is not None and values["seed"] + values["count"] - 1 > SEED_MAX:
         raise JobError(f"seed + count - 1 must not exceed {SEED_MAX}", field="seed")
     loras.requested(values["prompt"], values["loras"], rules.loras)  # the tags' weights and names, no repeats
@@ -399,7 +422,8 @@ def _field_schemas(rules: Rules) -> dict[str, dict[str, Any]]:
     text = {"type": "string", "maxLength": rules.max_prompt_chars}
     guidance = {"type": "number", "minimum": 0, "maximum": GUIDANCE_MAX}
     weight = {"type": "number"}
-    names = samplers.names() + sorted({s.scheduler for s in samplers.SAMPLERS})
+    names = samplers.names() + samplers.legacy_names() + sorted({s.scheduler for s in samplers.SAMPLERS})
+    schedules = samplers.schedules() + ["automatic", "uniform", "karras", "exponential", "sgm_uniform"]
     return {
         "prompt": {**text, "minLength": 1},
         "negative_prompt": {"type": ["string", "null"], "maxLength": rules.max_prompt_chars},
@@ -411,6 +435,8 @@ def _field_schemas(rules: Rules) -> dict[str, dict[str, Any]]:
         "seed": {"type": ["integer", "null"], "minimum": -1, "maximum": SEED_MAX},
         "count": {"type": "integer", "minimum": 1, "maximum": rules.max_count},
         "sampler": {"type": "string", "enum": names},
+        "scheduler": {"type": "string", "enum": schedules},
+        "schedule_type": {"type": "string", "enum": schedules},
         "clip_skip": {"type": "integer", "minimum": 1, "maximum": CLIP_SKIP_MAX},
         "loras": {"type": ["object", "null"], "propertyNames": {"minLength": 1}, "additionalProperties": {
             "oneOf": [weight, {"type": "object", "minProperties": 1, "additionalProperties": False,

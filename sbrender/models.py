@@ -72,10 +72,14 @@ class ModelRef:
 
 def infotext_name(record: dict[str, Any]) -> str:
     """The ``Model:`` of a PNG's infotext for a ``ModelRef.to_dict`` record: a
-    checkpoint's file name without its suffix, as A1111 writes it; else the name."""
+    checkpoint's file name without its suffix, as A1111 writes it; a folder's
+    name; a repo id's name part. Never a path on the server."""
+    name = str(record.get("name", ""))
     if record.get("source") == "checkpoint":
         return Path(record["location"]).stem
-    return str(record.get("name", ""))
+    if record.get("source") in ("folder", "hub"):
+        return Path(name.rstrip("/\\")).name or name
+    return name
 
 
 # --- built-in models ------------------------------------------------------------

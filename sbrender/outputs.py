@@ -263,11 +263,20 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 # --- PNGs ---------------------------------------------------------------------
 
-def infotext(params: dict[str, Any], seed: int, model: str, model_hash: str = "") -> str:
+def _hashes(records: list[dict[str, Any]]) -> str | None:
+    """A1111's ``name: hash, ...`` for LoRAs or embeddings; names lose ``:`` and ``,``."""
+    pairs = [f"{str(r['name']).replace(':', '').replace(',', '')}: {r['hash']}" for r in records if r.get("hash")]
+    return ", ".join(pairs) or None
+
+
+def infotext(params: dict[str, Any], seed: int, model: str, model_hash: str = "",
+             resources: dict[str, Any] | None = None) -> str:
     """AUTOMATIC1111's ``parameters`` text, which PNG Info, civitai and image
     browsers read: prompt, ``Negative prompt: ...``, then ``Key: value`` pairs in
     A1111's field order. ``model_hash``: A1111's "Model hash" (a checkpoint
-    file's sha256, 10 hex digits), left out when empty."""
+    file's sha256, 10 hex digits), left out when empty. ``resources``: the
+    result's ``prompt`` record, whose ``loras`` and ``embeddings`` become
+    ``Lora hashes`` and ``TI hashes`` (in that order, as A1111 adds them)."""
 
     def value(v: Any) -> str:
         text = str(v)
@@ -275,20 +284,24 @@ def infotext(params: dict[str, Any], seed: int, model: str, model_hash: str = ""
         return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
 
     cfg = params["guidance_scale"]
+    resources = resources or {}
     fields = [
         ("Steps", params["steps"]),
         ("Sampler", params["sampler"]),
+        ("Schedule type", params.get("scheduler")),
         ("CFG scale", int(cfg) if float(cfg).is_integer() else cfg),
         ("Seed", seed),
         ("Size", f"{params['width']}x{params['height']}"),
-        *([("Model hash", model_hash)] if model_hash else []),
+        ("Model hash", model_hash or None),
         ("Model", model),
-        *([("Clip skip", params["clip_skip"])] if params.get("clip_skip", 1) > 1 else []),
+        ("Clip skip", params["clip_skip"] if params.get("clip_skip", 1) > 1 else None),
+        ("Lora hashes", _hashes(resources.get("loras", []))),
+        ("TI hashes", _hashes(resources.get("embeddings", []))),
     ]
     lines = [params["prompt"]]
     if params.get("negative_prompt"):
         lines.append(f"Negative prompt: {params['negative_prompt']}")
-    lines.append(", ".join(f"{k}: {value(v)}" for k, v in fields))
+    lines.append(", ".join(f"{k}: {value(v)}" for k, v in fields if v is not None))
     return "\n".join(lines)
 
 

@@ -113,7 +113,8 @@ class DiffusersRenderer:
         d = self.settings.section("defaults")
         for count in sorted({1, self.settings["perf.batch_size"]}):
             job = Job(id="warm-up", prompt="warm-up", negative_prompt="", steps=2, guidance_scale=d["guidance_scale"],
-                      width=d["width"], height=d["height"], seed=None, count=count, sampler=d["sampler"], priority=0)
+                      width=d["width"], height=d["height"], seed=None, count=count, sampler=d["sampler"], priority=0,
+                      scheduler=d["scheduler"])
             self.render(job, list(range(count)))
 
     def describe(self) -> dict[str, Any]:
@@ -121,19 +122,19 @@ class DiffusersRenderer:
         return {"model": self.ref.to_dict(), "device": self.device, "dtype": str(self.dtype).removeprefix("torch."),
                 "perf": dict(self.perf), "versions": library_versions()}
 
-    def _use_sampler(self, name: str) -> dict[str, Any]:
-        row = samplers.lookup(name)
+    def _use_sampler(self, name: str, schedule: str) -> dict[str, Any]:
+        row = samplers.resolve(name, schedule)
         if self._base_scheduler_config is None:
             # The model's own scheduler, before any swap: building from the current one
             # would carry a previous row's options over ("DPM++ 2M" after "... Karras").
             self._base_scheduler_config = self.pipe.scheduler.config
-        if row.name not in self._schedulers:
+        if row.key not in self._schedulers:
             import diffusers
 
             cls = getattr(diffusers, row.scheduler)
-            self._schedulers[row.name] = cls.from_config(self._base_scheduler_config, **row.options)
-        self.pipe.scheduler = self._schedulers[row.name]
-        return {"name": row.name, "class": row.scheduler, "options": dict(row.options)}
+            self._schedulers[row.key] = cls.from_config(self._base_scheduler_config, **row.options)
+        self.pipe.scheduler = self._schedulers[row.key]
+        return {"name": row.name, "schedule": row.schedule, "class": row.scheduler, "options": row.options}
 
     def _use_vae_tiling(self, width: int, height: int) -> None:
         wanted = speedups.vae_tiling_wanted(self.settings["perf.vae_tiling"], width, height)
@@ -156,7 +157,7 @@ class DiffusersRenderer:
         job = items[0][0]
         timings: dict[str, float] = {}
         start = time.perf_counter()
-        scheduler = self._use_sampler(job.sampler)
+        scheduler = self._use_sampler(job.sampler, job.scheduler)
         self._use_vae_tiling(job.width, job.height)
         counts = [len(seeds) for _, seeds in items]
         generators = [torch.Generator("cpu").manual_seed(seed) for _, seeds in items for seed in seeds]

@@ -55,12 +55,12 @@ class Renderer(Protocol):
 
 def call_key(entry: Entry) -> Hashable | None:
     """What must be equal for jobs to share one diffusers call: size, steps,
-    sampler, CFG, clip skip and the LoRA set (names and both weights, in order:
+    sampler and schedule, CFG, clip skip and the LoRA set (names and both weights, in order:
     one set is active per call). None for an entry that is not a renderable job."""
     if not isinstance(entry, Job):
         return None
-    return (entry.width, entry.height, entry.steps, entry.sampler, entry.guidance_scale, entry.clip_skip,
-            entry.lora_set)
+    return (entry.width, entry.height, entry.steps, entry.sampler, entry.scheduler, entry.guidance_scale,
+            entry.clip_skip, entry.lora_set)
 
 
 def only(outs: list[RenderOutput | RenderError]) -> RenderOutput:

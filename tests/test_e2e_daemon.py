@@ -58,7 +58,8 @@ def test_yaml_job_renders_png_and_metadata(live: tuple[Spool, DaemonProcess]) ->
     assert result["id"] == "cat-yaml"
     assert result["params"] == {"prompt": "a cat on a mat", "negative_prompt": "blurry", "steps": 4,
                                 "guidance_scale": 7.0, "width": 64, "height": 72, "seed": 42, "count": 1,
-                                "sampler": "Euler a", "priority": 0, "clip_skip": 1}
+                                "sampler": "Euler a", "scheduler": "Automatic", "priority": 0,
+                                "clip_skip": 1}
     assert result["sampler"]["class"] == "EulerAncestralDiscreteScheduler"
     assert result["metadata"] == {"django_pk": 17, "tags": ["a", "b"]}
     assert result["model"]["name"] == "tiny-random" and result["model"]["random_weights"] is True
@@ -75,8 +76,8 @@ def test_yaml_job_renders_png_and_metadata(live: tuple[Spool, DaemonProcess]) ->
     (image,) = _check_images(spool, result)
     assert image.size == (64, 72)
     infotext = image.text["parameters"]
-    assert infotext.startswith("a cat on a mat\nNegative prompt: blurry\nSteps: 4, Sampler: Euler a, CFG scale: 7, "
-                               "Seed: 42, Size: 64x72, Model: tiny-random")
+    assert infotext.startswith("a cat on a mat\nNegative prompt: blurry\nSteps: 4, Sampler: Euler a, "
+                               "Schedule type: Automatic, CFG scale: 7, Seed: 42, Size: 64x72, Model: tiny-random")
     # The input left the inbox and is archived with its outcome (after the result is out).
     assert not (spool.inbox / "cat-yaml.yaml").exists()
     wait_for((spool.state / "done" / "cat-yaml.yaml").exists, message="cat-yaml.yaml not archived in state/done")

@@ -162,13 +162,14 @@ def test_image_names() -> None:
 
 
 PARAMS: dict[str, Any] = {"prompt": "a cat, on a mat: oil painting", "negative_prompt": "", "steps": 4,
-                          "sampler": "DPM++ 2M Karras", "guidance_scale": 7.0, "width": 64, "height": 64}
+                          "sampler": "DPM++ 2M", "scheduler": "Karras", "guidance_scale": 7.0, "width": 64,
+                          "height": 64}
 
 
 def test_infotext_without_a_negative_prompt() -> None:
     assert infotext(PARAMS, 42, "tiny-random") == (
         "a cat, on a mat: oil painting\n"
-        "Steps: 4, Sampler: DPM++ 2M Karras, CFG scale: 7, Seed: 42, Size: 64x64, Model: tiny-random")
+        "Steps: 4, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, Seed: 42, Size: 64x64, Model: tiny-random")
 
 
 def test_infotext_with_a_negative_prompt() -> None:
@@ -177,7 +178,7 @@ def test_infotext_with_a_negative_prompt() -> None:
     assert infotext(params, 3, "tiny-random") == (
         "a cat, on a mat: oil painting\n"
         "Negative prompt: blurry, low quality\n"
-        "Steps: 4, Sampler: DPM++ 2M Karras, CFG scale: 7.5, Seed: 3, Size: 512x768, Model: tiny-random")
+        "Steps: 4, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.5, Seed: 3, Size: 512x768, Model: tiny-random")
 
 
 @pytest.mark.parametrize("model, written", [

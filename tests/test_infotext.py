@@ -10,6 +10,7 @@ import re
 import pytest
 from PIL import Image
 
+from sbrender.models import infotext_name
 from sbrender.outputs import encode_png, infotext
 
 # A1111: "key: value" pairs, a value either JSON-quoted or up to the next comma.
@@ -69,3 +70,48 @@ def test_clip_skip_comes_after_model_and_only_above_1_as_in_a1111() -> None:
     assert text.endswith("Model hash: 879db523c3, Model: dreamshaper_8, Clip skip: 2")
     assert parse_generation_parameters(text)["Clip skip"] == "2"
     assert "Clip skip" not in infotext({**params, "clip_skip": 1}, 7, "dreamshaper_8")
+
+
+def test_sampler_and_schedule_type_as_a1111_1_9_writes_them() -> None:
+    params = {"prompt": "a cat", "negative_prompt": "", "steps": 20, "sampler": "DPM++ 2M", "scheduler": "Karras",
+              "guidance_scale": 7, "width": 512, "height": 512}
+    text = infotext(params, 7, "dreamshaper_8")
+    assert "Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7, " in text
+    parsed = parse_generation_parameters(text)
+    assert (parsed["Sampler"], parsed["Schedule type"]) == ("DPM++ 2M", "Karras")
+
+
+def test_lora_and_ti_hashes_follow_clip_skip_in_a1111_order() -> None:
+    """`Lora hashes` then `TI hashes`, each `name: hash` pairs quoted as one value;
+    an embedding used in the prompt and the negative is listed twice, the prompt's first."""
+    params = {"prompt": "a cat, <lora:add_detail:0.8>", "negative_prompt": "easynegative", "steps": 20,
+              "sampler": "Euler a", "scheduler": "Automatic", "guidance_scale": 7, "width": 512, "height": 512,
+              "clip_skip": 2}
+    resources = {"chunks": 1,
+                 "loras": [{"name": "add_detail", "te": 0.8, "unet": 0.8, "hash": "7c6bad76eb54"},
+                           {"name": "odd:name,x", "te": 1.0, "unet": 1.0, "hash": "0123456789ab"}],
+                 "embeddings": [{"name": "style", "hash": "aaaaaaaaaaaa", "in": "prompt"},
+                                {"name": "easynegative", "hash": "c74b4e810b03", "in": "negative_prompt"}]}
+    text = infotext(params, 7, "dreamshaper_8", "879db523c3", resources)
+    assert text.endswith('Model: dreamshaper_8, Clip skip: 2, '
+                         'Lora hashes: "add_detail: 7c6bad76eb54, oddnamex: 0123456789ab", '
+                         'TI hashes: "style: aaaaaaaaaaaa, easynegative: c74b4e810b03"')
+    parsed = parse_generation_parameters(text)
+    assert parsed["Lora hashes"] == "add_detail: 7c6bad76eb54, oddnamex: 0123456789ab"
+    assert parsed["TI hashes"] == "style: aaaaaaaaaaaa, easynegative: c74b4e810b03"
+    assert parsed["Prompt"] == "a cat, <lora:add_detail:0.8>"  # the tags stay in the prompt, as in A1111
+    assert "hashes" not in infotext(params, 7, "m", "", {"chunks": 1, "loras": [], "embeddings": []})
+
+
+@pytest.mark.parametrize("record, name", [
+    ({"name": "/srv/models/dreamshaper-8/", "source": "folder", "location": "/srv/models/dreamshaper-8"},
+     "dreamshaper-8"),
+    ({"name": "./models/anime", "source": "folder", "location": "/home/u/models/anime"}, "anime"),
+    ({"name": "/srv/ckpt/realisticVision_v51.safetensors", "source": "checkpoint",
+      "location": "/srv/ckpt/realisticVision_v51.safetensors"}, "realisticVision_v51"),
+    ({"name": "stable-diffusion-v1-5/stable-diffusion-v1-5", "source": "hub",
+      "location": "stable-diffusion-v1-5/stable-diffusion-v1-5"}, "stable-diffusion-v1-5"),
+    ({"name": "tiny-random", "source": "builtin", "location": "/cache/models/tiny-random-v2"}, "tiny-random"),
+])
+def test_model_is_a_name_never_a_server_path(record: dict[str, str], name: str) -> None:
+    assert infotext_name(record) == name

@@ -54,7 +54,7 @@ def test_given_fields_override_the_defaults() -> None:
               sampler="DDIM", priority=-5, clip_skip=2, metadata={"row": 42})
     assert got.params() == {"prompt": "a cat on a mat", "negative_prompt": "dogs", "steps": 20,
                             "guidance_scale": 5.0, "width": 640, "height": 448, "seed": 7, "count": 3,
-                            "sampler": "DDIM", "priority": -5, "clip_skip": 2}
+                            "sampler": "DDIM", "scheduler": "Automatic", "priority": -5, "clip_skip": 2}
     assert got.metadata == {"row": 42}
 
 
@@ -194,10 +194,49 @@ def test_sampler_names_are_normalised() -> None:
     assert job(sampler="EulerDiscreteScheduler").sampler == "Euler"
 
 
+def test_a1111_split_form_and_older_names_resolve_to_sampler_and_schedule() -> None:
+    def pair(**fields: Any) -> tuple[str, str]:
+        got = job(**fields)
+        return got.sampler, got.scheduler
+
+    assert pair() == ("DPM++ 2M", "Karras")  # the default: A1111's Automatic for DPM++ 2M
+    assert pair(sampler="DPM++ 2M", scheduler="Karras") == ("DPM++ 2M", "Karras")
+    assert pair(sampler="DPM++ 2M", schedule_type="exponential") == ("DPM++ 2M", "Exponential")
+    assert pair(sampler="dpm++ 2m karras") == ("DPM++ 2M", "Karras")
+    assert pair(sampler="DPM++ 2M Karras", scheduler="Uniform") == ("DPM++ 2M", "Uniform")  # explicit wins
+    assert pair(sampler="DPM++ 2M SDE") == ("DPM++ 2M SDE", "Exponential")
+    assert pair(sampler="Euler a") == ("Euler a", "Automatic")
+    assert pair(sampler="EulerDiscreteScheduler") == ("Euler", "Uniform")
+    params = job(sampler="DPM++ 2M", scheduler="karras").params()
+    assert (params["sampler"], params["scheduler"]) == ("DPM++ 2M", "Karras")
+
+
+def test_a_default_schedule_does_not_carry_over_to_a_jobs_own_sampler() -> None:
+    rules = Rules(sampler="DPM++ 2M", scheduler="Karras")
+    assert (job(rules).sampler, job(rules).scheduler) == ("DPM++ 2M", "Karras")
+    got = job(rules, sampler="Euler a")  # Euler a takes no Karras: the job gets Euler a's own
+    assert (got.sampler, got.scheduler) == ("Euler a", "Automatic")
+
+
+@pytest.mark.parametrize("fields, field, message", [
+    ({"sampler": "DPM++ SDE Karras"}, "sampler", "sampler 'DPM++ SDE Karras' cannot be rendered by sbrender: "),
+    ({"sampler": "Euler a", "scheduler": "Karras"}, "scheduler", "sampler Euler a takes no Karras schedule"),
+    ({"scheduler": "Polyexponential"}, "scheduler", "unknown schedule type 'Polyexponential'; use one of: "),
+    ({"scheduler": 2}, "scheduler", "scheduler must be a string, not an integer"),
+    ({"sampler": "Euler", "scheduler": "Karras", "schedule_type": "Karras"}, "scheduler",
+     "both scheduler and its alias schedule_type are given"),
+])
+def test_a_sampler_or_schedule_that_cannot_be_served_is_refused(fields: dict[str, Any], field: str,
+                                                                 message: str) -> None:
+    err = refused(**fields)
+    assert err.field == field
+    assert err.message.startswith(message), err.message
+
+
 def test_an_unknown_sampler_lists_the_choices() -> None:
     err = refused(sampler="Eular")
     assert err.field == "sampler"
-    assert err.message.startswith("unknown sampler 'Eular'; use one of: DPM++ 2M, DPM++ 2M Karras")
+    assert err.message.startswith("unknown sampler 'Eular'; use one of: DPM++ 2M, DPM++ 2M SDE")
 
 
 # --- metadata -------------------------------------------------------------------------
