@@ -259,7 +259,7 @@ def run(r: Any, job: Any) -> tuple[Any, Any, Any]:
     """The conditioning, final latents and pixels (float32) of one image of ``job``."""
     import torch
 
-    r._use_sampler(job.sampler)
+    r._use_sampler(job.sampler, job.scheduler)
     r._use_loras(job)
     with torch.inference_mode():
         cond, _ = r._conditioning([(job, [job.seed])])
@@ -428,4 +428,6 @@ def test_a_daemon_renders_loras_records_them_and_a_broken_one_fails_alone(tmp_pa
     assert ours.tobytes() == theirs.tobytes()
     assert Image.open(spool.outbox / "field.png").tobytes() != theirs.tobytes()
     assert Image.open(spool.outbox / "lora.png").tobytes() != Image.open(spool.outbox / "field.png").tobytes()
-    assert "<lora:my_style:0.8:0.5>" in Image.open(spool.outbox / "lora.png").text["parameters"]
+    text = Image.open(spool.outbox / "lora.png").text["parameters"]
+    short = hashlib.sha256(data[8 + length:]).hexdigest()[:12]
+    assert text.startswith("a cat <lora:my_style:0.8:0.5>\n") and f'Lora hashes: "my_style: {short}"' in text
