@@ -3,9 +3,10 @@
 A file's UNet layers go into the pipeline's UNet; its text-encoder layers into
 the float32 text encoder the prompts are encoded with (``DiffusersRenderer``
 hands the pipeline ``prompt_embeds``, so the pipeline's own text encoder is never
-run and gets none). Nothing is fused: the base weights stay as loaded, and with
-its adapters switched off a layer computes its base layer alone, so a job
-without LoRAs renders as if none had ever been loaded. Each adapter's scale is
+run and gets none). Nothing is fused: the base weights stay as loaded, and a
+layer that no LoRA of the job touches is its own base layer again (peft's
+wrapper taken out of its place), so a job without LoRAs runs the very modules
+of a pipeline that never loaded one. Each adapter's scale is
 weight * alpha / rank, A1111's ``W + m * (alpha/rank) * up @ down`` unmerged.
 """
 
@@ -50,7 +51,7 @@ class Adapters:
         self.cache = cache
         self._loaded: OrderedDict[tuple[str, int, int], Loaded] = OrderedDict()
         self._active: tuple[tuple[str, float, float], ...] | None = ()  # None: unknown, set it again
-        self._layers: dict[int, list[Any]] = {}  # id(model) -> its LoRA layers; emptied by a load or delete
+        self._layers: dict[int, list[_Slot]] = {}  # id(model) -> its LoRA layers; emptied by a load or delete
         self._serial = 0
 
     def use(self, wanted: list[tuple[loras.LoraFile, loras.LoraUse]]) -> list[dict[str, Any]]:
@@ -77,7 +78,7 @@ class Adapters:
             return self._loaded[key]
         self._serial += 1
         adapter = f"lora{self._serial}"  # peft names become attribute names: no dots, no user text
-        self._active, self._layers = None, {}
+        self._wrap_all()
         try:
             parts = self._inject(f.path, adapter)
             loaded = Loaded(adapter, parts, loras.short_hash(f, self.cache), loras.file_sha256(f.path, self.cache))
@@ -120,10 +121,11 @@ class Adapters:
         leave half of one attached)."""
         from diffusers.utils.peft_utils import delete_adapter_layers
 
+        self._wrap_all()
         for model in (self.unet, self.text_encoder):
             if _layers(model, adapter) or adapter in (getattr(model, "peft_config", None) or {}):
                 delete_adapter_layers(model, adapter)
-        self._active, self._layers = None, {}
+        self._active, self._layers = None, {}  # found again, with what is left
 
     def _evict(self, keep: set[str]) -> None:
         for key in list(self._loaded):
@@ -134,32 +136,59 @@ class Adapters:
 
     def _activate(self, chosen: list[tuple[Loaded, loras.LoraUse]]) -> None:
         """Per LoRA layer of either model: the set's adapters active, each scaled by
-        its weight (peft's ``set_scale``: weight * alpha / rank). Done on the layers
+        its weight (peft's ``set_scale``: weight * alpha / rank); a layer none of
+        them touches gets its base layer back in its place, so it costs what it
+        cost before any LoRA was loaded (peft's wrapper, even idle, is a Python
+        call per layer: a fifth of a tiny-random step). Done on the layers
         directly: diffusers' ``set_adapters`` and ``enable_lora`` walk every module
         and flip ``requires_grad`` on every LoRA parameter, which took about a
-        denoising step of tiny-random. With no adapter active a layer computes its
-        base layer alone (adapters are never disabled, so none is ever left off)."""
+        denoising step of tiny-random."""
         state = tuple((c.adapter, use.te, use.unet) for c, use in chosen)
         if state == self._active:
             return  # the usual case: the same set as the job before
         for model, weights in ((self.unet, {c.adapter: use.unet for c, use in chosen if "unet" in c.parts}),
                                (self.text_encoder, {c.adapter: use.te for c, use in chosen
                                                     if "text_encoder" in c.parts})):
-            for layer in self._lora_layers(model):
+            for slot in self._slots(model):
+                layer = slot.wrapper
                 active = [a for a in weights if a in layer.lora_A]
                 for adapter in active:
                     layer.set_scale(adapter, weights[adapter])
                 layer._active_adapter = active  # what set_adapter sets, without its requires_grad walk
+                slot.show(layer if active else layer.get_base_layer())
         self._active = state
 
-    def _lora_layers(self, model: Any) -> list[Any]:
-        """The model's peft LoRA layers, found once after each load or delete."""
+    def _slots(self, model: Any) -> list[_Slot]:
+        """Where the model's peft LoRA layers sit, found once after each load or delete."""
         key = id(model)
         if key not in self._layers:
             from peft.tuners.lora import LoraLayer
 
-            self._layers[key] = [m for m in model.modules() if isinstance(m, LoraLayer)]
+            self._layers[key] = [_Slot(model.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2], m)
+                                 for name, m in model.named_modules() if isinstance(m, LoraLayer)]
         return self._layers[key]
+
+    def _wrap_all(self) -> None:
+        """Every LoRA layer back in its place, as peft left it: peft's own loading and
+        deleting look for its layers in the models."""
+        for slots in self._layers.values():
+            for slot in slots:
+                slot.show(slot.wrapper)
+        self._active, self._layers = None, {}
+
+
+@dataclass(frozen=True)
+class _Slot:
+    """A peft LoRA layer and the attribute of its parent module that holds it."""
+
+    parent: Any
+    attr: str
+    wrapper: Any
+
+    def show(self, module: Any) -> None:
+        """Put ``module`` (the wrapper or its base layer) in the slot."""
+        if getattr(self.parent, self.attr) is not module:
+            setattr(self.parent, self.attr, module)
 
 
 def _layers(model: Any, adapter: str) -> int:
