@@ -330,6 +330,10 @@ def test_switching_sets_and_back_to_none_is_exact_and_the_cache_is_bounded(tmp_p
     for a, b in zip(after[1:], clean[1:]):
         assert torch.equal(a, b)
     assert torch.equal(after[0].cond, clean[0].cond)
+    # ...with the pipeline's own layers in place: no idle LoRA wrapper costs it time.
+    from peft.tuners.lora import LoraLayer
+
+    assert not [m for model in (r.pipe.unet, r._text_encoder) for m in model.modules() if isinstance(m, LoraLayer)]
 
 
 def test_in_half_precision_the_text_encoder_layers_go_to_the_float32_encoder(tmp_path: Path,
@@ -431,3 +435,33 @@ def test_a_daemon_renders_loras_records_them_and_a_broken_one_fails_alone(tmp_pa
     text = Image.open(spool.outbox / "lora.png").text["parameters"]
     short = hashlib.sha256(data[8 + length:]).hexdigest()[:12]
     assert text.startswith("a cat <lora:my_style:0.8:0.5>\n") and f'Lora hashes: "my_style: {short}"' in text
+
+
+def test_jobs_share_a_batch_only_with_the_same_lora_set(tmp_path: Path, model_cache: Path) -> None:
+    """perf.batch_size 4: two jobs of one set render in one call, as they render
+    alone; a job of another set, and one without, render in calls of their own."""
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "loras"
+    write_lora(folder / "style.safetensors", kohya_lora(model_cache, seed=7))
+    jobs = {"a1": {"prompt": "a cat <lora:style:0.6>", "seed": 1}, "a2": {"prompt": "a dog <lora:style:0.6>", "seed": 2},
+            "b": {"prompt": "a cat <lora:style:0.9>", "seed": 1}, "none": {"prompt": "a cat", "seed": 1}}
+    images = {}
+    for batch in (1, 4):
+        spool = Spool(tmp_path / f"b{batch}")
+        for k, (name, job) in enumerate(jobs.items()):
+            spool.drop(f"{name}.json", job, mtime=1_700_000_000 + k)
+        proc = sbrender("run", "--once", *spool.cli_args(), cwd=spool.root,
+                        env=daemon_env(model_cache, SBRENDER_LORAS_DIR=str(folder),
+                                       SBRENDER_PERF_BATCH_SIZE=str(batch)))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        result = {n: json.loads((spool.outbox / f"{n}.json").read_text()) for n in jobs}
+        assert all(r["status"] == "succeeded" for r in result.values())
+        if batch > 1:
+            assert result["a1"]["batch"]["jobs"] == result["a2"]["batch"]["jobs"] == ["a1", "a2"]
+            assert "batch" not in result["b"] and "batch" not in result["none"]
+        images[batch] = {n: np.asarray(Image.open(spool.outbox / f"{n}.png"), dtype=int) for n in jobs}
+    for name in jobs:
+        assert np.abs(images[1][name] - images[4][name]).max() <= 2, name
+    assert np.abs(images[1]["a1"] - images[1]["b"]).max() > 2  # the weight shows
