@@ -13,13 +13,18 @@ weight * alpha / rank, A1111's ``W + m * (alpha/rank) * up @ down`` unmerged.
 from __future__ import annotations
 
 import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import structlog
+
 from . import loras
 from .errors import RenderError, first_line
+
+log = structlog.get_logger("sbrender")
 
 # Keys of the LoRA formats diffusers converts (kohya/A1111, diffusers, peft); anything
 # else (LyCORIS LoHa/LoKr, OFT, DoRA, embeddings bundled in) would be dropped or
@@ -79,6 +84,7 @@ class Adapters:
         self._serial += 1
         adapter = f"lora{self._serial}"  # peft names become attribute names: no dots, no user text
         self._wrap_all()
+        start = time.perf_counter()
         try:
             parts = self._inject(f.path, adapter)
             loaded = Loaded(adapter, parts, loras.short_hash(f, self.cache), loras.file_sha256(f.path, self.cache))
@@ -88,6 +94,8 @@ class Adapters:
                               hint="the file is damaged or not an SD1.x LoRA in kohya/A1111 format; "
                                    "other jobs are not affected") from err
         self._loaded[key] = loaded
+        log.info("lora loaded", lora=use.name, file=str(f.path), parts=sorted(parts), hash=loaded.short_hash,
+                 load_s=round(time.perf_counter() - start, 3))
         return loaded
 
     def _inject(self, path: Path, adapter: str) -> frozenset[str]:
