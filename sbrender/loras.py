@@ -205,16 +205,19 @@ def _walk(folder: Path) -> list[Path]:
 
 # --- what a job asks for ------------------------------------------------------------
 
-def _weight(text: Any, what: str, field: str) -> float:
-    if isinstance(text, bool):
-        raise JobError(f"{what} must be a number, not a boolean", field=field)
-    try:
-        value = float(text.strip() if isinstance(text, str) else text)
-    except (TypeError, ValueError):
-        raise JobError(f"{what} must be a number, not {text!r}", field=field) from None
+def _weight(value: Any, what: str, field: str) -> float:
+    """A finite weight: a tag's text as A1111 reads it (``float``), a field's number."""
+    if isinstance(value, str) and field == "prompt":
+        try:
+            value = float(value)
+        except ValueError:
+            raise JobError(f"{what} must be a number, not {value!r}", field=field) from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        kind = "the string " if isinstance(value, str) else ""
+        raise JobError(f"{what} must be a number, not {kind}{value!r}", field=field)
     if not math.isfinite(value):
-        raise JobError(f"{what} must be a finite number, not {text!r}", field=field)
-    return value
+        raise JobError(f"{what} must be a finite number, not {value!r}", field=field)
+    return float(value)
 
 
 def from_tag(net: prompts.Network) -> LoraUse:
@@ -258,13 +261,9 @@ def from_field(value: Any) -> tuple[LoraUse, ...]:
             unet = _weight(weight["unet"], what, "loras") if "unet" in weight else te
             out.append(LoraUse(name, te, unet))
         else:
-            w = _weight(weight, what, "loras") if not isinstance(weight, str) else _not_text(weight, what)
+            w = _weight(weight, what, "loras")
             out.append(LoraUse(name, w, w))
     return tuple(out)
-
-
-def _not_text(value: str, what: str) -> float:
-    raise JobError(f"{what} must be a number, not the string {value!r}", field="loras")
 
 
 def in_prompt(prompt: str) -> tuple[LoraUse, ...]:

@@ -183,6 +183,8 @@ def test_tags_are_read_as_a1111_reads_them(tag: str, te: float, unet: float) -> 
     ({"prompt": "a", "loras": ["x"]}, "loras must be a mapping of LoRA names to weights"),
     ({"prompt": "a", "loras": {"x": "0.5"}}, "loras: the weight of x must be a number, not the string '0.5'"),
     ({"prompt": "a", "loras": {"x": {"tee": 1}}}, "mapping with te and/or unet, not tee"),
+    ({"prompt": "a", "loras": {"x": {"te": "1"}}}, "loras: the weight of x must be a number, not the string '1'"),
+    ({"prompt": "a", "loras": {"x": True}}, "loras: the weight of x must be a number, not True"),
     ({"prompt": "<hypernet:x:1>"}, "extra networks (hypernet) are not supported yet"),
 ])
 def test_bad_tags_and_fields_are_refused_with_the_reason(job: dict[str, Any], message: str) -> None:
