@@ -338,6 +338,27 @@ def test_switching_sets_and_back_to_none_is_exact_and_the_cache_is_bounded(tmp_p
     assert not [m for model in (r.pipe.unet, r._text_encoder) for m in model.modules() if isinstance(m, LoraLayer)]
 
 
+def test_a_file_added_or_replaced_while_running_is_picked_up(tmp_path: Path, model_cache: Path) -> None:
+    """No restart: a name unknown at first is found once its file is there; a
+    file replaced in place (new size or mtime) is loaded afresh."""
+    import os
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    r = renderer(model_cache, tmp_path, folder)
+    job = build_job("j", {"prompt": "a cat <lora:late:1>", "steps": 2, "width": 64, "height": 64, "seed": 1}, Rules())
+    with pytest.raises(JobError, match="unknown LoRA late: there are no LoRA files in "):
+        r._use_loras(job)
+    path = write_lora(folder / "late.safetensors", kohya_lora(model_cache, seed=8))
+    first = r._use_loras(job)
+    assert r._use_loras(job) == first  # loaded once
+    write_lora(path, kohya_lora(model_cache, seed=9))
+    os.utime(path, ns=(os.stat(path).st_mtime_ns + 10**9,) * 2)
+    second = r._use_loras(job)
+    assert second[0]["sha256"] != first[0]["sha256"] and second[0]["hash"] != first[0]["hash"]
+    assert len(r._adapters.loaded) == 2  # the old one goes when loras_cache (2) needs its place
+
+
 def test_in_half_precision_the_text_encoder_layers_go_to_the_float32_encoder(tmp_path: Path,
                                                                             model_cache: Path) -> None:
     """The pipeline's own half-precision text encoder is never run (it gets
