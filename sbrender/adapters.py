@@ -58,6 +58,7 @@ class Adapters:
         self._active: tuple[tuple[str, float, float], ...] | None = ()  # None: unknown, set it again
         self._layers: dict[int, list[_Slot]] = {}  # id(model) -> its LoRA layers; emptied by a load or delete
         self._serial = 0
+        self._te_state: tuple[tuple[str, float], ...] = ()
 
     def use(self, wanted: list[tuple[loras.LoraFile, loras.LoraUse]]) -> list[dict[str, Any]]:
         """Make exactly ``wanted`` the active set (nothing for an empty list); per LoRA
@@ -66,6 +67,12 @@ class Adapters:
         self._evict(keep={c.adapter for c, _ in chosen})
         self._activate(chosen)
         return [{**use.to_dict(), "hash": c.short_hash, "sha256": c.sha256} for c, use in chosen]
+
+    def text_encoder_state(self) -> tuple[tuple[str, float], ...]:
+        """The adapters active in the text encoder and their weights (``()`` for
+        none): what an encoded prompt depends on besides its text. An adapter's
+        name is new for every file loaded, a replaced file's too."""
+        return self._te_state
 
     @property
     def loaded(self) -> list[str]:
@@ -165,6 +172,7 @@ class Adapters:
                 layer._active_adapter = active  # what set_adapter sets, without its requires_grad walk
                 slot.show(layer if active else layer.get_base_layer())
         self._active = state
+        self._te_state = tuple((c.adapter, use.te) for c, use in chosen if "text_encoder" in c.parts)
 
     def _slots(self, model: Any) -> list[_Slot]:
         """Where the model's peft LoRA layers sit, found once after each load or delete."""

@@ -318,7 +318,7 @@ def lora_phase(settings: Settings, renderer: Any, plan: Plan, folder: Path) -> d
     names = write_bench_loras(renderer, folder)
     renderer.settings = dataclasses.replace(renderer.settings, values={**renderer.settings.values,
                                                                        "loras_dir": str(folder)})
-    renderer._catalog = None
+    renderer._loras = None
     first, second = (dataclasses.replace(plan.job(0), prompt=f"a lighthouse <lora:{names[0]}:0.8>"),
                      dataclasses.replace(plan.job(0), prompt=f"a lighthouse <lora:{names[0]}:0.3> "
                                                              f"<lora:{names[1]}:0.6:0.9>"))

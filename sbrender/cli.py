@@ -472,6 +472,20 @@ def doctor(config_file: str | None, **flags: Any) -> None:
     sys.exit(EXIT_FAILED if failed else 0)
 
 
+@main.command()
+@folder_options
+@click.option("--model", help="As for `run`.")
+@click.option("--embeddings-dir", type=click.Path(file_okay=False), help="[SBRENDER_EMBEDDINGS_DIR]")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@_errors_exit
+def models(config_file: str | None, as_json: bool, **flags: Any) -> None:
+    """List the model and the embeddings the daemon would use (name, vectors, hash), and why a file is unusable."""
+    from .inventory import inventory, table
+
+    listing = inventory(_settings(config_file, **flags))
+    click.echo(json.dumps(listing, indent=2, ensure_ascii=False) if as_json else table(listing))
+
+
 @main.command("config")
 @folder_options
 @click.option("--model", help="As for `run`.")

@@ -131,6 +131,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("model_config", "", _any_text,
             "for a .safetensors checkpoint: a diffusers folder of its architecture (configs only), "
             "or such a repo id in the HF cache"),
+    Setting("embeddings_dir", "embeddings", _text,
+            "textual-inversion embeddings, as in A1111's embeddings folder (subfolders too): .safetensors, "
+            "and .pt/.bin that load weights-only; used in prompts by file name"),
     Setting("device", "auto", _choice("auto", "cuda", "cpu", "mps"), "auto: cuda, else mps, else cpu"),
     Setting("dtype", "auto", _choice("auto", "float16", "bfloat16", "float32"),
             "auto: float16 on cuda and mps, float32 on cpu"),
@@ -153,6 +156,8 @@ SETTINGS: tuple[Setting, ...] = (
             "let cuDNN time its convolution kernels once per image size and keep the fastest"),
     Setting("perf.compile", "off", _choice("off", "default", "reduce-overhead", "max-autotune", on="default"),
             "torch.compile the UNet and VAE decoder with this mode; compiled and warmed up before ready"),
+    Setting("perf.prompt_cache_mb", 64, _number(int, 0, 65_536),
+            "keep the embeddings of recent prompts, up to this many MB, so a repeated prompt skips the text encoder"),
     Setting("perf.vae_tiling", "auto", _choice("auto", "on", "off", on="on"),
             "decode the VAE in tiles (less memory for large images); auto: when a side exceeds 1024"),
     Setting("inbox", "inbox", _text, "folder watched for job files"),
@@ -222,6 +227,10 @@ class Settings:
     @property
     def loras_dir(self) -> Path:
         return Path(self.values["loras_dir"])
+
+    @property
+    def embeddings_dir(self) -> Path:
+        return Path(self.values["embeddings_dir"])
 
     @property
     def cache(self) -> Path:
@@ -324,7 +333,7 @@ def load_settings(
             raise ConfigError(f"bad value {value!r} for setting {key} (from {source}): {err}",
                               hint=f"{key}: {BY_KEY[key].help}") from None
     values["model"] = MODEL_ALIASES.get(values["model"], values["model"])
-    for key in ("inbox", "outbox", "state", "cache", "metrics_dir", "loras_dir"):
+    for key in ("inbox", "outbox", "state", "embeddings_dir", "loras_dir", "cache", "metrics_dir"):
         if values[key] and values[key].lower() != "off":
             values[key] = str(Path(values[key]).expanduser().absolute())
     # A model path given relative to the working directory must keep working

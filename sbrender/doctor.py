@@ -167,8 +167,29 @@ def check_model(s: Settings) -> list[Finding]:
                     f"`hf download {ref.location}` ahead of time, then offline: true")]
 
 
+def check_embeddings(s: Settings) -> list[Finding]:
+    """The embeddings folder, loaded as the daemon loads it (weights-only), so a file
+    it would skip is named here with the reason."""
+    from . import embeddings
+    from .inventory import text_width
+
+    folder = s.embeddings_dir
+    if not folder.is_dir():
+        return [Finding(OK, "embeddings", f"{folder} does not exist: no textual-inversion embeddings")]
+    catalog = embeddings.load(folder, s.cache, text_width(s))
+    names = list(catalog.usable())
+    shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+    out = [Finding(OK, "embeddings", f"{folder}: {len(names)} usable" + (f" ({shown})" if names else ""))]
+    for entry in catalog.files:
+        if not entry.usable:
+            out.append(Finding(WARN, "embeddings", f"{entry.path} {entry.problem}",
+                               "the daemon skips this file; replace or remove it"))
+    return out
+
+
 CHECKS: tuple[Callable[[Settings], list[Finding]], ...] = (
     check_config, check_folders, check_loras, check_inotify, check_libraries, check_device, check_model,
+    check_embeddings,
 )
 
 

@@ -19,14 +19,18 @@ for _name, _value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY
     os.environ.setdefault(_name, _value)
 
 import numpy as np  # noqa: E402
+import structlog  # noqa: E402
 import torch  # noqa: E402
 
-from . import __version__, adapters, conditioning, faults, loras, models, prompts, samplers, speedups
+from . import (__version__, adapters, conditioning, editing, embeddings, faults, loras, models, prompts, samplers,
+               speedups)
 from .config import Settings
 from .errors import JobError, RenderError, ShutdownRequested, first_line
 from .jobs import Job
+from .promptcache import PromptCache
 from .renderer import RenderOutput, StepCallback, call_key, only
 
+log = structlog.get_logger("sbrender")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -72,7 +76,14 @@ class DiffusersRenderer:
         self.perf: dict[str, Any] = {}
         self._text_encoder: Any = None  # float32, for the conditioning
         self._adapters: adapters.Adapters | None = None
-        self._catalog: loras.Catalog | None = None  # loras_dir, scanned when a job first names a LoRA
+        self._loras: loras.Catalog | None = None  # loras_dir, scanned when a job first names a LoRA
+        self.catalog = embeddings.Catalog()
+        self._embedding_names: conditioning.EmbeddingNames | None = None
+        self._embeddings_stamp: tuple[Any, ...] = ()
+        # (prompt text, positive, denoiser calls, clip skip, embeddings, text-encoder LoRAs) -> its encoding
+        self._prompts: PromptCache[tuple[conditioning.Scheduled, list[str]]] = PromptCache(
+            settings["perf.prompt_cache_mb"] << 20,
+            lambda entry: entry[0].embeds.element_size() * entry[0].embeds.nelement())
 
     def load(self) -> float:
         start = time.perf_counter()
@@ -97,6 +108,7 @@ class DiffusersRenderer:
         text_encoder = self.pipe.text_encoder
         self._text_encoder = (text_encoder if text_encoder.dtype == torch.float32
                               else copy.deepcopy(text_encoder).to(torch.float32))
+        self._load_embeddings()
         self.perf = speedups.apply(self.pipe, self.settings, self.device)
         # LoRAs go into the UNet and this float32 text encoder (the one that encodes).
         self._adapters = adapters.Adapters(self.pipe, self._text_encoder, self.settings["loras_cache"],
@@ -104,6 +116,22 @@ class DiffusersRenderer:
         if self.settings["perf.compile"] != "off":
             self.warm_up()
         return time.perf_counter() - start
+
+    def _load_embeddings(self) -> None:
+        """The embeddings folder: vectors of the text encoder's width, on its device,
+        and their names as the tokenizer splits them. Read at start, and again
+        before a render when a file there was added, removed or changed (as A1111 does)."""
+        self._embeddings_stamp = embeddings.stamp(self.settings.embeddings_dir)
+        width = int(self._text_encoder.config.hidden_size)
+        catalog = embeddings.load(self.settings.embeddings_dir, self.settings.cache, width)
+        for entry in catalog.files:
+            if not entry.usable:  # not used; the log says which file and why
+                log.warning("embedding skipped", file=entry.path, reason=entry.problem)
+        if catalog.vectors:
+            log.info("embeddings loaded", folder=str(self.settings.embeddings_dir), names=list(catalog.vectors))
+        device = next(self._text_encoder.parameters()).device
+        self.catalog = embeddings.Catalog(catalog.files, {n: v.to(device) for n, v in catalog.vectors.items()})
+        self._embedding_names = conditioning.EmbeddingNames(self.pipe.tokenizer, self.catalog.counts())
 
     def warm_up(self) -> None:
         """Render throw-away images at the default size, alone and at the batch
@@ -164,18 +192,24 @@ class DiffusersRenderer:
         used = self._use_loras(job)  # one set per call: it is part of the batch key; before encoding
         try:
             with torch.inference_mode():
-                cond, facts = self._conditioning(items)
+                schedule, facts = self._conditioning(items)
         except ValueError as err:
             raise RenderError(f"cannot encode the prompt: {first_line(err)}") from err
         if used:
             facts = [{**fact, "loras": used} for fact in facts]
+        cond = schedule.at(0)
         fault = next((f for j, _ in items if (f := self.faults.get(j.id)) is not None), None)
         stopped = False
 
         def step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-            nonlocal stopped
+            nonlocal stopped, cond
             if fault is not None:
                 kwargs = faults.inject(fault, kwargs)
+            if schedule.changes and (following := schedule.at(step + 1)) is not cond:
+                # Prompt editing: the next call's embeddings, as the pipeline holds them ([uncond; cond] with CFG).
+                cond = following
+                both = torch.cat([cond.uncond, cond.cond]) if pipe.do_classifier_free_guidance else cond.cond
+                kwargs["prompt_embeds"] = both.to(self.dtype)
             if on_step is not None and on_step(step + 1, job.steps):
                 stopped = True
                 pipe._interrupt = True
@@ -210,7 +244,10 @@ class DiffusersRenderer:
         for (job, seeds), fact in zip(items, facts):
             part = slice(first, first + len(seeds))
             first += len(seeds)
-            outputs.append(self._check(arrays[part], nsfw[part], seeds, scheduler, timings, fact))
+            output = self._check(arrays[part], nsfw[part], seeds, scheduler, timings, fact)
+            if isinstance(output, RenderOutput):
+                output.warnings.extend(prompts.notes(job.prompt, job.negative_prompt))
+            outputs.append(output)
         return outputs
 
     def _use_loras(self, job: Job) -> list[dict[str, Any]]:
@@ -223,38 +260,67 @@ class DiffusersRenderer:
                               "bypass the LoRA's layers", hint="set perf.fuse_qkv: false to render LoRAs")
         if uses:
             try:
-                if self._catalog is None:
+                if self._loras is None:
                     raise JobError("loras_dir not scanned yet")
-                loras.requested(job.prompt, job.loras, self._catalog)
-                if not all(self._catalog.lookup(u.name).path.exists() for u in uses):
+                loras.requested(job.prompt, job.loras, self._loras)
+                if not all(self._loras.lookup(u.name).path.exists() for u in uses):
                     raise JobError("a LoRA file is gone")
             except JobError:
                 # loras_dir as it is now (files added, removed or renamed since), once.
-                self._catalog = loras.scan(self.settings.loras_dir)
-                loras.requested(job.prompt, job.loras, self._catalog)  # its error is the job's
-        catalog = self._catalog
+                self._loras = loras.scan(self.settings.loras_dir)
+                loras.requested(job.prompt, job.loras, self._loras)  # its error is the job's
+        catalog = self._loras
         return self._adapters.use([(catalog.lookup(u.name), u) for u in uses] if catalog is not None else [])
 
     def _conditioning(self, items: list[tuple[Job, list[int]]]
-                      ) -> tuple[conditioning.Conditioning, list[dict[str, Any]]]:
-        """Per image its job's prompt and negative embeddings (A1111's rules), and
-        per job how many chunks each took. Raises ``ValueError``."""
-        clip_skip = items[0][0].clip_skip  # one per call: it is part of the batch key
-        encoded: dict[tuple[str, bool], torch.Tensor] = {}
+                      ) -> tuple[conditioning.CallSchedule, list[dict[str, Any]]]:
+        """Per image its job's prompt and negative embeddings (A1111's rules) over
+        the denoiser's calls (prompt editing and alternation change them between
+        calls), and per job how many chunks each took and which textual-inversion
+        embeddings it used (the prompt's, then the negative's: A1111's TI hashes
+        order). Raises ``ValueError``."""
+        if embeddings.stamp(self.settings.embeddings_dir) != self._embeddings_stamp:
+            self._load_embeddings()
+        first = items[0][0]  # clip skip, sampler and steps are one per call: they are in the batch key
+        clip_skip = first.clip_skip
+        # A1111 counts a second-order sampler's steps twice: its denoiser runs twice per step.
+        calls = first.steps * (2 if samplers.resolve(first.sampler, first.scheduler).sampler.second_order else 1)
+        encoder_state = (clip_skip, self._embeddings_stamp, self._text_encoder_loras())
 
-        def embed(text: str, positive: bool) -> torch.Tensor:
-            if (text, positive) not in encoded:
-                chunks = conditioning.chunks(prompts.parse(text, positive), self.pipe.tokenizer)
-                encoded[text, positive] = conditioning.encode(self._text_encoder, chunks, clip_skip)
-            return encoded[text, positive]
+        def encode(text: str, positive: bool) -> tuple[conditioning.Scheduled, list[str]]:
+            # Extra-network tags leave the positive prompt before it is scheduled, as in A1111.
+            plain = prompts.extract_networks(text)[0] if positive else text
+            entries = editing.schedule(plain, calls)
+            variants = [conditioning.chunks(prompts.parse(variant, False), self.pipe.tokenizer,
+                                            embeddings=self._embedding_names) for _, variant in entries]
+            embeds = conditioning.encode_variants(self._text_encoder, variants, clip_skip, self.catalog.vectors)
+            used = conditioning.used([chunk for chunks in variants for chunk in chunks])
+            return conditioning.Scheduled(tuple(end for end, _ in entries), embeds), used
+
+        def embed(text: str, positive: bool) -> tuple[conditioning.Scheduled, list[str]]:
+            # A schedule's step count only matters to a prompt that has one.
+            steps = calls if "[" in text and editing.is_scheduled(text) else 0
+            return self._prompts.get((text, positive, steps, encoder_state), lambda: encode(text, positive))
 
         conds, unconds, facts = [], [], []
         for job, seeds in items:
-            cond, uncond = embed(job.prompt, True), embed(job.negative_prompt, False)
+            (cond, cond_used), (uncond, uncond_used) = embed(job.prompt, True), embed(job.negative_prompt, False)
             conds += [cond] * len(seeds)
             unconds += [uncond] * len(seeds)
-            facts.append({"chunks": cond.shape[1] // 77, "negative_chunks": uncond.shape[1] // 77})
-        return conditioning.for_call(conds, unconds, embed("", False)), facts
+            fact: dict[str, Any] = {"chunks": cond.embeds.shape[1] // 77,
+                                    "negative_chunks": uncond.embeds.shape[1] // 77}
+            if len(cond.ends) > 1 or len(uncond.ends) > 1:
+                fact["schedule"] = {"prompt": len(cond.ends), "negative_prompt": len(uncond.ends)}
+            used = ([self.catalog.record(name, "prompt") for name in cond_used]
+                    + [self.catalog.record(name, "negative_prompt") for name in uncond_used])
+            if used:
+                fact["embeddings"] = used
+            facts.append(fact)
+        return conditioning.CallSchedule(conds, unconds, embed("", False)[0].embeds), facts
+
+    def _text_encoder_loras(self) -> tuple[Any, ...]:
+        """The LoRAs active in the text encoder, with their weights: part of a cached prompt's key."""
+        return self._adapters.text_encoder_state() if self._adapters is not None else ()
 
     def _check(self, arrays: np.ndarray, nsfw: list[bool], seeds: list[int], scheduler: dict[str, Any],
                timings: dict[str, float], prompt: dict[str, Any]) -> RenderOutput | RenderError:

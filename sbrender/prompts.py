@@ -11,10 +11,11 @@ uses the same parse to build the conditioning (``sbrender.conditioning``).
 - ``<kind:args>`` tags (``<lora:name:0.8>``) are taken out of the positive
   prompt's text and kept as data.
 
-Prompt editing (``[a:b:N]``, ``[a:N]``, ``[a::N]``), alternation (``[a|b]``),
-composable prompts (``AND``) and extra networks other than LoRAs are not
-rendered yet: ``problem`` names them, so a job that uses them is refused instead
-of drawn differently.
+Prompt editing (``[a:b:N]``) and alternation (``[a|b]``) are scheduled over the
+steps first (``sbrender.editing``); each scheduled text is parsed here.
+Composable prompts (``AND``) and extra networks other than LoRAs (read by
+``sbrender.loras``) are not rendered yet: ``problem`` names them, so a job that
+uses them is refused instead of drawn differently.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ _TOKEN = re.compile(r"""
 _BREAK = re.compile(r"\s*\bBREAK\b\s*")
 _NETWORK = re.compile(r"<(\w+):([^>]+)>")
 _AND = re.compile(r"\bAND\b")
-_EDIT_WHEN = re.compile(r":\s*[+-]?[.\d]+\s*$")
 
 
 @dataclass(frozen=True)
@@ -131,52 +131,6 @@ def parse(text: str, positive: bool = True) -> Prompt:
     return Prompt(tuple(parse_emphasis(text)), networks)
 
 
-def _editing(text: str) -> str | None:
-    """The first ``[...]`` that A1111 would read as prompt editing or alternation."""
-    stack: list[tuple[str, int]] = []  # open brackets: (kind, position)
-    bar_at: dict[int, bool] = {}  # per open "[" (by position): a "|" at its own depth
-    k = 0
-    while k < len(text):
-        c = text[k]
-        if c == "\\":
-            k += 2
-            continue
-        if c in "([":
-            stack.append((c, k))
-            if c == "[":
-                bar_at[k] = False
-        elif c == "|" and stack and stack[-1][0] == "[":
-            bar_at[stack[-1][1]] = True
-        elif c == ")" and stack and stack[-1][0] == "(":
-            stack.pop()
-        elif c == "]" and stack and stack[-1][0] == "[":
-            start = stack.pop()[1]
-            inner = text[start + 1:k]
-            if bar_at.pop(start) or _EDIT_WHEN.search(_top_level(inner)):
-                return text[start:k + 1]
-        k += 1
-    return None
-
-
-def _top_level(inner: str) -> str:
-    """``inner`` with nested bracketed parts blanked, so only its own colons count."""
-    out, depth, k = [], 0, 0
-    while k < len(inner):
-        c = inner[k]
-        if c == "\\":
-            out.append(" " if depth else inner[k:k + 2])
-            k += 2
-            continue
-        if c in "([":
-            depth += 1
-        elif c in ")]" and depth:
-            depth -= 1
-        elif not depth:
-            out.append(c)
-        k += 1
-    return "".join(out)
-
-
 def problem(text: str, positive: bool = True) -> str | None:
     """Why this prompt cannot be rendered as A1111 would render it, or None."""
     if positive:
@@ -188,8 +142,23 @@ def problem(text: str, positive: bool = True) -> str | None:
             return f"uses the extra-network tag {net.text}: extra networks ({net.kind}) are not supported yet"
         if _AND.search(text):
             return "uses AND (composable prompts), which is not supported yet"
-    edit = _editing(text)
-    if edit is not None:
-        kind = "alternation" if "|" in _top_level(edit[1:-1]) else "prompt editing"
-        return f"uses {kind} {edit}, which is not supported yet (escape the brackets as \\[ \\] for literal text)"
     return None
+
+
+def notes(prompt: str, negative: str) -> list[str]:
+    """What A1111 (and so sbrender) reads differently from how the prompts may look,
+    for the result's ``warnings``: nothing is dropped silently."""
+    from . import editing
+
+    found = []
+    _, tags = extract_networks(negative)
+    if tags:
+        found.append(f"negative_prompt: {tags[0].text} is encoded as text, as A1111 does: extra networks such as "
+                     "LoRAs apply from the prompt only")
+    if _AND.search(negative):
+        found.append("negative_prompt: AND is encoded as text, as A1111 does: composable prompts are for the prompt")
+    for field, text in (("prompt", extract_networks(prompt)[0]), ("negative_prompt", negative)):
+        if "[" in text and "|" in text and editing.parse(text) is None:
+            found.append(f"{field}: a | outside brackets makes A1111 read the whole text without prompt editing or "
+                         "alternation; so does sbrender")
+    return found

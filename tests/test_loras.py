@@ -264,7 +264,8 @@ def run(r: Any, job: Any) -> tuple[Any, Any, Any]:
     r._use_sampler(job.sampler, job.scheduler)
     r._use_loras(job)
     with torch.inference_mode():
-        cond, _ = r._conditioning([(job, [job.seed])])
+        schedule, _ = r._conditioning([(job, [job.seed])])
+        cond = schedule.at(0)  # no prompt editing here: one conditioning for every step
 
         def call(kind: str) -> Any:
             return r.pipe(prompt_embeds=cond.cond, negative_prompt_embeds=cond.uncond, output_type=kind,

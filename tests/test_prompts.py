@@ -58,12 +58,6 @@ def test_network_tags_leave_the_positive_text_and_stay_as_data() -> None:
 @pytest.mark.parametrize("text, message", [
     ("<hypernet:h:1> a", "extra networks (hypernet) are not supported yet"),
     ("a cat AND a dog", "uses AND (composable prompts), which is not supported yet"),
-    ("a [cat:dog:5] on a mat", "uses prompt editing [cat:dog:5], which is not supported yet"),
-    ("a [cat::0.5]", "uses prompt editing [cat::0.5]"),
-    ("a [dog:10]", "uses prompt editing [dog:10]"),
-    ("a [(cat:1.2):dog: 5 ]", "uses prompt editing [(cat:1.2):dog: 5 ]"),
-    ("a [cat|dog]", "uses alternation [cat|dog], which is not supported yet"),
-    ("a ([cat|dog]:1.2)", "uses alternation [cat|dog]"),
 ])
 def test_syntax_not_rendered_yet_is_named(text: str, message: str) -> None:
     assert message in (prompts.problem(text) or "")
@@ -77,14 +71,19 @@ def test_plain_emphasis_is_no_problem(text: str) -> None:
     assert prompts.problem(text) is None
 
 
-def test_the_negative_keeps_tags_and_and_as_text_but_not_editing() -> None:
+def test_the_negative_keeps_tags_and_and_as_text() -> None:
     assert prompts.problem("<lora:x:1>, a AND b", positive=False) is None
-    assert "prompt editing [a:b:3]" in (prompts.problem("[a:b:3]", positive=False) or "")
+
+
+@pytest.mark.parametrize("text", ["a [cat:dog:5] on a mat", "a [cat::0.5]", "a [dog:10]", "a [(cat:1.2):dog: 5 ]",
+                                  "a [cat|dog]", "a ([cat|dog]:1.2)"])
+def test_prompt_editing_and_alternation_are_rendered_not_refused(text: str) -> None:
+    assert prompts.problem(text) is None and prompts.problem(text, positive=False) is None
 
 
 def test_a_job_using_them_is_refused_naming_the_field() -> None:
     for field, text, words in [("prompt", "cat <hypernet:x:1>", "extra networks (hypernet) are not supported yet"),
-                               ("negative_prompt", "[a|b]", "alternation [a|b]")]:
+                               ("prompt", "a cat AND a dog", "uses AND (composable prompts)")]:
         data = {"prompt": "cat", field: text}
         with pytest.raises(JobError) as info:
             build_job("j", data, Rules())
@@ -98,7 +97,7 @@ def test_sbrender_validate_refuses_them_without_loading_torch(tmp_path) -> None:
     import subprocess
     import sys
 
-    (tmp_path / "edit.yaml").write_text('prompt: "a [cat:dog:5] on a mat"\n')
+    (tmp_path / "edit.yaml").write_text('prompt: "a cat AND a dog"\n')
     (tmp_path / "lora.json").write_text(json.dumps({"prompt": "a cat <lora:x:1>"}))
     (tmp_path / "fine.yaml").write_text('prompt: "a (cat:1.2) BREAK on a [mat]"\n')
     # validate in-process with torch imports blocked: the check must not need them
@@ -110,8 +109,21 @@ def test_sbrender_validate_refuses_them_without_loading_torch(tmp_path) -> None:
                           capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 1, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0].endswith("edit: invalid: prompt uses prompt editing [cat:dog:5], which is not supported yet "
-                             "(escape the brackets as \\[ \\] for literal text)")
+    assert lines[0].endswith("edit: invalid: prompt uses AND (composable prompts), which is not supported yet")
     # The LoRA name is looked up in loras_dir (./loras here, absent), still without torch.
     assert f"lora: invalid: unknown LoRA x: loras_dir {tmp_path / 'loras'} does not exist" in lines[1]
     assert lines[2].endswith("fine: ok")
+
+
+@pytest.mark.parametrize("prompt, negative, words", [
+    ("a cat", "blurry, <lora:x:1>", "negative_prompt: <lora:x:1> is encoded as text, as A1111 does"),
+    ("a cat", "blurry AND ugly", "negative_prompt: AND is encoded as text"),
+    ("a | b [cat:dog:2]", "", "prompt: a | outside brackets makes A1111 read the whole text without prompt editing"),
+])
+def test_what_reads_differently_than_it_looks_is_noted(prompt: str, negative: str, words: str) -> None:
+    (note,) = prompts.notes(prompt, negative)
+    assert note.startswith(words)
+
+
+def test_ordinary_prompts_have_no_notes() -> None:
+    assert prompts.notes("a <lora:x:1> [cat|dog] (b:1.2)", "blurry, [lowres:3]") == []
