@@ -378,6 +378,28 @@ def test_in_half_precision_the_text_encoder_layers_go_to_the_float32_encoder(tmp
     assert {p.dtype for n, p in r.pipe.unet.named_parameters() if "lora_" in n} == {torch.bfloat16}
 
 
+def test_the_prompt_cache_tells_text_encoder_loras_apart(tmp_path: Path, model_cache: Path) -> None:
+    """One text ("a cat"), with the loras field at te 0.5, at te 1, with unet only,
+    and without: each encoded under the text encoder's own LoRA state."""
+    import torch
+
+    folder = tmp_path / "loras"
+    write_lora(folder / "style.safetensors", kohya_lora(model_cache, seed=4))
+    r = renderer(model_cache, tmp_path, folder)
+
+    def cond(loras: dict[str, Any] | None) -> Any:
+        job = build_job("j", {"prompt": "a cat", "loras": loras}, Rules())
+        r._use_loras(job)
+        with torch.inference_mode():
+            return r._conditioning([(job, [1])])[0].at(0).cond.clone()
+
+    none, half, full = cond(None), cond({"style": 0.5}), cond({"style": 1})
+    unet_only = cond({"style": {"te": 0, "unet": 1}})
+    assert (half - none).abs().max() > 1e-3 and (full - half).abs().max() > 1e-3
+    assert torch.equal(cond({"style": 0.5}), half) and torch.equal(cond(None), none)
+    assert torch.equal(unet_only, none)  # te 0: the encoder as without the LoRA (to the bit)
+
+
 def test_a_file_that_fails_to_load_leaves_no_adapter_behind(tmp_path: Path, model_cache: Path) -> None:
     """Its UNet layers load, its text-encoder layers do not fit: nothing of it stays."""
     from sbrender.errors import RenderError
