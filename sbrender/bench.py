@@ -305,7 +305,8 @@ def write_bench_loras(renderer: Any, folder: Path, rank: int = 8) -> list[str]:
                 tensors[f"{key}.lora_up.weight"] = 0.01 * torch.randn(module.out_features, rank, generator=gen)
                 tensors[f"{key}.alpha"] = torch.tensor(float(rank))
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.to(torch.float16).contiguous() for k, v in tensors.items()}, str(folder / f"bench{k}.safetensors"))
+        half = {key: v.to(torch.float16).contiguous() for key, v in tensors.items()}  # as civitai ships them
+        save_file(half, str(folder / f"bench{k}.safetensors"))
         names.append(f"bench{k}")
     return names
 

@@ -491,7 +491,8 @@ def test_jobs_share_a_batch_only_with_the_same_lora_set(tmp_path: Path, model_ca
 
     folder = tmp_path / "loras"
     write_lora(folder / "style.safetensors", kohya_lora(model_cache, seed=7))
-    jobs = {"a1": {"prompt": "a cat <lora:style:0.6>", "seed": 1}, "a2": {"prompt": "a dog <lora:style:0.6>", "seed": 2},
+    jobs = {"a1": {"prompt": "a cat <lora:style:0.6>", "seed": 1},
+            "a2": {"prompt": "a dog <lora:style:0.6>", "seed": 2},
             "b": {"prompt": "a cat <lora:style:0.9>", "seed": 1}, "none": {"prompt": "a cat", "seed": 1}}
     images = {}
     for batch in (1, 4):
