@@ -8,7 +8,8 @@ thread into a fresh spool, sharing the warm pipeline so both sides use the same
 weights, kernels and compiled graphs. Each side runs ``rounds`` times, the two
 taking turns to go first. Then a latency phase: jobs dropped one at a time into
 an idle daemon. Every figure that matters is a ratio of two numbers taken in
-this one run.
+this one run. Last, a LoRA phase: switching between two LoRA sets already
+loaded, against one denoising step.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class Plan:
     steps: int = 28
     batch_size: int = 4  # 1: no batched runs
     latency_jobs: int = 10
+    lora_switches: int = 20  # LoRA phase: switches timed between two loaded sets; 0: no LoRA phase
     rounds: int = 4  # plain loop and daemon taking turns to go first: an even count balances drift
     sampler: str = "DPM++ 2M Karras"
     guidance_scale: float = 7.0
@@ -279,6 +281,81 @@ def _offset() -> float:
     return time.time() - time.perf_counter()
 
 
+def write_bench_loras(renderer: Any, folder: Path, rank: int = 8) -> list[str]:
+    """Two kohya-format LoRA files for the loaded model, with random layers where a
+    kohya SD1 LoRA has them (every attention and feed-forward layer of the UNet's
+    transformer blocks, every layer of the text encoder); their names."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .conditioning import text_model
+
+    names = []
+    for k in range(2):
+        gen = torch.Generator().manual_seed(k)
+        tensors: dict[str, torch.Tensor] = {}
+        models = (("lora_unet_", renderer._adapters.unet, ".transformer_blocks."),
+                  ("lora_te_text_model_", text_model(renderer._text_encoder), ".layers."))
+        for prefix, model, inside in models:
+            for name, module in model.named_modules():
+                if inside not in name or not isinstance(module, torch.nn.Linear):
+                    continue
+                key = prefix + name.replace(".", "_")
+                tensors[f"{key}.lora_down.weight"] = 0.01 * torch.randn(rank, module.in_features, generator=gen)
+                tensors[f"{key}.lora_up.weight"] = 0.01 * torch.randn(module.out_features, rank, generator=gen)
+                tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+        folder.mkdir(parents=True, exist_ok=True)
+        half = {key: v.to(torch.float16).contiguous() for key, v in tensors.items()}  # as civitai ships them
+        save_file(half, str(folder / f"bench{k}.safetensors"))
+        names.append(f"bench{k}")
+    return names
+
+
+def lora_phase(settings: Settings, renderer: Any, plan: Plan, folder: Path) -> dict[str, Any]:
+    """The time to switch between two LoRA sets already loaded (the renderer's own
+    ``_use_loras``: set_adapters on the UNet and the text encoder), as a ratio to
+    one denoising step of the plan's job; and a step's time before any LoRA was
+    loaded and after, with adapters off (peft's wrappers stay in the layers)."""
+    names = write_bench_loras(renderer, folder)
+    renderer.settings = dataclasses.replace(renderer.settings, values={**renderer.settings.values,
+                                                                       "loras_dir": str(folder)})
+    renderer._loras = None
+    first, second = (dataclasses.replace(plan.job(0), prompt=f"a lighthouse <lora:{names[0]}:0.8>"),
+                     dataclasses.replace(plan.job(0), prompt=f"a lighthouse <lora:{names[0]}:0.3> "
+                                                             f"<lora:{names[1]}:0.6:0.9>"))
+    before = _step_s(renderer, plan.job(0))
+    for job in (first, second):  # loaded once, outside the timing
+        renderer._use_loras(job)
+    switches = []
+    for k in range(plan.lora_switches):
+        _sync(renderer)
+        start = time.perf_counter()
+        renderer._use_loras(second if k % 2 == 0 else first)
+        _sync(renderer)
+        switches.append(time.perf_counter() - start)
+    with_lora = _step_s(renderer, first)
+    renderer._use_loras(plan.job(0))  # adapters off, as for a job without LoRAs
+    after = _step_s(renderer, plan.job(0))
+    switch = statistics.median(switches)
+    return {"switch_ms": round(switch * 1000, 3), "switches": len(switches),
+            "step_ms": round(after * 1000, 3), "switch/step": round(switch / after, 4),
+            "step_ms_before_any_lora": round(before * 1000, 3), "step_ms_with_lora": round(with_lora * 1000, 3),
+            "step_after/step_before": round(after / before, 4)}
+
+
+def _step_s(renderer: Any, job: Job) -> float:
+    """One denoising step of ``job`` (median over its steps, from the step callback)."""
+    stamps: list[float] = []
+
+    def on_step(step: int, steps: int) -> bool:
+        _sync(renderer)
+        stamps.append(time.perf_counter())
+        return False
+
+    renderer.render(dataclasses.replace(job, steps=max(job.steps, 3)), [job.seed or 0], on_step)
+    return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+
+
 def disk_probe(folder: Path) -> dict[str, float]:
     """What one durable write costs where the bench spools: a 1 MiB file and a
     small one, each written and fsynced (medians of 5, milliseconds)."""
@@ -334,6 +411,9 @@ def run(settings: Settings, plan: Plan, timeout: float = 3600.0, spool_dir: Path
                                                     root / f"daemon-{batch}-{k}", timeout))
             report["plain"][str(batch)] = _mean_row(plan.jobs, plain_s)
             report["daemon"][str(batch)] = _daemon_row(batch, plan.jobs, daemon_runs, plain_s)
+        if plan.lora_switches:  # last: loading a LoRA leaves peft's wrappers in the layers
+            say("LoRA switches ...")
+            report["lora"] = lora_phase(settings, renderer, plan, root / "loras")
     base = report["plain"]["1"]["images_per_s"]
     report["ratios"] = {
         **{f"daemon_b{b}/plain_b1": round(report["daemon"][str(b)]["images_per_s"] / base, 4) for b in batches},
@@ -387,4 +467,10 @@ def table(report: dict[str, Any]) -> str:
         if len(row.get("round_ratios", [])) > 1:  # how far single runs scatter on this machine
             lines.append(f"daemon/plain by round, batch {batch}: " + " ".join(f"{r:.3f}" for r in row["round_ratios"]))
     lines.append("ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in report["ratios"].items()))
+    if report.get("lora"):
+        lo = report["lora"]
+        lines.append(f"LoRA: switching between two loaded sets {lo['switch_ms']} ms = {lo['switch/step']:.3f} of a "
+                     f"denoising step ({lo['step_ms']} ms); a step {lo['step_ms_before_any_lora']} ms before any "
+                     f"LoRA was loaded, {lo['step_ms_with_lora']} ms with one, {lo['step_ms']} ms after with "
+                     f"adapters off")
     return "\n".join(lines)

@@ -127,6 +127,9 @@ def run(config_file: str | None, once: bool, **flags: Any) -> None:
 @click.option("--rounds", type=int, default=4, show_default=True,
               help="Runs of each side, taking turns to go first (an even count balances drift); "
                    "the ratios are of their means.")
+@click.option("--lora-switches", type=int, default=20, show_default=True,
+              help="Last, switches timed between two LoRA sets already loaded (two files written for the "
+                   "model), as a ratio to one denoising step; 0: skip.")
 @click.option("--set", "extra", multiple=True, metavar="KEY=VALUE",
               help="Any setting, e.g. --set perf.compile=default --set perf.channels_last=true (repeatable).")
 @click.option("--spool", "spool_dir", type=click.Path(file_okay=False, exists=True),
@@ -135,7 +138,7 @@ def run(config_file: str | None, once: bool, **flags: Any) -> None:
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the full report here as JSON.")
 @_errors_exit
 def bench(config_file: str | None, size: str, steps: int, n_jobs: int, batch: int, latency_jobs: int, rounds: int,
-          extra: tuple[str, ...], spool_dir: str | None, report: str | None, **flags: Any) -> None:
+          lora_switches: int, extra: tuple[str, ...], spool_dir: str | None, report: str | None, **flags: Any) -> None:
     """Time a plain diffusers loop against the daemon on the same jobs; print ratios.
 
     Loads the model once; runs the plain loop (pipeline call, then PNG save) and
@@ -155,14 +158,16 @@ def bench(config_file: str | None, size: str, steps: int, n_jobs: int, batch: in
     settings = _settings(config_file, **overrides)
     parsed = _parse_size(size)
     assert parsed is not None
-    if min(n_jobs, batch, steps, rounds) < 1 or latency_jobs < 0:
-        raise ConfigError("--jobs, --batch, --steps and --rounds must be at least 1, --latency-jobs at least 0")
+    if min(n_jobs, batch, steps, rounds) < 1 or min(latency_jobs, lora_switches) < 0:
+        raise ConfigError("--jobs, --batch, --steps and --rounds must be at least 1, --latency-jobs and "
+                          "--lora-switches at least 0")
     from . import bench as benchmark
     from . import logs
 
     logs.configure("console", "warning")
     plan = benchmark.Plan(jobs=n_jobs, width=parsed[0], height=parsed[1], steps=steps, batch_size=batch,
-                          latency_jobs=latency_jobs, rounds=rounds, sampler=settings["defaults.sampler"],
+                          latency_jobs=latency_jobs, lora_switches=lora_switches, rounds=rounds,
+                          sampler=settings["defaults.sampler"],
                           guidance_scale=settings["defaults.guidance_scale"])
     result = benchmark.run(settings, plan, spool_dir=Path(spool_dir) if spool_dir else None,
                            say=lambda text: click.echo(text, err=True))

@@ -145,6 +145,10 @@ SETTINGS: tuple[Setting, ...] = (
             "auto: float16 on cuda and mps, float32 on cpu"),
     Setting("safety_checker", False, _bool, "run the SD1.5 safety checker (black images for NSFW)"),
     Setting("cache", "", _any_text, "built-in models and checkpoint hashes; empty: $XDG_CACHE_HOME/sbrender"),
+    Setting("loras_dir", "loras", _text,
+            "folder of LoRA files (.safetensors, subfolders too), named in prompts as <lora:NAME:WEIGHT>"),
+    Setting("loras_cache", 8, _number(int, 1, 1000),
+            "LoRA files kept loaded (least recently used dropped first); each holds its weights in memory"),
     Setting("metrics_dir", "", _any_text,
             "Prometheus textfile folder (node_exporter); empty: <state>/metrics; 'off': no metrics"),
     Setting("perf.batch_size", 1, _number(int, 1, 64),
@@ -231,6 +235,10 @@ class Settings:
     @property
     def state(self) -> Path:
         return Path(self.values["state"])
+
+    @property
+    def loras_dir(self) -> Path:
+        return Path(self.values["loras_dir"])
 
     @property
     def embeddings_dir(self) -> Path:
@@ -337,7 +345,7 @@ def load_settings(
             raise ConfigError(f"bad value {value!r} for setting {key} (from {source}): {err}",
                               hint=f"{key}: {BY_KEY[key].help}") from None
     values["model"] = MODEL_ALIASES.get(values["model"], values["model"])
-    for key in ("inbox", "outbox", "state", "embeddings_dir", "cache", "metrics_dir"):
+    for key in ("inbox", "outbox", "state", "embeddings_dir", "loras_dir", "cache", "metrics_dir"):
         if values[key] and values[key].lower() != "off":
             values[key] = str(Path(values[key]).expanduser().absolute())
     # A model path given relative to the working directory must keep working

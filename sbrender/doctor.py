@@ -7,6 +7,7 @@ Each check is a row of ``CHECKS``; each returns findings: a level ("ok",
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import shutil
 from collections.abc import Callable
@@ -60,6 +61,37 @@ def check_folders(s: Settings) -> list[Finding]:
     free = shutil.disk_usage(_existing_parent(s.outbox)).free
     if free < 1 << 30:
         out.append(Finding(WARN, "disk", f"{free / 2**20:.0f} MiB free for the outbox", "free some space"))
+    return out
+
+
+def check_loras(s: Settings) -> list[Finding]:
+    """The LoRA files jobs may name, and each that cannot be used (why, what to do)."""
+    from . import loras
+
+    folder = s.loras_dir
+    if not folder.is_dir():
+        explicit = s.sources.get("loras_dir", "default") != "default"
+        return [Finding(WARN if explicit else OK, "loras", f"{folder} does not exist: jobs cannot name LoRAs",
+                        "create it or set loras_dir to the folder of your LoRAs" if explicit else "")]
+    catalog = loras.scan(folder)
+    files = catalog.files
+    out = [Finding(OK, "loras", f"{len(files)} file(s) in {folder}"
+                                + (f": {', '.join(catalog.names()[:10])}" if files else "")
+                                + (" ..." if len(catalog.names()) > 10 else ""))]
+    stems: dict[str, list[loras.LoraFile]] = {}
+    for f in files:
+        stems.setdefault(f.name, []).append(f)
+        if f.problem:
+            out.append(Finding(WARN, "loras", f"{f.path} {f.problem}",
+                               "convert it to .safetensors" if f.path.suffix != loras.SUFFIX
+                               else "replace the file (download it again)"))
+    for name, same in stems.items():
+        if len([f for f in same if not f.problem]) > 1:
+            out.append(Finding(WARN, "loras", f"{len(same)} files are named {name}; jobs naming it are refused",
+                               "rename all but one"))
+    if files and importlib.util.find_spec("peft") is None:
+        out.append(Finding(WARN, "loras", "peft is not installed: LoRA jobs fail",
+                           "pip install 'sbrender[render]' (diffusers loads LoRAs through peft)"))
     return out
 
 
@@ -182,7 +214,8 @@ def check_embeddings(s: Settings) -> list[Finding]:
 
 
 CHECKS: tuple[Callable[[Settings], list[Finding]], ...] = (
-    check_config, check_folders, check_queue, check_inotify, check_libraries, check_device, check_model,
+    check_config, check_folders, check_queue, check_loras, check_inotify, check_libraries, check_device,
+    check_model,
     check_embeddings,
 )
 

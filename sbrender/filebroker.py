@@ -36,8 +36,10 @@ class FileBroker:
         self.spool = Spool(settings.inbox, settings.outbox, settings.state)
         self.rescan_s: float = settings["watch.rescan_seconds"]
         self.watcher = InboxWatcher(settings.inbox, settings["watch.mode"], wake)
-        self.queue = JobQueue(self.spool, Rules.from_settings(settings), settings["watch.settle_seconds"],
-                              self.watcher.hint)
+        # LoRA names are checked when a job renders, against loras_dir as it is then
+        # (a file added after the start is found), not against a catalog from the start.
+        rules = Rules.from_settings(settings, with_loras=False)
+        self.queue = JobQueue(self.spool, rules, settings["watch.settle_seconds"], self.watcher.hint)
         self._identity: dict[object, tuple[int, int]] = {}
         self._problems: list[str] = []
         self._next_scan = 0.0

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import ids, prompts, samplers
+from . import ids, loras, prompts, samplers
 from .config import Settings
 from .errors import JobError
 from .jobfile import parse_document
@@ -46,12 +46,18 @@ class Rules:
     max_prompt_chars: int = 4000
     max_file_bytes: int = 1_048_576
     max_batch_jobs: int = 1000
+    # The LoRA files a name may stand for; None: names are not checked here (the
+    # daemon checks them when it renders, against the folder as it is then).
+    loras: loras.Catalog | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Rules:
+    def from_settings(cls, settings: Settings, with_loras: bool = True) -> Rules:
+        """The settings' defaults and limits; with ``with_loras``, the LoRA catalog
+        of ``loras_dir`` (read only when a job names a LoRA)."""
         names = {f.name for f in dataclasses.fields(cls)}
         values = {**settings.section("defaults"), **settings.section("limits")}
-        return cls(**{k: v for k, v in values.items() if k in names})
+        catalog = loras.scan(settings.loras_dir) if with_loras else None
+        return cls(**{k: v for k, v in values.items() if k in names}, loras=catalog)
 
 
 @dataclass(frozen=True)
@@ -71,8 +77,14 @@ class Job:
     priority: int
     clip_skip: int = 1  # A1111's numbering: 1 = the text encoder's last layer
     scheduler: str = "Automatic"  # A1111's schedule type, resolved by build_job ("Karras")
+    loras: tuple[loras.LoraUse, ...] = ()  # the loras field; see lora_set for the tags too
     metadata: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+
+    @property
+    def lora_set(self) -> tuple[loras.LoraUse, ...]:
+        """The LoRAs this job renders with: the prompt's tags in order, then the field."""
+        return (*loras.in_prompt(self.prompt), *self.loras)
 
     def params(self) -> dict[str, Any]:
         """The resolved parameters, as written into the result."""
@@ -89,6 +101,8 @@ class Job:
             "scheduler": self.scheduler,
             "priority": self.priority,
             "clip_skip": self.clip_skip,
+            # Only when given: the prompt keeps its own <lora:...> tags.
+            **({"loras": loras.params(self.loras)} if self.loras else {}),
         }
 
 
@@ -228,6 +242,14 @@ def _clip_skip(value: Any, rules: Rules) -> int:
     return layers
 
 
+def _loras(value: Any, rules: Rules) -> tuple[loras.LoraUse, ...]:
+    uses = loras.from_field(value)
+    if rules.loras is not None:
+        for use in uses:
+            rules.loras.lookup(use.name)
+    return uses
+
+
 def _priority(value: Any, rules: Rules) -> int:
     priority = _integer(value, "priority")
     _in_range(priority, "priority", -PRIORITY_LIMIT, PRIORITY_LIMIT)
@@ -277,12 +299,14 @@ FIELDS: tuple[Field, ...] = (
           "Karras, Exponential, Uniform, SGM Uniform", ("schedule_type",)),
     Field("clip_skip", _clip_skip, "clip_skip", "text encoder layers to skip, A1111's Clip skip: 1 = none, 2 = "
           "the layer before the last"),
+    Field("loras", _loras, None, "LoRAs by name: {name: weight} or {name: {te: w, unet: w}}; added to the "
+          "prompt's <lora:...> tags (a LoRA named in both is refused)"),
     Field("priority", _priority, None, "higher renders first; default 0"),
     Field("metadata", _metadata, None, "free mapping copied untouched into the result"),
 )
 _BY_NAME = {f.name: f for f in FIELDS}
 _ALIASES = {alias: f.name for f in FIELDS for alias in f.aliases}
-_CONSTANT_DEFAULTS: dict[str, Any] = {"seed": None, "count": 1, "priority": 0, "metadata": None}
+_CONSTANT_DEFAULTS: dict[str, Any] = {"seed": None, "count": 1, "priority": 0, "metadata": None, "loras": None}
 
 
 @functools.lru_cache(maxsize=16)
@@ -336,6 +360,7 @@ def build_job(job_id: str, data: Any, rules: Rules, shared: Mapping[str, Any] | 
     values["sampler"], values["scheduler"] = choice.key
     if values["seed"] is not None and values["seed"] + values["count"] - 1 > SEED_MAX:
         raise JobError(f"seed + count - 1 must not exceed {SEED_MAX}", field="seed")
+    loras.requested(values["prompt"], values["loras"], rules.loras)  # the tags' weights and names, no repeats
     return Job(id=job_id, source=source, **values)
 
 
@@ -396,6 +421,7 @@ def _field_schemas(rules: Rules) -> dict[str, dict[str, Any]]:
     side = {"type": "integer", "multipleOf": 8, "minimum": rules.min_side, "maximum": rules.max_side}
     text = {"type": "string", "maxLength": rules.max_prompt_chars}
     guidance = {"type": "number", "minimum": 0, "maximum": GUIDANCE_MAX}
+    weight = {"type": "number"}
     names = samplers.names() + samplers.legacy_names() + sorted({s.scheduler for s in samplers.SAMPLERS})
     schedules = samplers.schedules() + ["automatic", "uniform", "karras", "exponential", "sgm_uniform"]
     return {
@@ -412,6 +438,9 @@ def _field_schemas(rules: Rules) -> dict[str, dict[str, Any]]:
         "scheduler": {"type": "string", "enum": schedules},
         "schedule_type": {"type": "string", "enum": schedules},
         "clip_skip": {"type": "integer", "minimum": 1, "maximum": CLIP_SKIP_MAX},
+        "loras": {"type": ["object", "null"], "propertyNames": {"minLength": 1}, "additionalProperties": {
+            "oneOf": [weight, {"type": "object", "minProperties": 1, "additionalProperties": False,
+                               "properties": {"te": weight, "unet": weight}}]}},
         "priority": {"type": "integer", "minimum": -PRIORITY_LIMIT, "maximum": PRIORITY_LIMIT},
         "metadata": {"type": ["object", "null"]},
     }

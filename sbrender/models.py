@@ -23,7 +23,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from .errors import ModelError, first_line
 
@@ -386,6 +386,17 @@ def _config_folder(path: Path, setting: str) -> Path:
 def file_sha256(path: Path, cache: Path) -> str:
     """The sha256 of a file, cached in ``cache/model-hashes.json`` by path, size and
     modification time: a 4 GB checkpoint is read once, not at every start."""
+    try:
+        return cached_sha256(path, cache, "sha256")
+    except OSError as err:
+        raise ModelError(f"cannot read model checkpoint {path}: {err.strerror or err}") from None
+
+
+def cached_sha256(path: Path, cache: Path, kind: str = "sha256",
+                  start: Callable[[BinaryIO], int] | None = None) -> str:
+    """The sha256 of a file's bytes from ``start(file)`` on (all of them without),
+    kept in ``cache/model-hashes.json`` under ``kind`` while the file's path, size
+    and modification time stay the same. Raises ``OSError``."""
     stat = path.stat()
     key = str(path.absolute())
     stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
@@ -397,16 +408,17 @@ def file_sha256(path: Path, cache: Path) -> str:
     except (OSError, ValueError):
         known = {}
     entry = known.get(key)
-    if isinstance(entry, dict) and {k: entry.get(k) for k in stamp} == stamp and isinstance(entry.get("sha256"), str):
-        return entry["sha256"]
+    if not isinstance(entry, dict) or {k: entry.get(k) for k in stamp} != stamp:
+        entry = dict(stamp)  # a changed file: its other hashes are stale too
+    if isinstance(entry.get(kind), str):
+        return entry[kind]
     digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    except OSError as err:
-        raise ModelError(f"cannot read model checkpoint {path}: {err.strerror or err}") from None
-    known[key] = {**stamp, "sha256": digest.hexdigest()}
+    with open(path, "rb") as f:
+        if start is not None:
+            f.seek(start(f))
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    known[key] = {**entry, kind: digest.hexdigest()}
     try:  # a cache: a folder we cannot write only costs a rehash next time
         store.parent.mkdir(parents=True, exist_ok=True)
         fd, temp = tempfile.mkstemp(prefix=f".{HASHES_FILE}.", dir=store.parent)

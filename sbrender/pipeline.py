@@ -22,9 +22,10 @@ import numpy as np  # noqa: E402
 import structlog  # noqa: E402
 import torch  # noqa: E402
 
-from . import __version__, conditioning, editing, embeddings, faults, models, prompts, samplers, speedups
+from . import (__version__, adapters, conditioning, editing, embeddings, faults, loras, models, prompts, samplers,
+               speedups)
 from .config import Settings
-from .errors import RenderError, ShutdownRequested, first_line
+from .errors import JobError, RenderError, ShutdownRequested, first_line
 from .jobs import Job
 from .promptcache import PromptCache
 from .renderer import RenderOutput, StepCallback, call_key, only
@@ -74,6 +75,8 @@ class DiffusersRenderer:
         self._vae_tiling = False
         self.perf: dict[str, Any] = {}
         self._text_encoder: Any = None  # float32, for the conditioning
+        self._adapters: adapters.Adapters | None = None
+        self._loras: loras.Catalog | None = None  # loras_dir, scanned when a job first names a LoRA
         self.catalog = embeddings.Catalog()
         self._embedding_names: conditioning.EmbeddingNames | None = None
         self._embeddings_stamp: tuple[Any, ...] = ()
@@ -107,6 +110,9 @@ class DiffusersRenderer:
                               else copy.deepcopy(text_encoder).to(torch.float32))
         self._load_embeddings()
         self.perf = speedups.apply(self.pipe, self.settings, self.device)
+        # LoRAs go into the UNet and this float32 text encoder (the one that encodes).
+        self._adapters = adapters.Adapters(self.pipe, self._text_encoder, self.settings["loras_cache"],
+                                           self.settings.cache)
         if self.settings["perf.compile"] != "off":
             self.warm_up()
         return time.perf_counter() - start
@@ -183,11 +189,14 @@ class DiffusersRenderer:
         self._use_vae_tiling(job.width, job.height)
         counts = [len(seeds) for _, seeds in items]
         generators = [torch.Generator("cpu").manual_seed(seed) for _, seeds in items for seed in seeds]
+        used = self._use_loras(job)  # one set per call: it is part of the batch key; before encoding
         try:
             with torch.inference_mode():
                 schedule, facts = self._conditioning(items)
         except ValueError as err:
             raise RenderError(f"cannot encode the prompt: {first_line(err)}") from err
+        if used:
+            facts = [{**fact, "loras": used} for fact in facts]
         cond = schedule.at(0)
         fault = next((f for j, _ in items if (f := self.faults.get(j.id)) is not None), None)
         stopped = False
@@ -241,6 +250,28 @@ class DiffusersRenderer:
             outputs.append(output)
         return outputs
 
+    def _use_loras(self, job: Job) -> list[dict[str, Any]]:
+        """Make the job's LoRA set the active one (none: adapters off); per LoRA its
+        record for the result. Raises ``JobError`` for a name no file has, ``RenderError``."""
+        assert self._adapters is not None, "load() first"
+        uses = job.lora_set
+        if uses and self.settings["perf.fuse_qkv"]:
+            raise RenderError("LoRAs cannot be used with perf.fuse_qkv: the fused q/k/v projections would "
+                              "bypass the LoRA's layers", hint="set perf.fuse_qkv: false to render LoRAs")
+        if uses:
+            try:
+                if self._loras is None:
+                    raise JobError("loras_dir not scanned yet")
+                loras.requested(job.prompt, job.loras, self._loras)
+                if not all(self._loras.lookup(u.name).path.exists() for u in uses):
+                    raise JobError("a LoRA file is gone")
+            except JobError:
+                # loras_dir as it is now (files added, removed or renamed since), once.
+                self._loras = loras.scan(self.settings.loras_dir)
+                loras.requested(job.prompt, job.loras, self._loras)  # its error is the job's
+        catalog = self._loras
+        return self._adapters.use([(catalog.lookup(u.name), u) for u in uses] if catalog is not None else [])
+
     def _conditioning(self, items: list[tuple[Job, list[int]]]
                       ) -> tuple[conditioning.CallSchedule, list[dict[str, Any]]]:
         """Per image its job's prompt and negative embeddings (A1111's rules) over
@@ -289,7 +320,7 @@ class DiffusersRenderer:
 
     def _text_encoder_loras(self) -> tuple[Any, ...]:
         """The LoRAs active in the text encoder, with their weights: part of a cached prompt's key."""
-        return ()
+        return self._adapters.text_encoder_state() if self._adapters is not None else ()
 
     def _check(self, arrays: np.ndarray, nsfw: list[bool], seeds: list[int], scheduler: dict[str, Any],
                timings: dict[str, float], prompt: dict[str, Any]) -> RenderOutput | RenderError:

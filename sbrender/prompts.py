@@ -13,8 +13,9 @@ uses the same parse to build the conditioning (``sbrender.conditioning``).
 
 Prompt editing (``[a:b:N]``) and alternation (``[a|b]``) are scheduled over the
 steps first (``sbrender.editing``); each scheduled text is parsed here.
-Composable prompts (``AND``) and extra networks are not rendered yet: ``problem``
-names them, so a job that uses them is refused instead of drawn differently.
+Composable prompts (``AND``) and extra networks other than LoRAs (read by
+``sbrender.loras``) are not rendered yet: ``problem`` names them, so a job that
+uses them is refused instead of drawn differently.
 """
 
 from __future__ import annotations
@@ -134,10 +135,10 @@ def problem(text: str, positive: bool = True) -> str | None:
     """Why this prompt cannot be rendered as A1111 would render it, or None."""
     if positive:
         _, networks = extract_networks(text)
-        if networks:
-            net = networks[0]
-            if net.kind == "lora":
-                return f"uses the LoRA tag {net.text}: LoRAs are not supported yet"
+        # LoRA tags are read by sbrender.loras (their weights and names are checked there).
+        other = [net for net in networks if net.kind != "lora"]
+        if other:
+            net = other[0]
             return f"uses the extra-network tag {net.text}: extra networks ({net.kind}) are not supported yet"
         if _AND.search(text):
             return "uses AND (composable prompts), which is not supported yet"

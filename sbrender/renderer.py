@@ -27,7 +27,8 @@ class RenderOutput:
     scheduler: dict[str, Any]
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)  # recorded in the result, e.g. a black image
-    # How the prompt was encoded, recorded in the result: {"chunks": k, "negative_chunks": m}
+    # How the prompt was encoded, recorded in the result: {"chunks": k, "negative_chunks": m,
+    # "loras": [{"name", "te", "unet", "hash", "sha256"}, ...] when the job used LoRAs}
     prompt: dict[str, Any] = field(default_factory=dict)
 
 
@@ -54,11 +55,12 @@ class Renderer(Protocol):
 
 def call_key(entry: Entry) -> Hashable | None:
     """What must be equal for jobs to share one diffusers call: size, steps,
-    sampler, CFG and clip skip. None for an entry that is not a renderable job."""
+    sampler and schedule, CFG, clip skip and the LoRA set (names and both weights, in order:
+    one set is active per call). None for an entry that is not a renderable job."""
     if not isinstance(entry, Job):
         return None
     return (entry.width, entry.height, entry.steps, entry.sampler, entry.scheduler, entry.guidance_scale,
-            entry.clip_skip)
+            entry.clip_skip, entry.lora_set)
 
 
 def only(outs: list[RenderOutput | RenderError]) -> RenderOutput:

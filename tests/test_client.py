@@ -92,10 +92,30 @@ def test_submit_validates_before_writing_anything(client: Client, fields: dict[s
     assert everything(client) == []
 
 
-def test_submit_refuses_a_lora_tag(client: Client) -> None:
-    with pytest.raises(JobError, match="prompt uses the LoRA tag <lora:x:1>: LoRAs are not supported yet"):
-        client.submit("a cat <lora:x:1>", job_id="cat")
+def test_submit_refuses_an_unknown_lora_when_it_knows_the_folder(tmp_path: Path) -> None:
+    from sbrender import loras
+    from sbrender.config import load_settings
+
+    spool = tmp_path / "spool"
+    (spool / "inbox").mkdir(parents=True)
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "loras" / "add_detail.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    client = Client.from_settings(load_settings(empty, env={}, overrides={
+        "inbox": str(spool / "inbox"), "outbox": str(spool / "outbox"), "state": str(spool / "state"),
+        "loras_dir": str(tmp_path / "loras")}))
+    with pytest.raises(JobError, match="unknown LoRA add_detial in .*did you mean add_detail"):
+        client.submit("a cat <lora:add_detial:1>", job_id="cat")
+    with pytest.raises(JobError, match="the weight in <lora:add_detail:x> must be a number"):
+        client.submit("a cat <lora:add_detail:x>", job_id="cat")
     assert everything(client) == []
+    client.submit("a cat <lora:add_detail:0.8>", job_id="cat", loras=None)
+    # Without a catalog (a Client built by hand), the name waits for the daemon's check.
+    bare = Client(spool / "inbox", spool / "outbox", spool / "state")
+    assert bare.rules.loras is None
+    bare.submit("a dog <lora:anything:1>", job_id="dog")
+    assert isinstance(client.rules.loras, loras.Catalog)
 
 
 def test_submit_without_a_prompt_is_refused(client: Client) -> None:

@@ -13,7 +13,7 @@ from sbrender.config import BY_KEY, SETTINGS, load_settings, read_config_file
 from sbrender.errors import ConfigError
 
 REPO_CONFIG = Path(__file__).parent.parent / "config" / "sbrender.yaml"
-PATH_KEYS = ("inbox", "outbox", "state", "embeddings_dir")
+PATH_KEYS = ("inbox", "outbox", "state", "embeddings_dir", "loras_dir")
 
 
 @pytest.fixture(autouse=True)

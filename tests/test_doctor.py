@@ -76,3 +76,16 @@ def test_a_model_path_that_does_not_exist_says_so(spool: Spool, model_cache: Pat
     assert (f"fail  model: model ./models/sd15 is a path, and {spool.root / 'models' / 'sd15'} does not exist\n"
             "      fix: set model to the path of an existing diffusers pipeline folder or .safetensors checkpoint, "
             f"relative to the working directory {spool.root} or absolute\n") in proc.stdout
+
+
+def test_lora_files_are_listed_and_an_unusable_one_named(spool: Spool, model_cache: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "loras"
+    (folder / "style").mkdir(parents=True)
+    (folder / "style" / "add_detail.safetensors").write_bytes(b"\x02\x00\x00\x00\x00\x00\x00\x00{}")
+    (folder / "old.pt").write_bytes(b"pickle")
+    proc = sbrender("doctor", *spool.cli_args(), env=daemon_env(model_cache, SBRENDER_LORAS_DIR=str(folder)),
+                    cwd=spool.root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"ok    loras: 2 file(s) in {folder}: add_detail, old" in proc.stdout
+    assert f"warn  loras: {folder / 'old.pt'} is a pickle (.pt): loading it could run" in proc.stdout
+    assert "fix: convert it to .safetensors" in proc.stdout

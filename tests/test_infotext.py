@@ -115,3 +115,28 @@ def test_lora_and_ti_hashes_follow_clip_skip_in_a1111_order() -> None:
 ])
 def test_model_is_a_name_never_a_server_path(record: dict[str, str], name: str) -> None:
     assert infotext_name(record) == name
+
+
+def test_sd_parsers_reads_our_png_as_an_a1111_image() -> None:
+    """sd-parsers (image browsers, civitai-like tools) on a PNG with every key we write."""
+    from sd_parsers import ParserManager
+    from sd_parsers.data import Generators
+
+    params = {"prompt": "masterpiece, (a cat:1.2), <lora:add_detail:0.8>", "negative_prompt": "easynegative, blurry",
+              "steps": 28, "sampler": "DPM++ 2M", "scheduler": "Karras", "guidance_scale": 7,
+              "width": 512, "height": 768, "clip_skip": 2}
+    resources = {"loras": [{"name": "add_detail", "hash": "7c6bad76eb54"}],
+                 "embeddings": [{"name": "easynegative", "hash": "c74b4e810b03", "in": "negative_prompt"}]}
+    data = encode_png(Image.new("RGB", (8, 8)),
+                      {"parameters": infotext(params, 1234, "dreamshaper_8", "879db523c3", resources)})
+    info = ParserManager().parse(Image.open(io.BytesIO(data)))
+    assert info is not None and info.generator == Generators.AUTOMATIC1111
+    (sampler,) = info.samplers
+    assert sampler.name == "DPM++ 2M"
+    assert sampler.parameters["scheduler"] == "Karras"
+    assert (sampler.parameters["cfg_scale"], sampler.parameters["seed"], sampler.parameters["steps"]) == (
+        "7", "1234", "28")
+    assert (sampler.model.name, sampler.model.hash) == ("dreamshaper_8", "879db523c3")
+    assert [p.value for p in sampler.prompts] == [params["prompt"]]
+    assert [p.value for p in sampler.negative_prompts] == [params["negative_prompt"]]
+    assert info.metadata["Size"] == "512x768" and info.metadata["Clip skip"] == "2"

@@ -30,6 +30,13 @@ CASES: list[tuple[Any, bool]] = [
     ({"prompt": "a", "metadata": [1]}, False),
     ({"defaults": {"steps": 0}, "jobs": [{"prompt": "a"}]}, False),
     ([], False),
+    ({"prompt": "a <lora:x:0.5>", "loras": {"y": 0.5, "z": {"te": 1, "unet": -0.2}, "w": {"unet": 2}}}, True),
+    ({"prompt": "a", "loras": None}, True),
+    ({"prompt": "a", "loras": {"x": "0.5"}}, False),
+    ({"prompt": "a", "loras": {"x": {"te": 1, "dyn": 4}}}, False),
+    ({"prompt": "a", "loras": {"x": {}}}, False),
+    ({"prompt": "a", "loras": {"": 1}}, False),
+    ({"prompt": "a", "loras": ["x"]}, False),
 ]
 
 

@@ -58,6 +58,11 @@ def test_bench_times_the_plain_loop_and_the_daemon_and_writes_a_report(tmp_path:
     assert "ratios: daemon_b1/plain_b1" in proc.stdout
     assert "daemon/plain by round, batch 1: " in proc.stdout
     assert not list(tmp_path.glob("sbrender-bench-*")), "the bench's spool is removed"
+    # Last, LoRA sets switched 20 times, against a denoising step of the same model.
+    lora = data["lora"]
+    assert lora["switches"] == 20 and lora["step_ms"] > 0 and lora["switch_ms"] > 0
+    assert lora["switch/step"] == pytest.approx(lora["switch_ms"] / lora["step_ms"], rel=1e-2)
+    assert "LoRA: switching between two loaded sets" in proc.stdout
 
 
 def test_bench_refuses_an_unknown_setting(tmp_path: Path, model_cache: Path) -> None:
