@@ -72,6 +72,10 @@ class InboxForwarder:
     def close(self) -> None:
         self.spool.forget_owner(self.spool.owner)
 
+    def waiting(self) -> bool:
+        """Whether a job file waits in the inbox, to be forwarded."""
+        return any(True for _ in self.spool.inbox_files())
+
     def refresh(self) -> None:
         """Forward what dead daemons left claimed, then what settled in the inbox;
         now and then, remove the temp files that dead daemons left."""

@@ -260,7 +260,7 @@ class RedisBroker:
 
     def drained(self) -> bool:
         self._count()
-        return self._down is None and self.pending() == 0 and not self._ready
+        return self._down is None and self.pending() == 0 and not self._ready and not self.forwarder.waiting()
 
     def wait_s(self, most: float) -> float:
         now = time.monotonic()

@@ -155,6 +155,24 @@ def test_a_daemon_started_before_its_server_waits_paused_and_serves_once_it_answ
     assert client.wait("first", timeout=30)["status"] == "succeeded"
 
 
+def test_run_once_renders_what_is_queued_and_dropped_then_stops(
+        tmp_path: Path, redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(env={}, overrides={
+        "queue": redis_server.url, "inbox": str(tmp_path / "inbox"), "outbox": str(tmp_path / "outbox"),
+        "state": str(tmp_path / "state"), "metrics_dir": "off", "defaults.width": 64, "defaults.height": 64,
+        "watch.settle_seconds": 0.1, "watch.rescan_seconds": 0.1})
+    client = client_of(redis_server, settings.outbox)
+    for k in range(3):
+        client.submit(f"queued {k}", job_id=f"q{k}")
+    settings.inbox.mkdir(parents=True)
+    drop(settings.inbox, "dropped.yaml", "prompt: dropped\n")
+    renderer = ScriptedRenderer()
+    assert Service(settings, renderer).run(once=True) == 0
+    assert sorted(ids for call in renderer.calls for ids in call) == ["dropped", "q0", "q1", "q2"]
+    assert all(client.result(job_id)["status"] == "succeeded" for job_id in ("q0", "q1", "q2", "dropped"))
+
+
 def drop(inbox: Path, name: str, text: str) -> None:
     """As a producer should: a hidden temp name, then a rename."""
     (inbox / f".{name}.tmp").write_text(text)
