@@ -66,6 +66,7 @@ class RedisBroker:
         self.wake = wake
         self.consumer = f"{owner_name()}-{secrets.token_hex(3)}"
         self.redis = rq.connect(self.url)
+        self._fetch_script = self.redis.register_script(rq.FETCH)
         self._start = self.redis.register_script(rq.START)
         self._renew = self.redis.register_script(rq.RENEW)
         self._commit = self.redis.register_script(rq.COMMIT)
@@ -227,14 +228,14 @@ class RedisBroker:
 
     def _fetch(self, keys: tuple[str, ...], count: int) -> None:
         """New entries of the first of ``keys`` that has any (non-blocking)."""
-        for key in keys:
-            reply = self._guard(None, self.redis.xreadgroup, rq.GROUP, self.consumer, {key: ">"}, count=count)
-            entries = [item for _, items in reply or [] for item in items]
-            for eid, fields in entries:
-                if fields:
-                    self._hold(key, eid, fields)
-            if entries or self._down is not None:
-                return
+        reply = self._guard(None, self._fetch_script, keys=list(keys), args=[self.consumer, count])
+        if not reply:
+            return
+        key, entries = reply
+        for eid, flat in entries:
+            fields = dict(zip(flat[::2], flat[1::2])) if flat else {}
+            if fields:
+                self._hold(key, eid, fields)
 
     def _hold(self, key: str, eid: str, fields: dict[str, str]) -> Held | None:
         job_id = fields.get("id", "")

@@ -164,6 +164,16 @@ end
 return st[1]
 """
 
+# KEYS: streams, in the order to read them. ARGV: consumer, count. The new entries
+# of the first stream that has any: one round trip, not one per band.
+FETCH = """
+for _, key in ipairs(KEYS) do
+  local r = redis.call('XREADGROUP', 'GROUP', 'render', ARGV[1], 'COUNT', ARGV[2], 'STREAMS', key, '>')
+  if r then return {key, r[1][2]} end
+end
+return false
+"""
+
 # KEYS: job, stream, events, dlq. ARGV: entry id, consumer, max crashes, job id.
 # 0: not ours to start (moved, finished, taken over): it is acked away or left.
 # A job taken over from another daemon that was running it gets a crash counted.

@@ -1,0 +1,122 @@
+"""Dispatch on the Redis queue: jobs claimed and acknowledged per second by many
+daemons' brokers (no render, no publishing), as a ratio to raw XREADGROUP + XACK
+by as many processes against the same server in the same run. A benchmark, not
+a test:
+
+    python tests/redis_bench.py --jobs 20000 --daemons 16
+
+Each broker process runs what a daemon's loop runs per job (refresh, take: a
+read and the owner-checked start, may_publish: a renewal, done: the fenced
+commit); the raw processes only read and ack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from redis_server import RedisServer  # noqa: E402
+
+
+def _broker_loop(url: str, root: str, ready: object, go: object) -> None:
+    from sbrender.config import load_settings
+    from sbrender.redisbroker import RedisBroker
+    from sbrender.renderer import call_key
+
+    settings = load_settings(env={}, overrides={"queue": url, "inbox": f"{root}/inbox", "outbox": f"{root}/outbox",
+                                                "state": f"{root}/state", "watch.rescan_seconds": 3600})
+    broker = RedisBroker(settings, threading.Event())
+    broker.prepare()
+    ready.release()  # type: ignore[attr-defined]
+    go.wait()  # type: ignore[attr-defined]
+    idle = 0
+    while idle < 3:
+        broker.refresh()
+        takes = broker.take(1, call_key)
+        if not takes:
+            idle += 1
+            time.sleep(0.01)
+            continue
+        idle = 0
+        for take in takes:
+            if broker.may_publish(take):
+                broker.done(take, True, {"id": take.entry.id, "status": "succeeded"})
+
+
+def _raw_loop(url: str, stream: str, ready: object, go: object) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url, decode_responses=True)
+    name = f"raw-{multiprocessing.current_process().pid}"
+    ready.release()  # type: ignore[attr-defined]
+    go.wait()  # type: ignore[attr-defined]
+    while True:
+        reply = client.xreadgroup("raw", name, {stream: ">"}, count=1)
+        if not reply:
+            return
+        for _, items in reply:
+            for eid, _ in items:
+                client.xack(stream, "raw", eid)
+
+
+def _run(target: object, args: tuple[object, ...], n: int) -> float:
+    ctx = multiprocessing.get_context("spawn")
+    ready, go = ctx.Semaphore(0), ctx.Event()
+    procs = [ctx.Process(target=target, args=(*args, ready, go)) for _ in range(n)]  # type: ignore[arg-type]
+    for proc in procs:
+        proc.start()
+    for _ in procs:
+        ready.acquire()
+    start = time.perf_counter()
+    go.set()
+    for proc in procs:
+        proc.join()
+    return time.perf_counter() - start
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=20000)
+    parser.add_argument("--daemons", type=int, default=16)
+    args = parser.parse_args()
+    from sbrender.redisqueue import RedisQueue
+
+    with tempfile.TemporaryDirectory(prefix="sbrender-redis-bench-") as tmp:
+        server = RedisServer(Path(tmp) / "redis")
+        server.start()
+        try:
+            client = server.client()
+            client.config_set("appendfsync", "everysec")  # as a production server runs
+            raw = "{sbr}:bench:raw"
+            pipe = client.pipeline(transaction=False)
+            for k in range(args.jobs):
+                pipe.xadd(raw, {"id": f"r{k}"})
+            pipe.execute()
+            client.xgroup_create(raw, "raw", id="0")
+            raw_s = _run(_raw_loop, (server.url, raw), args.daemons)
+            queue = RedisQueue(server.url)
+            for k in range(args.jobs):
+                queue.submit(f"b{k}", {"prompt": "bench"}, 0)
+            ours_s = _run(_broker_loop, (server.url, tmp), args.daemons)
+            left = client.xlen("{sbr}:q:normal")
+        finally:
+            server.kill()
+    raw_rate, ours_rate = args.jobs / raw_s, args.jobs / ours_s
+    print(f"{args.daemons} processes, {args.jobs} jobs each way; redis-server on this machine")
+    print(f"raw XREADGROUP + XACK:       {raw_rate:8.0f} jobs/s")
+    print(f"sbrender brokers (fenced):   {ours_rate:8.0f} jobs/s  ({ours_rate / raw_rate:.2f} of raw)")
+    if left:
+        print(f"{left} entries left unacknowledged")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
