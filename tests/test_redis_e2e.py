@@ -373,7 +373,8 @@ def test_a_daemon_killed_mid_render_leaves_the_job_to_another_which_publishes_it
     result = _one_result(redis_spool, client, "victim")
     assert _consumer_of_result(redis_server, "victim").startswith(second.owner + "-")
     assert job_field(redis_server, "victim", "crashes") == "1"
-    assert result["images"][0]["seed"] is not None
+    assert job_field(redis_server, "victim", "attempts") == "2", "rendered at least once: here, twice"
+    assert result["params"]["steps"] == 2
 
 
 def _consumer_of_result(server: RedisServer, job_id: str) -> str:
@@ -399,5 +400,7 @@ def test_a_daemon_paused_past_its_lease_cannot_publish_and_the_job_has_one_resul
     wait_for(lambda: first.events("job taken over by another daemon; its result is not published here"),
              message=lambda: "the paused daemon never learnt it lost the job:\n" + first.log_path.read_text()[-3000:])
     assert _one_result(redis_spool, client, "paused") == result, "its late publish was refused"
+    assert second.stop() == 0
     client.submit("the paused daemon goes on", job_id="later", steps=1)
     assert client.wait("later", timeout=120)["status"] == "succeeded"
+    assert _consumer_of_result(redis_server, "later").startswith(first.owner + "-")
