@@ -1,7 +1,7 @@
 """`sbrender models`: what the daemon renders with, listed without loading it.
 
 One row of ``SECTIONS`` per kind of file (the model, textual-inversion
-embeddings, ...); each lists its items as plain dicts. Torch-free and quick:
+embeddings, LoRAs); each lists its items as plain dicts. Torch-free and quick:
 file headers and cached hashes only, so it runs on any host.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import embeddings, models
+from . import embeddings, loras, models
 from .config import Settings
 from .errors import ModelError
 
@@ -80,9 +80,30 @@ def embedding_items(s: Settings) -> list[dict[str, Any]]:
     return items
 
 
+def lora_items(s: Settings) -> list[dict[str, Any]]:
+    """The LoRA folder's files: name (and ss_output_name alias), A1111's hash; why one cannot be used."""
+    items = []
+    catalog = loras.scan(s.loras_dir)
+    aliases = {f.path: alias for alias, f in catalog.aliases().items()}
+    for lora in sorted(catalog.files, key=lambda f: (f.name, str(f.path))):
+        item: dict[str, Any] = {"name": lora.name, "file": str(lora.path)}
+        if lora.path in aliases:
+            item["alias"] = aliases[lora.path]
+        if lora.problem:
+            item["problem"] = lora.problem
+        else:
+            try:
+                item["hash"] = loras.short_hash(lora, s.cache)
+            except OSError as err:
+                item["problem"] = f"cannot be read: {err.strerror or err}"
+        items.append(item)
+    return items
+
+
 SECTIONS: tuple[Section, ...] = (
     Section("model", lambda s: "model", model_items, ("name", "kind", "hash")),
     Section("embeddings", lambda s: str(s.embeddings_dir), embedding_items, ("name", "vectors", "hash")),
+    Section("loras", lambda s: str(s.loras_dir), lora_items, ("name", "alias", "hash")),
 )
 
 

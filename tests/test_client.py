@@ -83,7 +83,8 @@ def test_generated_ids_are_valid_and_distinct(client: Client) -> None:
     ({"stepz": 4}, "unknown field: stepz"),
     ({"sampler": "Eulr"}, "unknown sampler 'Eulr'"),
     ({"metadata": {1: "one"}}, "metadata must hold only strings"),
-    ({"negative_prompt": "[a:b:5]"}, r"negative_prompt uses prompt editing \[a:b:5\], which is not supported yet"),
+    ({"loras": {"detail": "strong"}}, "loras: the weight of detail must be a number, not the string 'strong'"),
+    ({"sampler": "DPM++ 2M", "scheduler": "Polyexponential"}, "unknown schedule type 'Polyexponential'"),
     ({"clip_skip": 13}, "clip_skip is 13, outside the allowed range 1 to 12"),
 ])
 def test_submit_validates_before_writing_anything(client: Client, fields: dict[str, Any], message: str) -> None:

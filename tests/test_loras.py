@@ -512,3 +512,21 @@ def test_jobs_share_a_batch_only_with_the_same_lora_set(tmp_path: Path, model_ca
     for name in jobs:
         assert np.abs(images[1][name] - images[4][name]).max() <= 2, name
     assert np.abs(images[1]["a1"] - images[1]["b"]).max() > 2  # the weight shows
+
+
+def test_models_lists_the_loras_with_aliases_and_hashes(tmp_path: Path, model_cache: Path) -> None:
+    folder = tmp_path / "loras"
+    plain = write_lora(folder / "add_detail.safetensors", {})
+    write_lora(folder / "styles" / "v2_final.safetensors", {}, {"ss_output_name": "inkwash"})
+    (folder / "old.pt").write_bytes(b"not read")
+    proc = sbrender("models", "--json", env=daemon_env(model_cache, SBRENDER_LORAS_DIR=str(folder)), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    listing = json.loads(proc.stdout)["loras"]
+    assert listing["source"] == str(folder)
+    items = {item["name"]: item for item in listing["items"]}
+    assert items["add_detail"]["hash"] == loras.short_hash(loras.scan(folder).lookup("add_detail"), model_cache)
+    assert items["add_detail"]["file"] == str(plain)
+    assert items["v2_final"]["alias"] == "inkwash" and len(items["v2_final"]["hash"]) == 12
+    assert "pickle" in items["old"]["problem"]
+    text = sbrender("models", env=daemon_env(model_cache, SBRENDER_LORAS_DIR=str(folder)), cwd=tmp_path).stdout
+    assert f"loras ({folder})" in text and "inkwash" in text
