@@ -32,6 +32,7 @@ run: $(STAMP)
 PYTEST_WORKERS ?= 2
 
 test: $(STAMP)
+	scripts/ensure-redis-server
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --durations=25 $(PYTEST_ARGS)
 	$(BIN)/python examples/django/manage.py test --noinput --verbosity 0
 
