@@ -149,6 +149,12 @@ def build_tiny_random(target: Path) -> None:
         text_encoder = CLIPTextModel(CLIPTextConfig(
             bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05,
             num_attention_heads=4, num_hidden_layers=5, pad_token_id=1, vocab_size=1000))
+        # A trained CLIP's final LayerNorm has a real scale and shift; left at 1 and 0, every
+        # token's mean is ~0 and A1111's emphasis (which divides by the mean) gives inf.
+        norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand_like(norm.weight) + 0.5)
+            norm.bias.copy_(0.5 * torch.randn_like(norm.bias) + 0.3)
     _save_pipeline(target, unet, vae, text_encoder)
 
 
@@ -187,7 +193,7 @@ class Builtin:
 
 
 BUILTINS: dict[str, Builtin] = {
-    "tiny-random": Builtin("tiny-random", 2, build_tiny_random, True),
+    "tiny-random": Builtin("tiny-random", 3, build_tiny_random, True),
     "sd15-random": Builtin("sd15-random", 1, build_sd15_random, True),
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import os
 import platform
+import re
 import time
 from typing import Any
 
@@ -246,7 +247,7 @@ class DiffusersRenderer:
             first += len(seeds)
             output = self._check(arrays[part], nsfw[part], seeds, scheduler, timings, fact)
             if isinstance(output, RenderOutput):
-                output.warnings.extend(prompts.notes(job.prompt, job.negative_prompt))
+                output.warnings.extend(prompts.notes(job.prompt, job.negative_prompt) + self._skipped_notes(job))
             outputs.append(output)
         return outputs
 
@@ -318,6 +319,21 @@ class DiffusersRenderer:
             facts.append(fact)
         return conditioning.CallSchedule(conds, unconds, embed("", False)[0].embeds), facts
 
+    def _skipped_notes(self, job: Job) -> list[str]:
+        """A word of the prompts that names an embeddings file the daemon skipped is
+        drawn as text, as in A1111; the result says so, and why the file was skipped."""
+        usable = self.catalog.usable()
+        notes = []
+        for entry in self.catalog.files:
+            if entry.usable or entry.name.lower() in (name.lower() for name in usable):
+                continue
+            word = re.compile(rf"(?<![\w]){re.escape(entry.name)}(?![\w])", re.IGNORECASE)
+            for field, text in (("prompt", job.prompt), ("negative_prompt", job.negative_prompt)):
+                if word.search(text):
+                    notes.append(f"{field}: {entry.name} is drawn as text: its embedding file {entry.path} was "
+                                 f"skipped ({entry.problem})")
+        return notes
+
     def _text_encoder_loras(self) -> tuple[Any, ...]:
         """The LoRAs active in the text encoder, with their weights: part of a cached prompt's key."""
         return self._adapters.text_encoder_state() if self._adapters is not None else ()
@@ -326,9 +342,16 @@ class DiffusersRenderer:
                timings: dict[str, float], prompt: dict[str, Any]) -> RenderOutput | RenderError:
         broken = [k + 1 for k in range(len(arrays)) if not np.isfinite(arrays[k]).all()]
         if broken:
+            if self.dtype == torch.float16:
+                hint = "float16 overflow is the usual cause: try dtype bfloat16 or float32"
+            else:
+                hint = (f"in {str(self.dtype).removeprefix('torch.')} this comes from the model or a LoRA's "
+                        "weights (NaN or inf in the file), or emphasis on a text encoder whose outputs average 0")
+            if prompt.get("loras"):
+                hint += f"; the job used LoRAs {', '.join(str(u['name']) for u in prompt['loras'])}: try without them"
             return RenderError(
                 f"the model produced NaN values (image {', '.join(map(str, broken))} of {len(arrays)}); "
-                f"nothing usable to save", hint="float16 overflow is the usual cause: try dtype bfloat16 or float32")
+                f"nothing usable to save", hint=hint)
         black = [k + 1 for k in range(len(arrays)) if float(arrays[k].max()) <= 0.0]
         warnings = [f"image {k} is entirely black" + (" (flagged by the safety checker)" if nsfw[k - 1] else "")
                     for k in black]

@@ -512,3 +512,19 @@ def test_embeddings_are_encoded_as_a1111_places_them(tiny: tuple[Any, Any], vect
         torch.testing.assert_close(conditioning.encode(encoder, bare, clip_skip), as_text, rtol=0, atol=0)
     with pytest.raises(ValueError, match="is not loaded"):
         conditioning.encode(encoder, layout_, clip_skip, {})
+
+
+@pytest.mark.parametrize("prompt, clip_skip", [("a cat, (detailed:1.3)", 2), ("(hyperrealistic:1.3), a house", 1),
+                                               ("(a very detailed red house:1.1) " * 20, 1)])
+def test_the_built_in_tiny_model_takes_emphasis_without_inf(model_cache: Path, prompt: str, clip_skip: int) -> None:
+    """The built-in model's final LayerNorm has a real scale and shift, as a trained
+    CLIP's has: with 1 and 0 a chunk's mean is ~0 and emphasis divides by it."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = ensure_builtin(BUILTINS["tiny-random"], model_cache)
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    encoder = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+    with torch.no_grad():
+        z = conditioning.encode(encoder, chunks_of(tokenizer, prompt), clip_skip)
+    assert torch.isfinite(z).all()
+    assert abs(float(z.mean())) > 0.05

@@ -198,6 +198,8 @@ def test_a_daemon_renders_embeddings_in_both_prompts_as_the_hand_built_condition
     prompt, negative = "a cat, Glow on a mat", "badhands, blurry, glow"
     spool.drop("emb.json", {"prompt": prompt, "negative_prompt": negative, "seed": 3})
     spool.drop("text.json", {"prompt": "a cat, glowing on a mat", "negative_prompt": "blurry", "seed": 3})
+    spool.drop("skipped.json", {"prompt": "a cat, EVIL", "negative_prompt": "xl, blurry, evildoer", "seed": 3,
+                                "steps": 2})
     env = daemon_env(model_cache, SBRENDER_EMBEDDINGS_DIR=str(folder))
     proc = sbrender("run", "--once", *spool.cli_args(), env=env, cwd=spool.root)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -216,6 +218,13 @@ def test_a_daemon_renders_embeddings_in_both_prompts_as_the_hand_built_condition
     ]
     plain = json.loads((spool.outbox / "text.json").read_text())
     assert plain["status"] == "succeeded" and "embeddings" not in plain["prompt"]
+    # A word naming a skipped file is drawn as text, as in A1111, and the result says so.
+    noted = json.loads((spool.outbox / "skipped.json").read_text())
+    assert noted["status"] == "succeeded" and "embeddings" not in noted["prompt"]
+    assert [w.split(" was skipped")[0] for w in noted["warnings"]] == [
+        f"prompt: evil is drawn as text: its embedding file {folder / 'evil.pt'}",
+        f"negative_prompt: xl is drawn as text: its embedding file {folder / 'xl.safetensors'}"]
+    assert "needs full unpickling" in noted["warnings"][0]
     # the infotext's TI hashes, for civitai: the prompt's, then the negative's (A1111's order)
     text = Image.open(spool.outbox / "emb.png").text["parameters"]
     assert f'TI hashes: "glow: {files["glow"].hash}, badhands: {files["badhands"].hash}, glow: {files["glow"].hash}"' \
