@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import SbrenderError, SpoolError
 from .peers import owner_name
+from .prompts import extract_networks
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -269,6 +270,19 @@ def _hashes(records: list[dict[str, Any]]) -> str | None:
     return ", ".join(pairs) or None
 
 
+def _with_field_loras(prompt: str, loras: list[dict[str, Any]]) -> str:
+    """The prompt with a ``<lora:name:w>`` tag for each LoRA of the job's ``loras``
+    field, so A1111 (PNG Info -> txt2img) and civitai see every LoRA the image used."""
+    tagged = {n.name for n in extract_networks(prompt)[1] if n.kind == "lora"}
+    tags = []
+    for lora in loras:
+        if lora["name"] in tagged:
+            continue
+        te, unet = float(lora.get("te", 1.0)), float(lora.get("unet", lora.get("te", 1.0)))
+        tags.append(f"<lora:{lora['name']}:{te:g}>" if te == unet else f"<lora:{lora['name']}:{te:g}:{unet:g}>")
+    return " ".join([prompt, *tags]) if tags else prompt
+
+
 def infotext(params: dict[str, Any], seed: int, model: str, model_hash: str = "",
              resources: dict[str, Any] | None = None) -> str:
     """AUTOMATIC1111's ``parameters`` text, which PNG Info, civitai and image
@@ -298,7 +312,7 @@ def infotext(params: dict[str, Any], seed: int, model: str, model_hash: str = ""
         ("Lora hashes", _hashes(resources.get("loras", []))),
         ("TI hashes", _hashes(resources.get("embeddings", []))),
     ]
-    lines = [params["prompt"]]
+    lines = [_with_field_loras(params["prompt"], resources.get("loras", []))]
     if params.get("negative_prompt"):
         lines.append(f"Negative prompt: {params['negative_prompt']}")
     lines.append(", ".join(f"{k}: {value(v)}" for k, v in fields if v is not None))

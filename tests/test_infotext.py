@@ -89,17 +89,18 @@ def test_lora_and_ti_hashes_follow_clip_skip_in_a1111_order() -> None:
               "clip_skip": 2}
     resources = {"chunks": 1,
                  "loras": [{"name": "add_detail", "te": 0.8, "unet": 0.8, "hash": "7c6bad76eb54"},
-                           {"name": "odd:name,x", "te": 1.0, "unet": 1.0, "hash": "0123456789ab"}],
+                           {"name": "odd,name", "te": 1.0, "unet": 1.0, "hash": "0123456789ab"}],
                  "embeddings": [{"name": "style", "hash": "aaaaaaaaaaaa", "in": "prompt"},
                                 {"name": "easynegative", "hash": "c74b4e810b03", "in": "negative_prompt"}]}
     text = infotext(params, 7, "dreamshaper_8", "879db523c3", resources)
     assert text.endswith('Model: dreamshaper_8, Clip skip: 2, '
-                         'Lora hashes: "add_detail: 7c6bad76eb54, oddnamex: 0123456789ab", '
+                         'Lora hashes: "add_detail: 7c6bad76eb54, oddname: 0123456789ab", '
                          'TI hashes: "style: aaaaaaaaaaaa, easynegative: c74b4e810b03"')
     parsed = parse_generation_parameters(text)
-    assert parsed["Lora hashes"] == "add_detail: 7c6bad76eb54, oddnamex: 0123456789ab"
+    assert parsed["Lora hashes"] == "add_detail: 7c6bad76eb54, oddname: 0123456789ab"
     assert parsed["TI hashes"] == "style: aaaaaaaaaaaa, easynegative: c74b4e810b03"
-    assert parsed["Prompt"] == "a cat, <lora:add_detail:0.8>"  # the tags stay in the prompt, as in A1111
+    # the tags stay in the prompt, as in A1111; a LoRA of the loras field joins them
+    assert parsed["Prompt"] == "a cat, <lora:add_detail:0.8> <lora:odd,name:1>"
     assert "hashes" not in infotext(params, 7, "m", "", {"chunks": 1, "loras": [], "embeddings": []})
 
 
@@ -140,3 +141,15 @@ def test_sd_parsers_reads_our_png_as_an_a1111_image() -> None:
     assert [p.value for p in sampler.prompts] == [params["prompt"]]
     assert [p.value for p in sampler.negative_prompts] == [params["negative_prompt"]]
     assert info.metadata["Size"] == "512x768" and info.metadata["Clip skip"] == "2"
+
+
+def test_loras_of_the_field_join_the_prompt_as_tags_so_a1111_renders_them_too() -> None:
+    params = {"prompt": "a cat <lora:add_detail:0.8>", "negative_prompt": "", "steps": 20, "sampler": "Euler a",
+              "scheduler": "Automatic", "guidance_scale": 7, "width": 512, "height": 512}
+    loras = [{"name": "add_detail", "te": 0.8, "unet": 0.8, "hash": "7c6bad76eb54"},
+             {"name": "film", "te": 0.5, "unet": 0.5, "hash": "0123456789ab"},
+             {"name": "ink wash", "te": 0.3, "unet": 1.0, "hash": "ba9876543210"}]
+    text = infotext(params, 7, "m", "", {"loras": loras})
+    assert text.startswith("a cat <lora:add_detail:0.8> <lora:film:0.5> <lora:ink wash:0.3:1>\nSteps: 20, ")
+    assert parse_generation_parameters(text)["Lora hashes"] == (
+        "add_detail: 7c6bad76eb54, film: 0123456789ab, ink wash: ba9876543210")

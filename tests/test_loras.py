@@ -481,6 +481,8 @@ def test_a_daemon_renders_loras_records_them_and_a_broken_one_fails_alone(tmp_pa
     text = Image.open(spool.outbox / "lora.png").text["parameters"]
     short = hashlib.sha256(data[8 + length:]).hexdigest()[:12]
     assert text.startswith("a cat <lora:my_style:0.8:0.5>\n") and f'Lora hashes: "my_style: {short}"' in text
+    # A LoRA of the loras field joins the infotext's prompt as a tag: A1111 renders it from PNG Info too.
+    assert Image.open(spool.outbox / "field.png").text["parameters"].startswith("a cat <lora:style:0.8>\n")
 
 
 def test_jobs_share_a_batch_only_with_the_same_lora_set(tmp_path: Path, model_cache: Path) -> None:
