@@ -423,7 +423,7 @@ def _field_schemas(rules: Rules) -> dict[str, dict[str, Any]]:
     guidance = {"type": "number", "minimum": 0, "maximum": GUIDANCE_MAX}
     weight = {"type": "number"}
     names = samplers.names() + samplers.legacy_names() + sorted({s.scheduler for s in samplers.SAMPLERS})
-    schedules = samplers.schedules() + ["automatic", "uniform", "karras", "exponential", "sgm_uniform"]
+    schedules = samplers.schedules() + sorted(samplers.API_NAMES)
     return {
         "prompt": {**text, "minLength": 1},
         "negative_prompt": {"type": ["string", "null"], "maxLength": rules.max_prompt_chars},

@@ -139,9 +139,13 @@ def problem(text: str, positive: bool = True) -> str | None:
         other = [net for net in networks if net.kind != "lora"]
         if other:
             net = other[0]
-            return f"uses the extra-network tag {net.text}: extra networks ({net.kind}) are not supported yet"
+            if net.kind.lower() == "lora":
+                return f"uses the tag {net.text}: a LoRA tag is written <lora:name:weight>, in lower case"
+            return (f"uses the extra-network tag {net.text}: extra networks ({net.kind}) are not supported yet; "
+                    "LoRAs (<lora:name:weight>) are")
         if _AND.search(text):
-            return "uses AND (composable prompts), which is not supported yet"
+            return ("uses AND (composable prompts), which is not supported yet: write one prompt (in lower case, "
+                    "\"and\" is an ordinary word)")
     return None
 
 
@@ -153,8 +157,8 @@ def notes(prompt: str, negative: str) -> list[str]:
     found = []
     _, tags = extract_networks(negative)
     if tags:
-        found.append(f"negative_prompt: {tags[0].text} is encoded as text, as A1111 does: extra networks such as "
-                     "LoRAs apply from the prompt only")
+        found.append(f"negative_prompt: {', '.join(t.text for t in tags)} {'is' if len(tags) == 1 else 'are'} "
+                     "encoded as text, as A1111 does: extra networks such as LoRAs apply from the prompt only")
     if _AND.search(negative):
         found.append("negative_prompt: AND is encoded as text, as A1111 does: composable prompts are for the prompt")
     for field, text in (("prompt", extract_networks(prompt)[0]), ("negative_prompt", negative)):

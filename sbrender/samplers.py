@@ -70,9 +70,13 @@ SCHEDULES: dict[str, dict[str, Any]] = {
     "Karras": {"use_karras_sigmas": True},
     "Exponential": {"use_exponential_sigmas": True},
     "SGM Uniform": {"timestep_spacing": "trailing"},
+    "Beta": {"use_beta_sigmas": True},
 }
-_API_NAMES = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras", "exponential": "Exponential",
-              "sgm_uniform": "SGM Uniform"}
+# A1111 1.10 schedule types with no diffusers option that gives them: refused by name.
+UNSERVED_SCHEDULES = ("Polyexponential", "Normal", "Simple", "DDIM", "Align Your Steps", "Align Your Steps GITS",
+                      "Align Your Steps 11", "Align Your Steps 32", "KL Optimal", "Turbo")
+API_NAMES = {"automatic": "Automatic", "uniform": "Uniform", "karras": "Karras", "exponential": "Exponential",
+              "sgm_uniform": "SGM Uniform", "beta": "Beta"}
 # Classes that take a sigma schedule (use_karras_sigmas and the like); the others only their own.
 _SIGMA_CLASSES = frozenset({"DPMSolverMultistepScheduler", "KDPM2DiscreteScheduler",
                             "KDPM2AncestralDiscreteScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler",
@@ -113,7 +117,7 @@ _BY_NAME: dict[str, Sampler] = {_fold(s.name): s for s in SAMPLERS}
 _BY_CLASS: dict[str, Sampler] = {}
 for _s in SAMPLERS:
     _BY_CLASS.setdefault(_s.scheduler.casefold(), _s)
-_SCHEDULE_BY_KEY = {**{_fold(k): k for k in SCHEDULES}, **_API_NAMES}
+_SCHEDULE_BY_KEY = {**{_fold(k): k for k in SCHEDULES}, **API_NAMES}
 
 
 def names() -> list[str]:
@@ -160,6 +164,10 @@ def schedule(name: str) -> str:
     try:
         return _SCHEDULE_BY_KEY[_fold(name)]
     except KeyError:
+        folded = _fold(name).replace("_", " ")
+        if any(folded == _fold(u) for u in UNSERVED_SCHEDULES):
+            raise KeyError(f"schedule type {name!r} cannot be rendered by sbrender: diffusers has no option that "
+                           f"gives it; use one of: {', '.join(SCHEDULES)}") from None
         raise KeyError(f"unknown schedule type {name!r}; use one of: {', '.join(SCHEDULES)}") from None
 
 
@@ -172,7 +180,7 @@ def resolve(sampler: str, scheduler: str = "Automatic") -> Choice:
     label = carried if wanted == "Automatic" else wanted
     if label == "Automatic":
         label = row.automatic
-    if SCHEDULES[label] and label != "SGM Uniform" and row.scheduler not in _SIGMA_CLASSES:
+    if SCHEDULES[label] and label != "SGM Uniform" and row.scheduler not in _SIGMA_CLASSES:  # Karras, ...
         raise KeyError(f"sampler {row.name} takes no {label} schedule in diffusers; use Automatic, Uniform "
                        "or SGM Uniform with it")
     return Choice(row, label)

@@ -221,7 +221,8 @@ def test_a_default_schedule_does_not_carry_over_to_a_jobs_own_sampler() -> None:
 @pytest.mark.parametrize("fields, field, message", [
     ({"sampler": "DPM++ SDE Karras"}, "sampler", "sampler 'DPM++ SDE Karras' cannot be rendered by sbrender: "),
     ({"sampler": "Euler a", "scheduler": "Karras"}, "scheduler", "sampler Euler a takes no Karras schedule"),
-    ({"scheduler": "Polyexponential"}, "scheduler", "unknown schedule type 'Polyexponential'; use one of: "),
+    ({"scheduler": "Polyexponential"}, "scheduler", "schedule type 'Polyexponential' cannot be rendered by sbrender"),
+    ({"scheduler": "Karas"}, "scheduler", "unknown schedule type 'Karas'; use one of: "),
     ({"scheduler": 2}, "scheduler", "scheduler must be a string, not an integer"),
     ({"sampler": "Euler", "scheduler": "Karras", "schedule_type": "Karras"}, "scheduler",
      "both scheduler and its alias schedule_type are given"),

@@ -56,7 +56,8 @@ def test_network_tags_leave_the_positive_text_and_stay_as_data() -> None:
 
 
 @pytest.mark.parametrize("text, message", [
-    ("<hypernet:h:1> a", "extra networks (hypernet) are not supported yet"),
+    ("<hypernet:h:1> a", "extra networks (hypernet) are not supported yet; LoRAs (<lora:name:weight>) are"),
+    ("<LORA:x:1> a", "uses the tag <LORA:x:1>: a LoRA tag is written <lora:name:weight>, in lower case"),
     ("a cat AND a dog", "uses AND (composable prompts), which is not supported yet"),
 ])
 def test_syntax_not_rendered_yet_is_named(text: str, message: str) -> None:
@@ -109,7 +110,8 @@ def test_sbrender_validate_refuses_them_without_loading_torch(tmp_path) -> None:
                           capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 1, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0].endswith("edit: invalid: prompt uses AND (composable prompts), which is not supported yet")
+    assert lines[0].endswith("edit: invalid: prompt uses AND (composable prompts), which is not supported yet: "
+                             "write one prompt (in lower case, \"and\" is an ordinary word)")
     # The LoRA name is looked up in loras_dir (./loras here, absent), still without torch.
     assert f"lora: invalid: unknown LoRA x: loras_dir {tmp_path / 'loras'} does not exist" in lines[1]
     assert lines[2].endswith("fine: ok")
@@ -117,6 +119,7 @@ def test_sbrender_validate_refuses_them_without_loading_torch(tmp_path) -> None:
 
 @pytest.mark.parametrize("prompt, negative, words", [
     ("a cat", "blurry, <lora:x:1>", "negative_prompt: <lora:x:1> is encoded as text, as A1111 does"),
+    ("a cat", "<hypernet:h:1> <lora:x:1>", "negative_prompt: <hypernet:h:1>, <lora:x:1> are encoded as text"),
     ("a cat", "blurry AND ugly", "negative_prompt: AND is encoded as text"),
     ("a | b [cat:dog:2]", "", "prompt: a | outside brackets makes A1111 read the whole text without prompt editing"),
 ])

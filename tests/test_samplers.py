@@ -97,8 +97,12 @@ def test_a1111_samplers_diffusers_cannot_serve_are_refused_by_name(name: str) ->
 def test_a_schedule_the_class_cannot_take_is_refused() -> None:
     with pytest.raises(KeyError, match="Euler a takes no Karras schedule"):
         samplers.resolve("Euler a", "Karras")
-    with pytest.raises(KeyError, match="unknown schedule type 'Polyexponential'"):
+    with pytest.raises(KeyError, match="schedule type 'Polyexponential' cannot be rendered by sbrender"):
         samplers.resolve("Euler", "Polyexponential")
+    with pytest.raises(KeyError, match="schedule type 'align_your_steps' cannot be rendered"):
+        samplers.resolve("Euler", "align_your_steps")
+    with pytest.raises(KeyError, match="unknown schedule type 'Karas'"):
+        samplers.resolve("Euler", "Karas")
 
 
 @pytest.mark.parametrize("scheduler", CLASSES)
