@@ -186,6 +186,24 @@ def _parse_size(value: str | None) -> tuple[int, int] | None:
     return width, height
 
 
+def _parse_loras(items: tuple[str, ...]) -> dict[str, Any] | None:
+    """``--lora NAME=W`` or ``NAME=TE:UNET`` -> the job's ``loras`` field (checked by the job's own rules)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, weight = item.rpartition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{item!r}: write NAME=WEIGHT, e.g. add_detail=0.8", param_hint="--lora")
+        try:
+            parts = [float(w) for w in weight.split(":")]
+        except ValueError:
+            raise click.BadParameter(f"{item!r}: the weight must be a number (or TE:UNET)",
+                                     param_hint="--lora") from None
+        if len(parts) > 2:
+            raise click.BadParameter(f"{item!r}: one weight, or TE:UNET", param_hint="--lora")
+        out[name] = parts[0] if len(parts) == 1 else {"te": parts[0], "unet": parts[1]}
+    return out or None
+
+
 def _parse_meta(items: tuple[str, ...]) -> dict[str, str] | None:
     if not items:
         return None
@@ -209,6 +227,9 @@ def _parse_meta(items: tuple[str, ...]) -> dict[str, str] | None:
 @click.option("--count", type=int, help="Images for this job (seeds seed, seed+1, ...).")
 @click.option("--sampler", help=f"Sampler, e.g. {', '.join(samplers.names()[:4])} ...")
 @click.option("--scheduler", help=f"Schedule type: {', '.join(samplers.schedules())} (default: the sampler's own).")
+@click.option("--clip-skip", "clip_skip", type=int, help="A1111's Clip skip: 1 = the last layer, 2 = the one before.")
+@click.option("--lora", "lora", multiple=True, metavar="NAME=WEIGHT",
+              help="A LoRA from loras_dir and its weight (TE:UNET for two); repeatable. Or <lora:name:w> in PROMPT.")
 @click.option("--priority", type=int, help="Higher renders first (default 0).")
 @click.option("--id", "job_id", help="Job id (default: a new unique one).")
 @click.option("--meta", multiple=True, metavar="KEY=VALUE", help="Add to the job's metadata (repeatable).")
@@ -218,8 +239,8 @@ def _parse_meta(items: tuple[str, ...]) -> dict[str, str] | None:
 @_errors_exit
 def submit(config_file: str | None, inbox: str | None, outbox: str | None, state: str | None, prompt: str,
            negative: str | None, steps: int | None, guidance: float | None, size: str | None, seed: int | None,
-           count: int | None, sampler: str | None, scheduler: str | None, priority: int | None,
-           job_id: str | None, meta: tuple[str, ...], wait: bool, timeout: float | None, as_json: bool) -> None:
+           count: int | None, sampler: str | None, scheduler: str | None, clip_skip: int | None,
+           lora: tuple[str, ...], priority: int | None, job_id: str | None, meta: tuple[str, ...], wait: bool, timeout: float | None, as_json: bool) -> None:
     """Queue PROMPT as a job and print its id."""
     settings = _settings(config_file, inbox=inbox, outbox=outbox, state=state)
     client = Client.from_settings(settings)
@@ -227,8 +248,8 @@ def submit(config_file: str | None, inbox: str | None, outbox: str | None, state
     try:
         job_id = client.submit(prompt, job_id=job_id, negative_prompt=negative, steps=steps,
                                guidance_scale=guidance, width=width, height=height, seed=seed, count=count,
-                               sampler=sampler, scheduler=scheduler, priority=priority,
-                               metadata=_parse_meta(meta))
+                               sampler=sampler, scheduler=scheduler, clip_skip=clip_skip,
+                               loras=_parse_loras(lora), priority=priority, metadata=_parse_meta(meta))
     except JobError as err:
         _fail(f"job not submitted: {err}")
     if not wait:

@@ -294,7 +294,7 @@ FIELDS: tuple[Field, ...] = (
     Field("seed", _seed, None, "random seed; omitted, null or -1: random (recorded in the result)"),
     Field("count", _count, None, "images for this job, seeds seed, seed+1, ..."),
     Field("sampler", _sampler, "sampler", "A1111 sampler name (DPM++ 2M; an older DPM++ 2M Karras works too) or "
-          "diffusers scheduler class"),
+          "diffusers scheduler class", ("sampler_name",)),
     Field("scheduler", _scheduler, "scheduler", "A1111's schedule type: Automatic (the sampler's own, as in A1111), "
           "Karras, Exponential, Uniform, SGM Uniform", ("schedule_type",)),
     Field("clip_skip", _clip_skip, "clip_skip", "text encoder layers to skip, A1111's Clip skip: 1 = none, 2 = "
@@ -435,6 +435,7 @@ def _field_schemas(rules: Rules) -> dict[str, dict[str, Any]]:
         "seed": {"type": ["integer", "null"], "minimum": -1, "maximum": SEED_MAX},
         "count": {"type": "integer", "minimum": 1, "maximum": rules.max_count},
         "sampler": {"type": "string", "enum": names},
+        "sampler_name": {"type": "string", "enum": names},
         "scheduler": {"type": "string", "enum": schedules},
         "schedule_type": {"type": "string", "enum": schedules},
         "clip_skip": {"type": "integer", "minimum": 1, "maximum": CLIP_SKIP_MAX},

@@ -469,3 +469,22 @@ def test_jobs_shows_each_job_on_one_line(client: Client) -> None:
     assert len(lines) == 3, lines
     assert lines[1].endswith("a cat on a mat") or lines[2].endswith("a cat on a mat"), lines
     assert any(line.endswith("x" * 79 + "…") for line in lines), lines
+
+
+def test_submit_takes_clip_skip_scheduler_and_loras_from_the_command_line(client: Client) -> None:
+    tmp_path = client.inbox.parent
+    loras_dir = tmp_path / "loras"
+    loras_dir.mkdir()
+    for name in ("add_detail", "ink wash"):  # empty safetensors files: the names are what submit checks
+        (loras_dir / f"{name}.safetensors").write_bytes((2).to_bytes(8, "little") + b"{}")
+    (tmp_path / "none.yaml").write_text(f"loras_dir: {loras_dir}\n")
+    done = cli(tmp_path, "submit", "a cat", "--id", "cs", "--clip-skip", "2", "--sampler", "DPM++ 2M",
+               "--scheduler", "karras", "--lora", "add_detail=0.8", "--lora", "ink wash=0.3:1")
+    assert done.exit_code == 0, done.output
+    job = json.loads((client.inbox / "cs.json").read_text())
+    assert job == {"prompt": "a cat", "sampler": "DPM++ 2M", "scheduler": "karras", "clip_skip": 2,
+                   "loras": {"add_detail": 0.8, "ink wash": {"te": 0.3, "unet": 1.0}}}
+    bad = cli(tmp_path, "submit", "a cat", "--lora", "add_detail=strong")
+    assert bad.exit_code == 2 and "'add_detail=strong': the weight must be a number" in bad.output
+    deep = cli(tmp_path, "submit", "a cat", "--clip-skip", "13")
+    assert deep.exit_code != 0 and "clip_skip is 13, outside the allowed range 1 to 12" in deep.output
