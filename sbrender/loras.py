@@ -79,6 +79,14 @@ def read_header(path: Path) -> dict[str, Any]:
         raise ValueError("is not a safetensors file (its header is not valid JSON)") from None
     if not isinstance(header, dict):
         raise ValueError("is not a safetensors file (its header is not a mapping)")
+    try:
+        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, ValueError, AttributeError):
+        raise ValueError("is not a safetensors file (bad tensor table)") from None
+    size = path.stat().st_size
+    if size != 8 + length + end:
+        raise ValueError(f"is incomplete or damaged: {size} bytes where its header says {8 + length + end} "
+                         "(download it again)")
     return header
 
 
@@ -94,6 +102,10 @@ def _describe(path: Path) -> LoraFile:
         return LoraFile(name, path, problem=why)
     meta = header.get("__metadata__")
     meta = meta if isinstance(meta, dict) else {}
+    base = str(meta.get("ss_base_model_version", ""))
+    if base and not base.startswith("sd_v1") and not base.startswith("sd_1"):
+        return LoraFile(name, path, problem=f"was trained for another model family ({base}, from its header); "
+                                            "sbrender renders SD1.x, so its layers would not fit")
     alias, sshs = meta.get("ss_output_name"), meta.get("sshs_model_hash")
     return LoraFile(name, path, alias if isinstance(alias, str) else "",
                     sshs.lower() if isinstance(sshs, str) and sshs else "")

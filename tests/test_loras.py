@@ -131,6 +131,18 @@ def test_a_damaged_file_a_missing_folder_and_two_files_of_one_name_are_named(tmp
         catalog.lookup("twin")
     with pytest.raises(JobError, match="LoRA cut cannot be used: cut.safetensors is incomplete"):
         catalog.lookup("cut")
+    # A whole header over cut tensor data: a download that stopped half way.
+    whole = write_lora(folder / "half.safetensors", {"w": __import__("torch").zeros(64, 64)})
+    whole.write_bytes(whole.read_bytes()[:-1000])
+    with pytest.raises(JobError, match=r"LoRA half cannot be used: half.safetensors is incomplete or damaged: "
+                                       r"\d+ bytes where its header says \d+ \(download it again\)"):
+        loras.scan(folder).lookup("half")
+    write_lora(folder / "xl.safetensors", {}, {"ss_base_model_version": "sdxl_base_v1-0"})
+    with pytest.raises(JobError, match=r"LoRA xl cannot be used: xl.safetensors was trained for another model "
+                                       r"family \(sdxl_base_v1-0"):
+        loras.scan(folder).lookup("xl")
+    write_lora(folder / "v1.safetensors", {}, {"ss_base_model_version": "sd_v1"})
+    assert loras.scan(folder).lookup("v1").problem == ""
     with pytest.raises(JobError, match=r"unknown LoRA x: loras_dir .*nowhere does not exist"):
         loras.scan(tmp_path / "nowhere").lookup("x")
     (tmp_path / "empty").mkdir()
