@@ -89,6 +89,10 @@ def check_loras(s: Settings) -> list[Finding]:
         if len([f for f in same if not f.problem]) > 1:
             out.append(Finding(WARN, "loras", f"{len(same)} files are named {name}; jobs naming it are refused",
                                "rename all but one"))
+    if files and s["perf.fuse_qkv"]:
+        out.append(Finding(WARN, "loras", "perf.fuse_qkv is on: every job that names a LoRA fails (the fused "
+                                          "q/k/v projections would bypass the LoRA's layers)",
+                           "set perf.fuse_qkv: false on a daemon that renders LoRAs"))
     if files and importlib.util.find_spec("peft") is None:
         out.append(Finding(WARN, "loras", "peft is not installed: LoRA jobs fail",
                            "pip install 'sbrender[render]' (diffusers loads LoRAs through peft)"))

@@ -89,3 +89,7 @@ def test_lora_files_are_listed_and_an_unusable_one_named(spool: Spool, model_cac
     assert f"ok    loras: 2 file(s) in {folder}: add_detail, old" in proc.stdout
     assert f"warn  loras: {folder / 'old.pt'} is a pickle (.pt): loading it could run" in proc.stdout
     assert "fix: convert it to .safetensors" in proc.stdout
+    assert "perf.fuse_qkv" not in proc.stdout
+    fused = sbrender("doctor", *spool.cli_args(), cwd=spool.root,
+                     env=daemon_env(model_cache, SBRENDER_LORAS_DIR=str(folder), SBRENDER_PERF_FUSE_QKV="true"))
+    assert "warn  loras: perf.fuse_qkv is on: every job that names a LoRA fails" in fused.stdout
