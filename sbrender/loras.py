@@ -295,7 +295,10 @@ def requested(prompt: str, field: tuple[LoraUse, ...], catalog: Catalog | None =
         where = "prompt" if k < len(tags) else "loras"
         key: LoraFile | str = catalog.lookup(use.name, where) if catalog is not None else use.name
         if key in seen:
-            raise JobError(f"LoRA {use.name} is asked for twice; name each LoRA once, in the prompt's tags "
+            other = next((u.name for u, k in zip(uses, seen) if k == key), use.name)
+            same = f" ({other} and {use.name} are one file: a name and its ss_output_name alias)" \
+                if other != use.name else ""
+            raise JobError(f"LoRA {use.name} is asked for twice{same}; name each LoRA once, in the prompt's tags "
                            "or in the loras field", field=where)
         seen.append(key)
     return uses

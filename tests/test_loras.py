@@ -224,7 +224,8 @@ def test_names_are_checked_against_the_catalog_when_one_is_known(tmp_path: Path)
     with pytest.raises(JobError, match="unknown LoRA nope") as caught:
         build_job("j", {"prompt": "a", "loras": {"nope": 1}}, rules)
     assert caught.value.field == "loras"
-    with pytest.raises(JobError, match="LoRA detail is asked for twice"):  # alias and stem: one file
+    with pytest.raises(JobError, match=r"LoRA detail is asked for twice \(add_detail and detail are one file: a "
+                                       r"name and its ss_output_name alias\)"):
         build_job("j", {"prompt": "<lora:add_detail:1>", "loras": {"detail": 1}}, rules)
 
 
