@@ -2,7 +2,8 @@
 #
 #   make run     # set up, then `sbrender run` with config/sbrender.yaml
 #   make test    # set up, then the whole test suite and examples/django's (CPU only; a fresh
-#                # clone's .ci/run on 2 cores: 6:09 and 8:21 with setup, 14:21 beside two CPU burners)
+#                # clone's .ci/run on 2 cores, 894 tests: 8:59 with setup; 14:15 beside other work,
+#                # redis-server installed by it)
 #
 # TORCH picks the PyTorch build. torch==2.13.0 from PyPI is the CUDA build on
 # Linux x86-64 (what a GPU box wants); machines with a local CPU wheel of it
