@@ -22,6 +22,8 @@ input token embeddings are overwritten by the embedding's vectors (A1111's
 
 from __future__ import annotations
 
+import bisect
+
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -241,7 +243,8 @@ class Scheduled:
     def index(self, call: int) -> int:
         """The row the denoiser's ``call`` (0-based) uses: the first ending at or after it
         (the first, past the end, as A1111's ``reconstruct_cond_batch``)."""
-        return next((k for k, end in enumerate(self.ends) if call <= end), 0)
+        k = bisect.bisect_left(self.ends, call)  # ends ascend; alternation has one per step
+        return k if k < len(self.ends) else 0
 
     def at(self, call: int) -> torch.Tensor:
         k = self.index(call)

@@ -119,7 +119,7 @@ class Catalog:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self._stems: dict[str, list[Path]] | None = None
-        self._described: dict[Path, LoraFile] = {}
+        self._described: dict[tuple[Any, ...], LoraFile] = {}
         self._aliases: dict[str, LoraFile] | None = None
 
     @property
@@ -134,9 +134,16 @@ class Catalog:
         return self._stems
 
     def _file(self, path: Path) -> LoraFile:
-        if path not in self._described:
-            self._described[path] = _describe(path)
-        return self._described[path]
+        """The file as it is now: described again when its size or modification time
+        changed (a file replaced in place has another hash, alias or problem)."""
+        try:
+            info = path.stat()
+            key: tuple[Any, ...] = (path, info.st_size, info.st_mtime_ns)
+        except OSError:
+            key = (path,)
+        if key not in self._described:
+            self._described[key] = _describe(path)
+        return self._described[key]
 
     @property
     def files(self) -> list[LoraFile]:
@@ -159,9 +166,20 @@ class Catalog:
         """Every name a job may use: stems and working aliases, sorted."""
         return sorted({*self._paths(), *self.aliases()})
 
+    def refresh(self) -> None:
+        """Forget the listing: the next lookup reads the folder again."""
+        self._stems, self._aliases = None, None
+
     def lookup(self, name: str, field: str = "loras") -> LoraFile:
-        """The usable file a name stands for; a ``JobError`` that says why not."""
-        paths = self._paths().get(name)
+        """The usable file a name stands for; a ``JobError`` that says why not. A name
+        not found is looked for once more in the folder as it is now (a file added
+        since a long-lived daemon or client first looked)."""
+        for attempt in (1, 2):
+            paths = self._paths().get(name)
+            if paths is not None or name in self.aliases():
+                break
+            if attempt == 1:
+                self.refresh()
         if paths is None:
             if name in self.aliases():
                 return self.aliases()[name]

@@ -270,6 +270,12 @@ def _hashes(records: list[dict[str, Any]]) -> str | None:
     return ", ".join(pairs) or None
 
 
+def _weight(value: float) -> str:
+    """A weight as a tag writes it: 1, 0.8, 0.1234567 (every digit kept, so a render from
+    the PNG's text uses the same weight)."""
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
 def _with_field_loras(prompt: str, loras: list[dict[str, Any]]) -> str:
     """The prompt with a ``<lora:name:w>`` tag for each LoRA of the job's ``loras``
     field, so A1111 (PNG Info -> txt2img) and civitai see every LoRA the image used."""
@@ -279,7 +285,8 @@ def _with_field_loras(prompt: str, loras: list[dict[str, Any]]) -> str:
         if lora["name"] in tagged:
             continue
         te, unet = float(lora.get("te", 1.0)), float(lora.get("unet", lora.get("te", 1.0)))
-        tags.append(f"<lora:{lora['name']}:{te:g}>" if te == unet else f"<lora:{lora['name']}:{te:g}:{unet:g}>")
+        te_text, unet_text = _weight(te), _weight(unet)
+        tags.append(f"<lora:{lora['name']}:{te_text}>" if te == unet else f"<lora:{lora['name']}:{te_text}:{unet_text}>")
     return " ".join([prompt, *tags]) if tags else prompt
 
 

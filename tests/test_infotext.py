@@ -148,8 +148,8 @@ def test_loras_of_the_field_join_the_prompt_as_tags_so_a1111_renders_them_too() 
               "scheduler": "Automatic", "guidance_scale": 7, "width": 512, "height": 512}
     loras = [{"name": "add_detail", "te": 0.8, "unet": 0.8, "hash": "7c6bad76eb54"},
              {"name": "film", "te": 0.5, "unet": 0.5, "hash": "0123456789ab"},
-             {"name": "ink wash", "te": 0.3, "unet": 1.0, "hash": "ba9876543210"}]
+             {"name": "ink wash", "te": 0.1234567, "unet": 1.0, "hash": "ba9876543210"}]
     text = infotext(params, 7, "m", "", {"loras": loras})
-    assert text.startswith("a cat <lora:add_detail:0.8> <lora:film:0.5> <lora:ink wash:0.3:1>\nSteps: 20, ")
+    assert text.startswith("a cat <lora:add_detail:0.8> <lora:film:0.5> <lora:ink wash:0.1234567:1>\nSteps: 20, ")
     assert parse_generation_parameters(text)["Lora hashes"] == (
         "add_detail: 7c6bad76eb54, film: 0123456789ab, ink wash: ba9876543210")

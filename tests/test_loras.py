@@ -545,3 +545,21 @@ def test_models_lists_the_loras_with_aliases_and_hashes(tmp_path: Path, model_ca
     assert "pickle" in items["old"]["problem"]
     text = sbrender("models", env=daemon_env(model_cache, SBRENDER_LORAS_DIR=str(folder)), cwd=tmp_path).stdout
     assert f"loras ({folder})" in text and "inkwash" in text
+
+
+def test_a_long_lived_catalog_sees_files_added_and_replaced(tmp_path: Path) -> None:
+    """A Redis daemon's or a Django client's rules keep one catalog: a file added
+    later is found, and one replaced in place is described afresh (hash, alias)."""
+    folder = tmp_path / "loras"
+    write_lora(folder / "first.safetensors", {})
+    catalog = loras.scan(folder)
+    assert catalog.lookup("first").name == "first"
+    write_lora(folder / "later.safetensors", {}, {"sshs_model_hash": "a" * 64})
+    assert catalog.lookup("later").sshs_hash == "a" * 64
+    import os
+    later = folder / "later.safetensors"
+    write_lora(later, {}, {"sshs_model_hash": "b" * 64, "ss_output_name": "renamed"})
+    os.utime(later, ns=(later.stat().st_atime_ns, later.stat().st_mtime_ns + 10**9))
+    assert catalog.lookup("later").sshs_hash == "b" * 64
+    with pytest.raises(JobError, match="unknown LoRA never"):
+        catalog.lookup("never")
