@@ -72,6 +72,18 @@ class Client:
         self.spool = Spool(self.inbox, self.outbox, self.state)  # where things live, and the id ledger
         self.queue = None if queue == "files" else RedisQueue(queue)
 
+    def close(self) -> None:
+        """Close the queue's connections (a Redis queue's; the file spool holds none).
+        A ``with Client(...) as client:`` block closes them at its end."""
+        if self.queue is not None:
+            self.queue.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     @classmethod
     def from_settings(cls, settings: Any) -> Client:
         return cls(settings.inbox, settings.outbox, settings.state, Rules.from_settings(settings), settings["queue"])

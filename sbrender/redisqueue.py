@@ -327,6 +327,13 @@ class RedisQueue:
         self._submit = self.redis.register_script(SUBMIT)
         self._cancel = self.redis.register_script(CANCEL)
 
+    def close(self) -> None:
+        """Close both connections (the second exists once ``wait`` ran)."""
+        for conn in (self.redis, self._blocking):
+            if conn is not None:
+                conn.close()
+        self._blocking = None
+
     def _call(self, func: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)

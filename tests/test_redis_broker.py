@@ -297,3 +297,16 @@ def test_consumers_of_past_runs_are_removed_but_never_one_holding_a_job(
     names = {c["name"] for c in client.xinfo_consumers(rq.stream("normal"), rq.GROUP)}
     assert holder.consumer in names and "a-past-run" not in names
     assert pending_owner(redis_server, "held") == holder.consumer
+
+
+def test_a_client_closes_its_connections(redis_server: RedisServer, tmp_path: Path) -> None:
+    """A Django view may build a Client per request: ``with`` closes what it opened."""
+    from sbrender.client import Client
+
+    admin = redis_server.client()
+    before = len(admin.client_list())
+    with Client(tmp_path / "inbox", tmp_path / "outbox", queue=redis_server.url) as client:
+        client.submit("a cat", job_id="closing")
+        assert client.queue is not None and client.queue.wait("closing", 0.2) is None  # opens the blocking one
+        assert len(admin.client_list()) == before + 2
+    wait_for(lambda: len(admin.client_list()) == before, message="the client's connections stayed open")
