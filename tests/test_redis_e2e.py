@@ -358,15 +358,21 @@ def _one_result(spool: Spool, client: Client, job_id: str) -> dict[str, Any]:
     return result
 
 
+def _rendering(start_daemon: Any, spool: Spool, server: RedisServer, job_id: str) -> tuple[dict[str, str], Any,
+                                                                                         Client]:
+    """A daemon on a 2 s lease rendering ``job_id`` slowly: its env, the daemon and a client."""
+    env = {"SBRENDER_QUEUE": server.url, "SBRENDER_REDIS_LEASE_SECONDS": "2", "SBRENDER_TEST_FAULTS": f"{job_id}=slow"}
+    first = start_daemon(spool, **env)
+    client = Client(spool.inbox, spool.outbox, queue=server.url)
+    client.submit(f"{job_id} mid-render", job_id=job_id, steps=2)
+    wait_for(lambda: _started(server, job_id, first), message="the first daemon never started it")
+    return env, first, client
+
+
 @pytest.mark.e2e
 def test_a_daemon_killed_mid_render_leaves_the_job_to_another_which_publishes_it_once(
         start_daemon: Any, redis_spool: Spool, redis_server: RedisServer) -> None:
-    env = {"SBRENDER_QUEUE": redis_server.url, "SBRENDER_REDIS_LEASE_SECONDS": "2",
-           "SBRENDER_TEST_FAULTS": "victim=slow"}
-    first = start_daemon(redis_spool, **env)
-    client = Client(redis_spool.inbox, redis_spool.outbox, queue=redis_server.url)
-    client.submit("killed mid-render", job_id="victim", steps=2)
-    wait_for(lambda: _started(redis_server, "victim", first), message="the first daemon never started it")
+    env, first, client = _rendering(start_daemon, redis_spool, redis_server, "victim")
     first.proc.send_signal(signal.SIGKILL)
     first.proc.wait()
     second = start_daemon(redis_spool, **env)
@@ -384,12 +390,7 @@ def _consumer_of_result(server: RedisServer, job_id: str) -> str:
 @pytest.mark.e2e
 def test_a_daemon_paused_past_its_lease_cannot_publish_and_the_job_has_one_result(
         start_daemon: Any, redis_spool: Spool, redis_server: RedisServer) -> None:
-    env = {"SBRENDER_QUEUE": redis_server.url, "SBRENDER_REDIS_LEASE_SECONDS": "2",
-           "SBRENDER_TEST_FAULTS": "paused=slow"}
-    first = start_daemon(redis_spool, **env)
-    client = Client(redis_spool.inbox, redis_spool.outbox, queue=redis_server.url)
-    client.submit("paused mid-render", job_id="paused", steps=2)
-    wait_for(lambda: _started(redis_server, "paused", first), message="the first daemon never started it")
+    env, first, client = _rendering(start_daemon, redis_spool, redis_server, "paused")
     os.kill(first.proc.pid, signal.SIGSTOP)
     try:
         second = start_daemon(redis_spool, **env)
