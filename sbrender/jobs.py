@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import ids, loras, prompts, samplers
+from . import checkpoints, ids, loras, prompts, samplers
 from .config import Settings
 from .errors import JobError
 from .jobfile import parse_document
@@ -46,18 +46,25 @@ class Rules:
     max_prompt_chars: int = 4000
     max_file_bytes: int = 1_048_576
     max_batch_jobs: int = 1000
-    # The LoRA files a name may stand for; None: names are not checked here (the
-    # daemon checks them when it renders, against the folder as it is then).
+    vae: str = checkpoints.AUTOMATIC  # the config's vae
+    default_model: str = ""  # the config's model: a job that names it renders with the default
+    # The LoRA files, models and VAEs a name may stand for; None: names are not checked here
+    # (the daemon checks them when it renders, against the folders as they are then).
     loras: loras.Catalog | None = None
+    models: checkpoints.Catalog | None = None
+    vaes: checkpoints.Catalog | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, with_loras: bool = True) -> Rules:
-        """The settings' defaults and limits; with ``with_loras``, the LoRA catalog
-        of ``loras_dir`` (read only when a job names a LoRA)."""
+        """The settings' defaults and limits; with ``with_loras``, the catalogs of
+        ``loras_dir``, ``models_dir`` and ``vae_dir`` (each read only when a job names one)."""
         names = {f.name for f in dataclasses.fields(cls)}
         values = {**settings.section("defaults"), **settings.section("limits")}
-        catalog = loras.scan(settings.loras_dir) if with_loras else None
-        return cls(**{k: v for k, v in values.items() if k in names}, loras=catalog)
+        catalogs = (dict(loras=loras.scan(settings.loras_dir),
+                         models=checkpoints.model_catalog(settings.models_dir, settings.model),
+                         vaes=checkpoints.vae_catalog(settings.vae_dir)) if with_loras else {})
+        return cls(**{k: v for k, v in values.items() if k in names}, vae=settings["vae"],
+                   default_model=settings.model, **catalogs)
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,8 @@ class Job:
     clip_skip: int = 1  # A1111's numbering: 1 = the text encoder's last layer
     scheduler: str = "Automatic"  # A1111's schedule type, resolved by build_job ("Karras")
     loras: tuple[loras.LoraUse, ...] = ()  # the loras field; see lora_set for the tags too
+    model: str = ""  # a name in models_dir; "": the configured model
+    vae: str = checkpoints.AUTOMATIC  # Automatic, None, or a name in vae_dir
     metadata: dict[str, Any] = field(default_factory=dict)
     source: str = ""
 
@@ -103,6 +112,8 @@ class Job:
             "clip_skip": self.clip_skip,
             # Only when given: the prompt keeps its own <lora:...> tags.
             **({"loras": loras.params(self.loras)} if self.loras else {}),
+            **({"model": self.model} if self.model else {}),
+            **({"vae": self.vae} if self.vae != checkpoints.AUTOMATIC else {}),
         }
 
 
@@ -250,6 +261,34 @@ def _loras(value: Any, rules: Rules) -> tuple[loras.LoraUse, ...]:
     return uses
 
 
+def _name(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise JobError(f"{field} must be a name, not {_describe(value) if value != '' else 'an empty string'}",
+                       field=field, hint="`sbrender models` lists the names")
+    if "\x00" in value or len(value) > 1000:
+        raise JobError(f"{field} is not a usable name", field=field, hint="`sbrender models` lists the names")
+    return value.strip()
+
+
+def _model(value: Any, rules: Rules) -> str:
+    """A model's name, as the catalog knows it where there is one; "" for the configured model."""
+    if value is None:
+        return ""
+    name = _name(value, "model")
+    if rules.models is not None:
+        entry = rules.models.lookup(name, "model")
+        return "" if entry.kind == "default" else entry.name
+    return "" if name in checkpoints.default_names(rules.default_model) else name
+
+
+def _vae(value: Any, rules: Rules) -> str:
+    name = _name(value, "vae")
+    fixed = {c.lower(): c for c in checkpoints.VAE_CHOICES}
+    if name.lower() in fixed:
+        return fixed[name.lower()]
+    return rules.vaes.lookup(name, "vae").name if rules.vaes is not None else name
+
+
 def _priority(value: Any, rules: Rules) -> int:
     priority = _integer(value, "priority")
     _in_range(priority, "priority", -PRIORITY_LIMIT, PRIORITY_LIMIT)
@@ -301,12 +340,17 @@ FIELDS: tuple[Field, ...] = (
           "the layer before the last"),
     Field("loras", _loras, None, "LoRAs by name: {name: weight} or {name: {te: w, unet: w}}; added to the "
           "prompt's <lora:...> tags (a LoRA named in both is refused)"),
+    Field("model", _model, None, "the model to render with: a checkpoint or folder name in models_dir "
+          "(`sbrender models`); default: the configured model"),
+    Field("vae", _vae, "vae", "the VAE: Automatic (one named like the checkpoint, else the model's own), None "
+          "(the model's own), or a file name in vae_dir"),
     Field("priority", _priority, None, "higher renders first; default 0"),
     Field("metadata", _metadata, None, "free mapping copied untouched into the result"),
 )
 _BY_NAME = {f.name: f for f in FIELDS}
 _ALIASES = {alias: f.name for f in FIELDS for alias in f.aliases}
-_CONSTANT_DEFAULTS: dict[str, Any] = {"seed": None, "count": 1, "priority": 0, "metadata": None, "loras": None}
+_CONSTANT_DEFAULTS: dict[str, Any] = {"seed": None, "count": 1, "priority": 0, "metadata": None, "loras": None,
+                                      "model": None}
 
 
 @functools.lru_cache(maxsize=16)
@@ -442,6 +486,8 @@ def _field_schemas(rules: Rules) -> dict[str, dict[str, Any]]:
         "loras": {"type": ["object", "null"], "propertyNames": {"minLength": 1}, "additionalProperties": {
             "oneOf": [weight, {"type": "object", "minProperties": 1, "additionalProperties": False,
                                "properties": {"te": weight, "unet": weight}}]}},
+        "model": {"type": ["string", "null"], "minLength": 1},
+        "vae": {"type": "string", "minLength": 1},
         "priority": {"type": "integer", "minimum": -PRIORITY_LIMIT, "maximum": PRIORITY_LIMIT},
         "metadata": {"type": ["object", "null"]},
     }
