@@ -57,12 +57,17 @@ class Rules:
     @classmethod
     def from_settings(cls, settings: Settings, with_loras: bool = True) -> Rules:
         """The settings' defaults and limits; with ``with_loras``, the catalogs of
-        ``loras_dir``, ``models_dir`` and ``vae_dir`` (each read only when a job names one)."""
+        ``loras_dir``, ``models_dir`` and ``vae_dir`` where they exist (each read only
+        when a job names one)."""
         names = {f.name for f in dataclasses.fields(cls)}
         values = {**settings.section("defaults"), **settings.section("limits")}
-        catalogs = (dict(loras=loras.scan(settings.loras_dir),
-                         models=checkpoints.model_catalog(settings.models_dir, settings.model),
-                         vaes=checkpoints.vae_catalog(settings.vae_dir)) if with_loras else {})
+        catalogs: dict[str, Any] = {}
+        if with_loras:
+            # A host without models_dir or vae_dir (a web app's) leaves those names to the daemon.
+            catalogs = dict(loras=loras.scan(settings.loras_dir),
+                            models=checkpoints.model_catalog(settings.models_dir, settings.model)
+                            if settings.models_dir.is_dir() else None,
+                            vaes=checkpoints.vae_catalog(settings.vae_dir) if settings.vae_dir.is_dir() else None)
         return cls(**{k: v for k, v in values.items() if k in names}, vae=settings["vae"],
                    default_model=settings.model, **catalogs)
 
