@@ -24,6 +24,7 @@ from sbrender.jobfile import read_bytes
 from sbrender.jobs import BadJob, Job, Rules, build_job, parse_job_bytes
 from sbrender.outputs import encode_png, infotext
 
+from conftest import wait_for
 from test_infotext import parse_generation_parameters
 
 RULES = Rules()
@@ -275,3 +276,47 @@ def test_sbrender_submit_refuses_a_bad_init_image_file(client: Client, tmp_path:
 def test_sbrender_submit_strength_without_an_image(client: Client, tmp_path: Path) -> None:
     done = _cli(tmp_path, "submit", "a cat", "--denoising-strength", "0.5")
     assert done.exit_code == 1 and "denoising_strength is given without init_image" in done.output
+
+
+# --- on Redis -------------------------------------------------------------------------------------
+
+def test_on_redis_the_queued_document_holds_the_image_and_a_daemon_gets_it(redis_server: Any, tmp_path: Path) -> None:
+    """Client.submit and the inbox forwarder both queue the image itself (the job's
+    document is its archive there); a daemon's broker takes the decoded image."""
+    import threading
+
+    from sbrender.config import load_settings
+    from sbrender.forwarder import InboxForwarder
+    from sbrender.redisbroker import RedisBroker
+    from sbrender.redisqueue import RedisQueue
+    from sbrender.renderer import call_key
+
+    settings = load_settings(env={}, overrides={
+        "queue": redis_server.url, "inbox": str(tmp_path / "inbox"), "outbox": str(tmp_path / "outbox"),
+        "state": str(tmp_path / "state"), "watch.settle_seconds": 0.0})
+    broker = RedisBroker(settings, threading.Event())
+    broker.prepare()
+    broker.open()
+    queue = RedisQueue(redis_server.url)
+    with Client.from_settings(settings) as client:
+        client.submit("a cat", job_id="from-client", init_image=PNG, strength=0.5)
+    (tmp_path / "inbox" / "from-file.json").write_text(json.dumps({"prompt": "a dog", "init_image": PNG64}))
+    forwarder = InboxForwarder(settings, queue)
+    forwarder.refresh()
+    for job_id in ("from-client", "from-file"):
+        found = queue.document(job_id)
+        assert found is not None and found["job"]["init_image"] == PNG64
+    taken = []
+    for _ in range(2):
+        def take() -> list[Any]:
+            broker.refresh()
+            return broker.take(1, call_key)
+        (one,) = wait_for(take, 30, "nothing to take")
+        taken.append(one.entry)
+        assert broker.may_publish(one)
+        broker.done(one, True, {"id": one.entry.id, "status": "succeeded", "params": one.entry.params()})
+    assert sorted(e.id for e in taken) == ["from-client", "from-file"]
+    assert all(isinstance(e, Job) and e.init_image is not None and e.init_image.sha256 == SHA for e in taken)
+    assert (tmp_path / "state" / "done" / "from-file.json").exists()  # the file spool's archive, as forwarded
+    broker._closing.set()
+    queue.close()
