@@ -15,6 +15,7 @@ same id, and ``wait`` blocks on the job's event stream, never on a folder.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -391,11 +392,14 @@ class Client:
         listed only then: the order files move in, so a file claimed while we
         look is seen twice, not missed (one that a daemon adopts from a dead
         peer's folder meanwhile can still be)."""
-        for path, mtime, entries in _job_files(self.inbox, self.rules):
+        # Init images are not decoded to list jobs (a 4096x4096 PNG takes 0.2 s): a
+        # truncated one shows as pending here, and fails when the daemon reads it.
+        rules = dataclasses.replace(self.rules, image_pixels=False)
+        for path, mtime, entries in _job_files(self.inbox, rules):
             for entry in entries:
                 yield path, mtime, entry, False
         for folder in self.spool.work_folders():
-            for path, mtime, entries in _job_files(folder, self.rules):
+            for path, mtime, entries in _job_files(folder, rules):
                 for entry in entries:
                     yield path, mtime, entry, True
 

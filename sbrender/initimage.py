@@ -134,8 +134,9 @@ _NOT_URLSAFE = re.compile(r"[^A-Za-z0-9\-_=\s]")
 _WHITESPACE = re.compile(r"\s+")
 
 
-def decode(value: Any, *, max_bytes: int, max_pixels: int, name: str = FIELD) -> InitImage:
-    """The init image a job's field holds (base64, maybe a data URL); ``JobError`` naming ``name``."""
+def decode(value: Any, *, max_bytes: int, max_pixels: int, name: str = FIELD, pixels: bool = True) -> InitImage:
+    """The init image a job's field holds (base64, maybe a data URL); ``JobError`` naming ``name``.
+    ``pixels=False`` checks all but the pixel data (a listing of queued jobs)."""
     if not isinstance(value, str):
         kind = {bool: "a boolean", int: "a number", float: "a number", list: "a list",
                 dict: "a mapping"}.get(type(value), type(value).__name__)
@@ -156,7 +157,8 @@ def decode(value: Any, *, max_bytes: int, max_pixels: int, name: str = FIELD) ->
     if len(text) > limit:
         raise JobError(f"{name} holds about {len(text) // 4 * 3} bytes, more than the limit of {max_bytes} "
                        f"(limits.max_image_bytes)", field=name, hint="send a smaller image (PNG, JPEG or WebP)")
-    return from_bytes(_b64decode(text, payload, name), max_bytes=max_bytes, max_pixels=max_pixels, name=name)
+    return from_bytes(_b64decode(text, payload, name), max_bytes=max_bytes, max_pixels=max_pixels, name=name,
+                      pixels=pixels)
 
 
 def _b64decode(text: str, payload: str, name: str) -> bytes:
@@ -178,8 +180,9 @@ def _b64decode(text: str, payload: str, name: str) -> bytes:
                        hint="it may be cut short; send the whole file's base64, padded with '='") from None
 
 
-def from_bytes(data: bytes, *, max_bytes: int, max_pixels: int, name: str = FIELD) -> InitImage:
-    """Check an image file's bytes: size, kind, pixel count (before decoding), then every pixel."""
+def from_bytes(data: bytes, *, max_bytes: int, max_pixels: int, name: str = FIELD, pixels: bool = True) -> InitImage:
+    """Check an image file's bytes: size, kind, pixel count (before decoding), then (``pixels``)
+    every pixel."""
     if not data:
         raise JobError(f"{name} is empty (0 bytes)", field=name, hint="give the image file's bytes in base64")
     if len(data) > max_bytes:
@@ -202,7 +205,8 @@ def from_bytes(data: bytes, *, max_bytes: int, max_pixels: int, name: str = FIEL
                        hint="scale it down: it is resized to the job's width and height anyway")
     try:
         frames = int(getattr(image, "n_frames", 1) or 1)
-        image.load()  # every pixel of the first frame: a truncated file fails now, not at render
+        if pixels:
+            image.load()  # every pixel of the first frame: a truncated file fails now, not at render
     except Exception as err:  # PIL's decoders raise OSError, SyntaxError, ValueError, zlib.error...
         raise JobError(f"{name} is {description} that is truncated or damaged: {_first_line(err)}",
                        field=name, hint="send the whole file") from None

@@ -49,6 +49,9 @@ class Rules:
     max_batch_jobs: int = 1000
     max_image_bytes: int = 16 * 1024 * 1024  # an init image, decoded
     max_image_pixels: int = 4096 * 4096
+    # False: an init image's pixels are not decoded (its header, size and hash are
+    # checked): for listings of queued jobs, which read every file each time.
+    image_pixels: bool = True
     # The LoRA files a name may stand for; None: names are not checked here (the
     # daemon checks them when it renders, against the folder as it is then).
     loras: loras.Catalog | None = None
@@ -281,7 +284,8 @@ def _loras(value: Any, rules: Rules) -> tuple[loras.LoraUse, ...]:
 def _init_image(value: Any, rules: Rules) -> initimage.InitImage | None:
     if value is None or isinstance(value, initimage.InitImage):  # one a client or a batch already decoded
         return value
-    return initimage.decode(value, max_bytes=rules.max_image_bytes, max_pixels=rules.max_image_pixels)
+    return initimage.decode(value, max_bytes=rules.max_image_bytes, max_pixels=rules.max_image_pixels,
+                            pixels=rules.image_pixels)
 
 
 def _denoising_strength(value: Any, rules: Rules) -> float:

@@ -320,3 +320,14 @@ def test_on_redis_the_queued_document_holds_the_image_and_a_daemon_gets_it(redis
     assert (tmp_path / "state" / "done" / "from-file.json").exists()  # the file spool's archive, as forwarded
     broker._closing.set()
     queue.close()
+
+
+def test_listing_queued_jobs_reads_image_headers_only(client: Client) -> None:
+    """`sbrender jobs` reads every queued file each time: it checks an init image's header,
+    size and hash, not its pixels; the daemon decodes them all and fails a truncated one."""
+    truncated = base64.b64encode(png(64, 64, seed=9)[:3000]).decode()
+    (client.inbox / "cut.json").write_text(json.dumps({"prompt": "a cat", "init_image": truncated}))
+    (listed,) = client.jobs()
+    assert (listed.id, listed.state, listed.error) == ("cut", "pending", None)
+    (entry,) = validate_file(client.inbox / "cut.json", client.rules)
+    assert isinstance(entry, BadJob) and "truncated or damaged" in entry.error.message
