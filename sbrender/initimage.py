@@ -131,7 +131,6 @@ def base64_chars(max_bytes: int) -> int:
 _DATA_URL = re.compile(r"data:([^,;]*)((?:;[^,;]*)*),", re.IGNORECASE)
 _NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/=\s]")
 _NOT_URLSAFE = re.compile(r"[^A-Za-z0-9\-_=\s]")
-_WHITESPACE = re.compile(r"\s+")
 
 
 def decode(value: Any, *, max_bytes: int, max_pixels: int, name: str = FIELD, pixels: bool = True) -> InitImage:
@@ -148,9 +147,9 @@ def decode(value: Any, *, max_bytes: int, max_pixels: int, name: str = FIELD, pi
             raise JobError(f"{name} is a data: URL without ;base64", field=name,
                            hint="write data:image/png;base64,<base64 of the file>")
         payload = payload[url.end():]
-    text = payload
-    if _WHITESPACE.search(text):  # line-wrapped base64 (base64(1), YAML block scalars)
-        text = _WHITESPACE.sub("", text)
+    # Line-wrapped base64 (base64(1), YAML block scalars): str methods, not a regex
+    # (a Unicode \s scan of 20 MB takes 0.2 s).
+    text = "".join(payload.split()) if any(c in payload for c in " \n\r\t\f\v") else payload
     if not text:
         raise JobError(f"{name} is empty", field=name, hint="give the image file's bytes in base64")
     limit = base64_chars(max_bytes)
@@ -162,22 +161,21 @@ def decode(value: Any, *, max_bytes: int, max_pixels: int, name: str = FIELD, pi
 
 
 def _b64decode(text: str, payload: str, name: str) -> bytes:
-    """``text``: ``payload`` without whitespace; offsets are reported in ``payload``."""
-    bad = _NOT_BASE64.search(payload)
-    altchars = None
-    if bad and bad.group() in "-_" and not _NOT_URLSAFE.search(text):
-        altchars, bad = b"-_", None  # URL-safe base64 (JavaScript's base64url)
-    if bad:
+    """``text``: ``payload`` without whitespace. Decoded strictly; only a failure is
+    looked at closely, to say which character is wrong (offsets in ``payload``)."""
+    urlsafe = ("-" in text or "_" in text) and not ("+" in text or "/" in text)  # JavaScript's base64url
+    try:
+        return base64.b64decode(text, altchars=b"-_" if urlsafe else None, validate=True)
+    except (binascii.Error, ValueError) as err:
+        bad = (_NOT_URLSAFE if urlsafe else _NOT_BASE64).search(payload)
+        if bad is None:
+            raise JobError(f"{name} is not valid base64: {err}", field=name,
+                           hint="it may be cut short; send the whole file's base64, padded with '='") from None
         hint = ("the field holds the image itself, not a file name or URL: `sbrender submit --init-image PATH` "
                 "and Client.submit(init_image=Path(...)) read a file for you"
                 if len(payload) < 4096 and bad.group() in ".:\\~" else "give the image file's bytes in base64")
         raise JobError(f"{name} is not base64: {bad.group()!r} at character {bad.start() + 1}", field=name,
-                       hint=hint)
-    try:
-        return base64.b64decode(text, altchars=altchars, validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise JobError(f"{name} is not valid base64: {err}", field=name,
-                       hint="it may be cut short; send the whole file's base64, padded with '='") from None
+                       hint=hint) from None
 
 
 def from_bytes(data: bytes, *, max_bytes: int, max_pixels: int, name: str = FIELD, pixels: bool = True) -> InitImage:
