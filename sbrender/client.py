@@ -29,7 +29,7 @@ from typing import Any
 from . import ids, initimage
 from .errors import ConfigError, JobError, SbrenderError
 from .jobfile import read_bytes
-from .jobs import BadJob, Entry, Job, Rules, build_job, parse_job_bytes
+from .jobs import BadJob, Entry, Job, Rules, build_job, check_size, parse_job_bytes
 from .outputs import fsync_dir, read_json, rename_noreplace, write_synced
 from .redisqueue import RedisQueue
 from .results import CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, STATES, parse_iso
@@ -121,6 +121,8 @@ class Client:
             job["init_image"] = image.base64()  # what the job document holds; checked once, below
         # The daemon's own checks, before anything is written.
         built = build_job(job_id, {**job, "init_image": image} if image is not None else job, self.rules)
+        data = (json.dumps(job, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        check_size(job, len(data), self.rules)  # as the daemon reads the file (or the queued document)
         if self.queue is not None:
             try:
                 self.queue.submit(job_id, job, built.priority)
@@ -130,7 +132,6 @@ class Client:
         self._check_inbox()
         if self.is_known(job_id):
             raise JobError(f"job id {job_id} is already in use", hint="choose another id")
-        data = (json.dumps(job, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
         _publish_new(self.inbox, f"{job_id}.json", data)
         return job_id
 

@@ -331,3 +331,16 @@ def test_listing_queued_jobs_reads_image_headers_only(client: Client) -> None:
     assert (listed.id, listed.state, listed.error) == ("cut", "pending", None)
     (entry,) = validate_file(client.inbox / "cut.json", client.rules)
     assert isinstance(entry, BadJob) and "truncated or damaged" in entry.error.message
+
+
+def test_client_submit_holds_the_rest_of_the_job_to_the_file_cap(tmp_path: Path) -> None:
+    for name in ("inbox", "outbox", "state"):
+        (tmp_path / name).mkdir(exist_ok=True)
+    small = Client(tmp_path / "inbox", tmp_path / "outbox", tmp_path / "state", rules=SMALL)
+    image = png(120, 120, seed=2)  # 43 KB: beyond max_file_bytes, within max_image_bytes
+    assert small.submit("a cat", init_image=image)
+    with pytest.raises(JobError, match="besides its init image, more than the limit of 2048"):
+        small.submit("a cat", init_image=image, metadata={"notes": "n" * 3000})
+    with pytest.raises(JobError, match="more than the limit of 2048"):
+        small.submit("a cat", metadata={"notes": "n" * 3000})
+    assert len(os.listdir(tmp_path / "inbox")) == 1
