@@ -284,6 +284,10 @@ def flatten(image: Image.Image) -> Image.Image:
     UI hands img2img an RGBA image, so LA and palette transparency flatten too)."""
     from PIL import Image
 
+    if image.mode.startswith("I"):  # 16-bit greyscale PNG: convert("RGB") would clip it white, as A1111's does
+        import numpy as np
+
+        image = Image.fromarray((np.clip(np.asarray(image), 0, 65535) >> 8).astype(np.uint8), "L")
     if "A" in image.mode or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, WHITE)

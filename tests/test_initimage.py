@@ -214,6 +214,14 @@ def test_half_transparent_red_becomes_pink_over_white() -> None:
     assert out.mode == "RGB" and out.getpixel((8, 8)) == (255, 127, 127)
 
 
+def test_a_16_bit_greyscale_png_keeps_its_tones() -> None:
+    import numpy as np
+
+    source = Image.fromarray(np.full((16, 16), 30000, np.uint16))
+    assert source.mode == "I;16"
+    assert prepare(_init(source), 16, 16, 0).getpixel((8, 8)) == (117, 117, 117)  # 30000 >> 8, not clipped to 255
+
+
 def test_just_resize_is_lanczos_to_the_jobs_size() -> None:
     source = noise(100, 60, seed=1)
     out = prepare(_init(source), 64, 96, 0)
