@@ -118,7 +118,7 @@ class Client:
             raise JobError(f"bad job id {job_id!r}: {problem}")
         image = self._init_image(init_image)
         if image is not None:
-            job["init_image"] = image.base64()  # what the job document holds; checked once, below
+            job["init_image"] = image.as_base64()  # what the job document holds; checked once, below
         # The daemon's own checks, before anything is written.
         built = build_job(job_id, {**job, "init_image": image} if image is not None else job, self.rules)
         data = (json.dumps(job, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
@@ -240,7 +240,7 @@ class Client:
                 for entry in validate_file(path, self.rules, name=name):
                     if isinstance(entry, Job) and entry.id == job_id and entry.init_image is not None \
                             and entry.init_image.sha256 == want:
-                        return entry.init_image.base64()
+                        return entry.init_image.as_base64()
         raise JobError(f"job {job_id} cannot be retried: its init image (sha256 {str(want)[:12]}...) is not in "
                        f"the archived job files of {self.spool.failed.parent}",
                        hint="submit it again with its image")

@@ -56,7 +56,7 @@ def job_document(job: Job) -> dict[str, Any]:
     record) and its metadata."""
     document = {k: v for k, v in job.params().items() if v is not None}
     if job.init_image is not None:
-        document["init_image"] = job.init_image.base64()
+        document["init_image"] = job.init_image.as_base64()
     return {**document, "metadata": job.metadata}
 
 

@@ -118,7 +118,7 @@ class InitImage:
             out["frames"] = self.frames
         return out
 
-    def base64(self) -> str:
+    def as_base64(self) -> str:
         """The bytes as a job document's ``init_image`` holds them."""
         return base64.b64encode(self.data).decode("ascii")
 

@@ -65,7 +65,7 @@ def test_png_jpeg_and_webp_are_accepted_with_their_size_and_hash(fmt: str) -> No
     import hashlib
     assert image.record() == {"sha256": hashlib.sha256(data).hexdigest(), "width": 96, "height": 40,
                               "format": fmt, "bytes": len(data)}
-    assert base64.b64decode(image.base64()) == data
+    assert base64.b64decode(image.as_base64()) == data
 
 
 @pytest.mark.parametrize("wrap", [
