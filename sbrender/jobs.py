@@ -69,8 +69,8 @@ class Rules:
     def read_cap(self) -> int:
         """The most bytes of a job file read: ``max_file_bytes`` and, beyond it, one
         init image of ``max_image_bytes`` in base64, with room to wrap it (a YAML
-        block, CRLF line ends, an indent of four). What the file holds beyond its init images is still held to
-        ``max_file_bytes`` (``check_size``)."""
+        block, CRLF line ends, an indent of four). What the file holds besides its
+        init images is still held to ``max_file_bytes`` (``check_size``)."""
         chars = initimage.base64_chars(self.max_image_bytes)
         return self.max_file_bytes + chars + chars // 8
 
