@@ -319,6 +319,8 @@ def infotext(params: dict[str, Any], seed: int, model: str, model_hash: str = ""
         ("Model", model),
         ("VAE hash", (resources.get("vae") or {}).get("hash")),
         ("VAE", (resources.get("vae") or {}).get("name")),
+        # img2img only (A1111: between the VAE and Clip skip), the job's value as given.
+        ("Denoising strength", params.get("denoising_strength")),
         ("Clip skip", params["clip_skip"] if params.get("clip_skip", 1) > 1 else None),
         ("Lora hashes", _hashes(resources.get("loras", []))),
         ("TI hashes", _hashes(resources.get("embeddings", []))),

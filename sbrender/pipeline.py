@@ -28,8 +28,8 @@ import numpy as np  # noqa: E402
 import structlog  # noqa: E402
 import torch  # noqa: E402
 
-from . import (__version__, adapters, checkpoints, conditioning, editing, embeddings, faults, loras, modelpool, models,
-               prompts, samplers, speedups)
+from . import (__version__, adapters, checkpoints, conditioning, editing, embeddings, faults, initimage, loras,
+               modelpool, models, prompts, samplers, speedups)
 from .config import Settings
 from .errors import JobError, ModelError, RenderError, ShutdownRequested, first_line
 from .jobs import Job
@@ -346,6 +346,8 @@ class DiffusersRenderer:
         if used:
             facts = [{**fact, "loras": used} for fact in facts]
         cond = schedule.at(0)
+        pipe, call = self._call_for(items)
+        total = call.get("steps_run", job.steps)
         fault = next((f for j, _ in items if (f := self.faults.get(j.id)) is not None), None)
         stopped = False
 
@@ -358,7 +360,7 @@ class DiffusersRenderer:
                 cond = following
                 both = torch.cat([cond.uncond, cond.cond]) if pipe.do_classifier_free_guidance else cond.cond
                 kwargs["prompt_embeds"] = both.to(self.dtype)
-            if on_step is not None and on_step(step + 1, job.steps):
+            if on_step is not None and on_step(step + 1, total):
                 stopped = True
                 pipe._interrupt = True
             return kwargs
@@ -368,11 +370,10 @@ class DiffusersRenderer:
         timings["inference_started"] = time.time()
         try:
             with torch.inference_mode(), conditioning.MaskedUnet(self.pipe.unet, cond):
-                result = self.pipe(
+                result = pipe(
                     prompt_embeds=cond.cond.to(self.dtype), negative_prompt_embeds=cond.uncond.to(self.dtype),
-                    num_inference_steps=job.steps, guidance_scale=job.guidance_scale,
-                    width=job.width, height=job.height, num_images_per_prompt=1,
-                    generator=generators, callback_on_step_end=step_end, output_type="np")
+                    num_inference_steps=job.steps, guidance_scale=job.guidance_scale, num_images_per_prompt=1,
+                    generator=generators, callback_on_step_end=step_end, output_type="np", **call["kwargs"])
         except torch.cuda.OutOfMemoryError as err:
             self._free_memory()
             raise RenderError(f"out of GPU memory rendering {sum(counts)} image(s) of {job.width}x{job.height} "
@@ -398,6 +399,34 @@ class DiffusersRenderer:
                 output.model.update(model)
             outputs.append(output)
         return outputs
+
+    def _call_for(self, items: list[tuple[Job, list[int]]]) -> tuple[Any, dict[str, Any]]:
+        """The pipeline for the call and what it takes besides the prompts: the size
+        for txt2img; for img2img (the jobs share its strength: it is in the batch
+        key) the pipeline over the same modules, each image's init image prepared
+        as A1111 does, and the strength that makes diffusers run A1111's steps."""
+        job = items[0][0]
+        if job.init_image is None or job.denoising_strength is None:
+            return self.pipe, {"kwargs": {"width": job.width, "height": job.height}}
+        plan = initimage.a1111_steps(job.steps, job.denoising_strength)
+        images = [initimage.prepare(j.init_image, j.width, j.height, j.resize_mode or 0)
+                  for j, seeds in items if j.init_image is not None for _ in seeds]
+        return self._img2img(), {"steps_run": plan.steps_run, "kwargs": {"image": images, "strength": plan.strength}}
+
+    def _img2img(self) -> Any:
+        """The model's img2img pipeline: built once over the txt2img pipeline's very
+        modules (no second UNet, the same dtype: not ``from_pipe``, which upcasts
+        shared half-precision modules), given its current sampler, VAE and UNet."""
+        model = self.model
+        if model.img2img is None:
+            from diffusers import StableDiffusionImg2ImgPipeline
+
+            model.img2img = StableDiffusionImg2ImgPipeline(**model.pipe.components)
+            model.img2img.set_progress_bar_config(disable=True)
+        for part in ("scheduler", "vae", "unet"):  # swapped per job (or compiled) on the txt2img pipeline
+            if getattr(model.img2img, part) is not getattr(model.pipe, part):
+                setattr(model.img2img, part, getattr(model.pipe, part))
+        return model.img2img
 
     def _use_loras(self, job: Job) -> list[dict[str, Any]]:
         """Make the job's LoRA set the active one (none: adapters off); per LoRA its

@@ -59,11 +59,12 @@ class Renderer(Protocol):
 def call_key(entry: Entry) -> Hashable | None:
     """What must be equal for jobs to share one diffusers call: size, steps,
     sampler and schedule, CFG, clip skip, the LoRA set (names and both weights, in order:
-    one set is active per call), the model and the VAE. None for an entry that is not a renderable job."""
+    one set is active per call), the model and the VAE, and for img2img the steps its strength
+    runs (txt2img and img2img never share a call). None for an entry that is not a renderable job."""
     if not isinstance(entry, Job):
         return None
     return (entry.width, entry.height, entry.steps, entry.sampler, entry.scheduler, entry.guidance_scale,
-            entry.clip_skip, entry.lora_set, entry.model, entry.vae)
+            entry.clip_skip, entry.lora_set, entry.model, entry.vae, entry.img2img_key)
 
 
 def only(outs: list[RenderOutput | RenderError]) -> RenderOutput:
