@@ -142,8 +142,9 @@ class Catalog:
     def names(self) -> list[str]:
         return [*self.fixed, *sorted(self._paths())]
 
-    def find(self, name: str) -> Entry | None:
-        """The entry a name stands for, usable or not; None for an unknown name."""
+    def find(self, name: str, refresh: bool = True) -> Entry | None:
+        """The entry a name stands for, usable or not; None for an unknown name (with
+        ``refresh``, after reading the folder again)."""
         if name in self.fixed:
             return self.fixed[name]
         title = _TITLE.fullmatch(name)
@@ -155,8 +156,10 @@ class Catalog:
                     return self.fixed[candidate]
                 if candidate in self._paths():
                     return self.entry(candidate, self._paths()[candidate])
-            if attempt == 1:
+            if attempt == 1 and refresh:
                 self.refresh()  # a file added since this catalog first looked
+            elif attempt == 1:
+                break
         return None
 
     def lookup(self, name: str, field: str) -> Entry:
@@ -213,5 +216,6 @@ def automatic(ref: models.ModelRef, vaes: Catalog) -> Entry | None:
             return vaes.entry(near.name, near)
     if ref.kind not in ("checkpoint", "folder"):
         return None
-    found = vaes.find(location.stem if ref.kind == "checkpoint" else location.name)
+    # Asked before every render: no new listing of vae_dir for a model that has no VAE there.
+    found = vaes.find(location.stem if ref.kind == "checkpoint" else location.name, refresh=False)
     return found if found is not None and found.path is not None else None
