@@ -24,9 +24,13 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import models, stfile
 from .errors import JobError
+
+if TYPE_CHECKING:
+    from .config import Settings
 
 SUFFIX = ".safetensors"
 PICKLES = (".ckpt", ".pt", ".pth", ".bin")
@@ -51,8 +55,9 @@ class Entry:
 
 def _walk(folder: Path, suffixes: tuple[str, ...], folders: bool) -> list[Path]:
     """Files under ``folder`` with a suffix of ``suffixes`` (hidden ones, links to
-    folders and non-regular files skipped); with ``folders``, diffusers folders
-    too (not descended into)."""
+    folders and non-regular files skipped); with ``folders`` (the models folder),
+    diffusers folders too (not descended into), and not the ``<name>.vae.*`` files
+    that lie beside checkpoints (A1111 leaves them out too)."""
     found: list[Path] = []
     for root, dirs, names in os.walk(folder):  # links to folders are not followed: no loops
         here = Path(root)
@@ -64,6 +69,8 @@ def _walk(folder: Path, suffixes: tuple[str, ...], folders: bool) -> list[Path]:
         for name in sorted(names):
             path = here / name
             if name.startswith(".") or path.suffix.lower() not in suffixes:
+                continue
+            if folders and path.stem.lower().endswith(".vae"):
                 continue
             try:
                 if stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the header read
@@ -104,14 +111,22 @@ class Catalog:
     plus fixed entries (the default model; Automatic and None)."""
 
     def __init__(self, what: str, folder: Path, setting: str, fixed: dict[str, Entry],
-                 check: Callable[[Path], str], folders: bool) -> None:
+                 check: Callable[[Path], str], folders: bool, cache: Path | None = None) -> None:
         self.what, self.folder, self.setting = what, folder, setting
         self.fixed = fixed
         self._check, self._folders = check, folders
+        self.cache = cache  # where file hashes are kept; None: a title's hash is not checked
         self._listing: dict[str, Path] | None = None
+        self._stamp: int | None = None
         self._checked: dict[tuple[object, ...], str] = {}
 
     def _paths(self) -> dict[str, Path]:
+        try:  # a file added to or removed from the folder itself: listed again (one stat)
+            stamp: int | None = self.folder.stat().st_mtime_ns
+        except OSError:
+            stamp = None
+        if stamp != self._stamp:
+            self._listing, self._stamp = None, stamp
         if self._listing is None:
             paths = _walk(self.folder, (SUFFIX, *PICKLES), self._folders) if self.folder.is_dir() else []
             self._listing = {}
@@ -148,7 +163,7 @@ class Catalog:
         if name in self.fixed:
             return self.fixed[name]
         title = _TITLE.fullmatch(name)
-        candidates = [name, *([title["name"]] if title else [])]
+        candidates = [name, *([title["name"]] if title and title["name"] not in self.fixed else [])]
         candidates += [c[: -len(SUFFIX)] for c in candidates if c.lower().endswith(SUFFIX)]
         for attempt in (1, 2):
             for candidate in candidates:
@@ -163,16 +178,25 @@ class Catalog:
         return None
 
     def lookup(self, name: str, field: str) -> Entry:
-        """The usable entry a name stands for; a ``JobError`` that says why not."""
+        """The usable entry a name stands for; a ``JobError`` that says why not. A
+        title's hash must be the file's (A1111's ``name [hash]``: a file replaced
+        since the title was copied is another model)."""
         found = self.find(name)
         if found is None:
             raise self.unknown(name, field)
         if found.problem:
             raise JobError(f"{self.what} {name} cannot be used: {found.file} {found.problem}", field=field)
+        title = _TITLE.fullmatch(name)
+        if title and len(title["hash"]) == 10 and found.path is not None and found.kind != "folder" and self.cache:
+            actual = models.file_sha256(found.path, self.cache)[:10]
+            if actual != title["hash"].lower():
+                raise JobError(f"{self.what} {name}: {found.file} has the hash {actual}, not {title['hash']} "
+                               "(the file was replaced, or the title names another file)", field=field,
+                               hint=f"use the name {found.name} or the title {found.name} [{actual}]")
         return found
 
     def unknown(self, name: str, field: str) -> JobError:
-        known = self.names()
+        known = [*self.fixed, *(e.name for e in self.entries() if not e.problem)]
         where = (f"{self.setting} {self.folder} does not exist" if not self.folder.is_dir()
                  else f"{self.folder} holds no such file")
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
@@ -191,17 +215,31 @@ def default_names(setting: str) -> list[str]:
     return list(dict.fromkeys([setting, shown]))
 
 
-def model_catalog(models_dir: Path, default: str) -> Catalog:
-    """The default model and what ``models_dir`` holds."""
+def model_catalog(models_dir: Path, default: str, config: str = "", cache: Path | None = None) -> Catalog:
+    """The default model and what ``models_dir`` holds; ``config`` is the
+    ``model_config`` setting (a checkpoint cannot load without one)."""
     entry = Entry(default, None, "default")
+
+    def problem(path: Path) -> str:
+        return models.checkpoint_problem(path) or ("" if config else
+                                                   "needs model_config: the configs a single file lacks (see doctor)")
+
     return Catalog("model", models_dir, "models_dir", {name: entry for name in default_names(default)},
-                   models.checkpoint_problem, folders=True)
+                   problem, folders=True, cache=cache)
 
 
-def vae_catalog(vae_dir: Path) -> Catalog:
+def vae_catalog(vae_dir: Path, cache: Path | None = None) -> Catalog:
     """Automatic, None, and the VAE files of ``vae_dir``."""
     return Catalog("VAE", vae_dir, "vae_dir", {c: Entry(c, None, c) for c in VAE_CHOICES}, _vae_problem,
-                   folders=False)
+                   folders=False, cache=cache)
+
+
+def models_of(settings: Settings) -> Catalog:
+    return model_catalog(settings.models_dir, settings.model, settings["model_config"], settings.cache)
+
+
+def vaes_of(settings: Settings) -> Catalog:
+    return vae_catalog(settings.vae_dir, settings.cache)
 
 
 def automatic(ref: models.ModelRef, vaes: Catalog) -> Entry | None:

@@ -330,7 +330,10 @@ class Dispatcher:
                                     failure_params=slot.job.params()), slot)
 
     def _fail(self, slot: Slot, error: SbrenderError) -> None:
-        result = results.failed(slot.entry, error, input=slot.input_rec, renderer=self.description, times={},
+        renderer = self.description
+        if isinstance(slot.entry, Job) and slot.entry.model:  # not the configured model: say which it asked for
+            renderer = {**renderer, "model": {"name": slot.entry.model}}
+        result = results.failed(slot.entry, error, input=slot.input_rec, renderer=renderer, times={},
                                 job_id=slot.result_id)
         self._publish(results.Draft(slot.result_id, result, slot.queued, slot.started), slot)
 

@@ -177,7 +177,7 @@ def check_models_dir(s: Settings) -> list[Finding]:
     from . import checkpoints
 
     out = []
-    for catalog in (checkpoints.model_catalog(s.models_dir, s.model), checkpoints.vae_catalog(s.vae_dir)):
+    for catalog in (checkpoints.models_of(s), checkpoints.vaes_of(s)):
         topic = "models" if catalog.what == "model" else "vae"
         if not catalog.folder.is_dir():
             out.append(Finding(OK, topic, f"{catalog.folder} does not exist: jobs use "
@@ -190,7 +190,7 @@ def check_models_dir(s: Settings) -> list[Finding]:
         out += [Finding(WARN, topic, f"{e.file} {e.problem}", "jobs naming it fail; replace or remove it")
                 for e in entries if e.problem]
     if s["vae"] not in checkpoints.VAE_CHOICES:
-        found = checkpoints.vae_catalog(s.vae_dir).find(s["vae"])
+        found = checkpoints.vaes_of(s).find(s["vae"])
         if found is None or found.problem:
             why = "is not in vae_dir" if found is None else f"is unusable: {found.problem}"
             out.append(Finding(FAIL, "vae", f"vae: {s['vae']} {why}; every job without its own vae: would fail",

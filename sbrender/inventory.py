@@ -53,7 +53,7 @@ def _hashed(item: dict[str, Any], path: Path, cache: Path) -> dict[str, Any]:
 def models_dir_items(s: Settings) -> list[dict[str, Any]]:
     """The checkpoints and diffusers folders a job may name with model:, A1111's hash for a file."""
     items = []
-    for entry in checkpoints.model_catalog(s.models_dir, s.model).entries():
+    for entry in checkpoints.models_of(s).entries():
         item: dict[str, Any] = {"name": entry.name, "kind": entry.kind, "file": entry.file}
         if entry.problem:
             item["problem"] = entry.problem
@@ -66,7 +66,7 @@ def models_dir_items(s: Settings) -> list[dict[str, Any]]:
 def vae_items(s: Settings) -> list[dict[str, Any]]:
     """The VAE files a job may name with vae:, with A1111's VAE hash."""
     items = []
-    for entry in checkpoints.vae_catalog(s.vae_dir).entries():
+    for entry in checkpoints.vaes_of(s).entries():
         item: dict[str, Any] = {"name": entry.name, "file": entry.file}
         items.append({**item, "problem": entry.problem} if entry.problem or entry.path is None
                      else _hashed(item, entry.path, s.cache))

@@ -50,7 +50,9 @@ def read_bytes(path: str | os.PathLike[str], max_bytes: int) -> bytes:
                                   hint="copy the file into the inbox instead of linking it")
         if st.st_size > max_bytes:
             raise UnsafeFileError(f"job file is {st.st_size} bytes, more than the limit of {max_bytes}",
-                                  hint="split it into several files or raise limits.max_file_bytes")
+                                  hint="split it into several files or raise limits.max_file_bytes; a file "
+                                       "with an init_image may be larger by that image's base64 only, up to "
+                                       "limits.max_image_bytes: a larger image needs that limit raised")
         chunks: list[bytes] = []
         total = 0
         while total <= max_bytes:

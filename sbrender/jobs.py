@@ -71,9 +71,9 @@ class Rules:
         if with_loras:
             # A host without models_dir or vae_dir (a web app's) leaves those names to the daemon.
             catalogs = dict(loras=loras.scan(settings.loras_dir),
-                            models=checkpoints.model_catalog(settings.models_dir, settings.model)
+                            models=checkpoints.models_of(settings)
                             if settings.models_dir.is_dir() else None,
-                            vaes=checkpoints.vae_catalog(settings.vae_dir) if settings.vae_dir.is_dir() else None)
+                            vaes=checkpoints.vaes_of(settings) if settings.vae_dir.is_dir() else None)
         return cls(**{k: v for k, v in values.items() if k in names}, vae=settings["vae"],
                    default_model=settings.model, **catalogs)
 

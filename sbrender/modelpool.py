@@ -5,9 +5,12 @@ A job names its model; the pool holds the ones loaded, at most
 of weights), and the least recently used one leaves first. A part of a model
 (its text encoder, its VAE) whose weights are those of a part already warm
 is not loaded again: the new pipeline is built around the warm module. Parts
-are told apart by the digest of their weights (``part_keys``), so two
-checkpoints merged from one base share its VAE and text encoder whatever
-their file names. VAE files (a job's ``vae:``) are kept here too, by digest.
+are told apart by the digest of their loaded weights (``module_digest``), so
+two checkpoints merged from one base share its VAE and text encoder whatever
+their file names or layouts. A digest is kept in the cache by file: the first
+load of a model loads every part and then drops the ones a warm model already
+holds; later loads do not load them at all. VAE files (a job's ``vae:``) are
+kept here too, by digest.
 """
 
 from __future__ import annotations
@@ -19,11 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import models, stfile
+from . import models
 
 SHARED_PARTS = ("text_encoder", "vae")  # the UNet is what tells models apart: never shared
-# Where each part's weights sit in an original (LDM) single-file checkpoint.
-LDM_PREFIXES = {"unet": "model.diffusion_model.", "vae": "first_stage_model.", "text_encoder": "cond_stage_model."}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
@@ -36,10 +37,11 @@ class WarmModel:
     pipe: Any
     text_encoder: Any  # float32, for the conditioning: the pipeline's own where that is float32
     adapters: Any  # adapters.Adapters over this UNet and text encoder
-    parts: dict[str, str]  # part -> the digest of its weights
+    parts: dict[str, str]  # shared part -> the digest of its weights
     own_vae: Any  # the checkpoint's VAE (a job's vae: may put another in the pipeline)
     perf: dict[str, Any]
     load_s: float
+    stamp: tuple[Any, ...] = ()  # the file as loaded: a file replaced since is loaded again
     shared: tuple[str, ...] = ()  # the parts taken from models already warm
     schedulers: dict[tuple[str, str], Any] = field(default_factory=dict)
     base_scheduler_config: Any = None
@@ -72,7 +74,8 @@ class Pool:
         return next((m for m in self.warm.values() if m.parts.get(part) == key), None)
 
     def make_room(self) -> list[str]:
-        """Before a load: models leave until one more fits ``keep``; their names."""
+        """When a load ran out of device memory: models leave until one more fits
+        ``keep``; their names."""
         gone = []
         while self.warm and len(self.warm) >= self.keep:
             gone.append(self._drop(next(iter(self.warm))))
@@ -80,12 +83,18 @@ class Pool:
 
     def add(self, model: WarmModel) -> list[str]:
         """A model just loaded, as the most recently used; then the least recently
-        used others leave while the weights exceed ``max_bytes``. Their names."""
+        used others leave while there are more than ``keep`` or their weights exceed
+        ``max_bytes``. Their names. (A model leaves only once its successor has
+        loaded: a file that fails to load costs no warm model.)"""
         self.warm[model.name] = model
         gone = []
-        while self.max_bytes and len(self.warm) > 1 and self.weight_bytes() > self.max_bytes:
+        while len(self.warm) > 1 and (len(self.warm) > self.keep or
+                                      (self.max_bytes and self.weight_bytes() > self.max_bytes)):
             gone.append(self._drop(next(iter(self.warm))))
         return gone
+
+    def drop(self, name: str) -> str:
+        return self._drop(name)
 
     def _drop(self, name: str) -> str:
         model = self.warm.pop(name)
@@ -119,23 +128,44 @@ class Pool:
 
 # --- which weights a part holds -------------------------------------------------------
 
-def part_keys(ref: models.ModelRef, cache: Path) -> dict[str, str]:
-    """Per part (unet, vae, text_encoder) a digest of its weights, kept in the
-    cache by file: equal digests, equal weights. A checkpoint's parts are hashed
-    from their tensors in the file (the UNet by the whole file's sha256); a
-    diffusers folder's from its weight files. A part whose files cannot be found
-    (a hub model not in the cache) gets a digest of its own."""
+def module_digest(module: Any) -> str:
+    """The sha256 of a loaded module's state (names, dtypes, shapes, bytes): equal
+    digests, equal weights, whatever file layout they came from (a diffusers folder,
+    a single-file checkpoint)."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def digest_file(ref: models.ModelRef, part: str) -> Path | None:
+    """The file a part's digest is kept by (the cache is keyed by a file's path,
+    size and time): the checkpoint, or the part's largest weight file in a folder."""
     if ref.kind == "checkpoint":
-        path = Path(ref.location)
-        keys = {"unet": f"file:{ref.sha256 or ref.location}"}
-        for part in SHARED_PARTS:
-            prefix = LDM_PREFIXES[part]
-            keys[part] = "ldm:" + models.cached_digest(path, cache, f"part:{part}",
-                                                       lambda p, prefix=prefix: stfile.tensors_digest(p, prefix))
-        return keys
+        return Path(ref.location)
     root = _folder(ref)
-    return {part: _folder_part(root, part, cache) or f"own:{ref.location}:{part}"
-            for part in ("unet", *SHARED_PARTS)}
+    folder = root / part if root is not None else None
+    if folder is None or not folder.is_dir():
+        return None
+    files = [p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file()]
+    return max(files, key=lambda p: p.stat().st_size).resolve() if files else None
+
+
+def part_digest(ref: models.ModelRef, part: str, dtype: Any, cache: Path, module: Any = None) -> str:
+    """The part's weights digest in ``dtype``: kept in the cache by its file, so a
+    model's second load finds its donors before loading. Without ``module`` only
+    what is kept ("" when nothing is); with it, computed and kept when missing."""
+    kind = f"module:{part}:{str(dtype).removeprefix('torch.')}"
+    path = digest_file(ref, part)
+    if path is None:
+        return module_digest(module) if module is not None else ""
+    try:
+        return models.cached_digest(path, cache, kind, (lambda p: module_digest(module)) if module is not None else None)
+    except OSError:
+        return module_digest(module) if module is not None else ""
 
 
 def _folder(ref: models.ModelRef) -> Path | None:
@@ -147,17 +177,3 @@ def _folder(ref: models.ModelRef) -> Path | None:
         return None
     index = try_to_load_from_cache(ref.location, "model_index.json")
     return Path(index).parent if isinstance(index, str) else None
-
-
-def _folder_part(root: Path | None, part: str, cache: Path) -> str:
-    """The digest of a diffusers part folder's weight files (names and bytes); "" where it has none."""
-    folder = root / part if root is not None else None
-    if folder is None or not folder.is_dir():
-        return ""
-    files = sorted(p for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
-    if not files:
-        return ""
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(f"{path.name}|{models.cached_sha256(path.resolve(), cache)}|".encode())
-    return "files:" + digest.hexdigest()

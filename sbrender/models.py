@@ -418,26 +418,24 @@ def cached_sha256(path: Path, cache: Path, kind: str = "sha256",
     return cached_digest(path, cache, kind, compute)
 
 
-def cached_digest(path: Path, cache: Path, kind: str, compute: Callable[[Path], str]) -> str:
+def cached_digest(path: Path, cache: Path, kind: str, compute: Callable[[Path], str] | None) -> str:
     """``compute(path)``, kept in ``cache/model-hashes.json`` under ``kind`` while the
-    file's path, size and modification time stay the same. Raises ``OSError``
-    (and whatever ``compute`` raises)."""
+    file's path, size and modification time stay the same; without ``compute``,
+    only what is kept ("" when nothing is). Raises ``OSError`` (and whatever
+    ``compute`` raises)."""
     stat = path.stat()
     key = str(path.absolute())
     stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     store = cache / HASHES_FILE
-    try:
-        known = json.loads(store.read_text(encoding="utf-8"))
-        if not isinstance(known, dict):
-            known = {}
-    except (OSError, ValueError):
-        known = {}
-    entry = known.get(key)
+    entry = _hashes(store).get(key)
     if not isinstance(entry, dict) or {k: entry.get(k) for k in stamp} != stamp:
         entry = dict(stamp)  # a changed file: its other hashes are stale too
     if isinstance(entry.get(kind), str):
         return entry[kind]
+    if compute is None:
+        return ""
     value = compute(path)
+    known = _hashes(store)  # read again: another process may have added its own meanwhile
     known[key] = {**entry, kind: value}
     try:  # a cache: a folder we cannot write only costs a rehash next time
         store.parent.mkdir(parents=True, exist_ok=True)
@@ -448,6 +446,14 @@ def cached_digest(path: Path, cache: Path, kind: str, compute: Callable[[Path], 
     except OSError:
         pass
     return value
+
+
+def _hashes(store: Path) -> dict[str, Any]:
+    try:
+        known = json.loads(store.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
 
 
 # --- loading --------------------------------------------------------------------

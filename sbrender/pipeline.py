@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import hashlib
 import json
 import os
@@ -78,8 +79,8 @@ class DiffusersRenderer:
         self.pool = modelpool.Pool(settings["models.keep_loaded"], settings["models.max_memory_mb"] << 20)
         self.current: modelpool.WarmModel | None = None
         self._started = False
-        self.models = checkpoints.model_catalog(settings.models_dir, settings.model)
-        self.vaes = checkpoints.vae_catalog(settings.vae_dir)
+        self.models = checkpoints.models_of(settings)
+        self.vaes = checkpoints.vaes_of(settings)
         self._broken: dict[tuple[Any, ...], ModelError] = {}  # a file that failed to load, until it changes
         self._loras: loras.Catalog | None = None  # loras_dir, scanned when a job first names a LoRA
         # (prompt text, positive, denoiser calls, clip skip, embeddings, text encoder and its LoRAs) -> its encoding
@@ -131,11 +132,18 @@ class DiffusersRenderer:
 
     def _use_model(self, name: str) -> float:
         """Make the named model (catalog name; "" the configured one) the current one,
-        loading it when it is not warm; the seconds spent loading. Raises
-        ``JobError`` (a name no file has), ``ModelError`` (a file that cannot be loaded)."""
+        loading it when it is not warm (or its file was replaced since); the seconds
+        spent loading. Raises ``JobError`` (a name no file has), ``ModelError`` (a
+        file that cannot be loaded)."""
         entry = self.models.lookup(name or self.settings.model, "model")
         key = "" if entry.kind == "default" else entry.name
         model = self.pool.get(key)
+        if model is not None and entry.path is not None and _stamp(entry.path) != model.stamp:
+            log.info("model file changed; loading it again", model=self._shown(key), file=entry.file)
+            self.pool.drop(key)
+            if self.current is model:
+                self.current = None
+            model = None
         seconds = 0.0
         if model is None:
             start = time.perf_counter()
@@ -147,7 +155,13 @@ class DiffusersRenderer:
             self.current = model
         return seconds
 
+    def _shown(self, key: str) -> str:
+        return key or self.settings.model  # the configured model by its setting, in logs
+
     def _load_model(self, key: str, entry: checkpoints.Entry) -> modelpool.WarmModel:
+        """Load a model beside the warm ones, its text encoder and VAE taken from a
+        warm model that holds the same weights; only then do the least recently used
+        leave (a file that fails to load costs no warm model). Raises ``ModelError``."""
         offline = models.is_offline(self.settings["offline"])
         stamp = _stamp(entry.path)
         if stamp in self._broken:
@@ -157,26 +171,28 @@ class DiffusersRenderer:
                                  self.settings.cache, self.settings["model_config"], offline=offline)
             if key:
                 ref = dataclasses.replace(ref, name=key)
-            parts = modelpool.part_keys(ref, self.settings.cache)
+            known = {part: modelpool.part_digest(ref, part, self.dtype, self.settings.cache)
+                     for part in modelpool.SHARED_PARTS}
         except ModelError as err:
             self._broken[stamp] = err
             raise
-        gone = self.pool.make_room()
-        if self.current is not None and self.current.name in gone:
-            self.current = None
         start = time.perf_counter()
-        donors = {part: donor for part in modelpool.SHARED_PARTS if (donor := self.pool.shared(part, parts[part]))}
-        given = {"text_encoder": donors["text_encoder"].pipe.text_encoder} if "text_encoder" in donors else {}
-        if "vae" in donors:
-            given["vae"] = donors["vae"].own_vae
+        donors = {part: donor for part, digest in known.items() if digest and (donor := self.pool.shared(part, digest))}
         try:
-            pipe = models.load_pipeline(ref, dtype=self.dtype, offline=offline,
-                                        safety_checker=self.settings["safety_checker"], components=given)
+            pipe = self._load_pipeline(ref, donors, offline)
         except ModelError as err:
             self._broken[stamp] = err
             raise
-        pipe.set_progress_bar_config(disable=True)
-        pipe = pipe.to(self.device)
+        # A part loaded from another file or layout than a warm model's, with the same weights:
+        # the warm module replaces it (the copy just loaded is dropped before it reaches the device).
+        digests = {part: known[part] or modelpool.part_digest(ref, part, self.dtype, self.settings.cache,
+                                                              getattr(pipe, part))
+                   for part in modelpool.SHARED_PARTS}
+        for part in modelpool.SHARED_PARTS:
+            if part not in donors and (donor := self.pool.shared(part, digests[part])) is not None:
+                setattr(pipe, part, donor.own_vae if part == "vae" else donor.pipe.text_encoder)
+                donors[part] = donor
+        pipe = self._on_device(pipe, donors)
         if "text_encoder" in donors:
             text_encoder = donors["text_encoder"].text_encoder
         else:
@@ -189,15 +205,22 @@ class DiffusersRenderer:
         perf = speedups.apply(pipe, self.settings, self.device, parts=fresh)
         # LoRAs go into the UNet and this float32 text encoder (the one that encodes).
         lora_layers = adapters.Adapters(pipe, text_encoder, self.settings["loras_cache"], self.settings.cache)
-        model = modelpool.WarmModel(key, ref, pipe, text_encoder, lora_layers, parts, pipe.vae, perf, 0.0,
-                                    shared=tuple(sorted(donors)), base_scheduler_config=pipe.scheduler.config)
+        model = modelpool.WarmModel(key, ref, pipe, text_encoder, lora_layers, digests, pipe.vae, perf, 0.0,
+                                    stamp=stamp, shared=tuple(sorted(donors)),
+                                    base_scheduler_config=pipe.scheduler.config)
         self._load_embeddings(model)
-        evicted = self.pool.add(model)
+        gone = self.pool.add(model)
+        if self.current is not None and self.current.name not in self.pool.warm:
+            self.current = None
+        if gone:
+            gc.collect()
+            if self.device == "cuda":
+                torch.cuda.empty_cache()
         model.load_s = time.perf_counter() - start
         if self._started:  # the first load, at start, is the service's to log
-            log.info("model loaded", model=key or self.settings.model, source=ref.kind,
-                     seconds=round(model.load_s, 3), shared=list(model.shared), evicted=gone + evicted,
-                     warm=list(self.pool.warm))
+            log.info("model loaded", model=self._shown(key), source=ref.kind, seconds=round(model.load_s, 3),
+                     shared=list(model.shared), evicted=[self._shown(name) for name in gone],
+                     warm=[self._shown(name) for name in self.pool.warm])
         if self.settings["perf.compile"] != "off":
             previous, self.current = self.current, model
             try:
@@ -205,6 +228,38 @@ class DiffusersRenderer:
             finally:
                 self.current = previous
         return model
+
+    def _load_pipeline(self, ref: models.ModelRef, donors: dict[str, modelpool.WarmModel], offline: bool) -> Any:
+        """The pipeline read from its files (on the CPU), the donors' parts given. Raises ``ModelError``."""
+        given = {part: donor.own_vae if part == "vae" else donor.pipe.text_encoder for part, donor in donors.items()}
+        pipe = models.load_pipeline(ref, dtype=self.dtype, offline=offline,
+                                    safety_checker=self.settings["safety_checker"], components=given)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _on_device(self, pipe: Any, donors: dict[str, modelpool.WarmModel]) -> Any:
+        """The pipeline on the device. Out of device memory: the least recently used
+        models leave and it is tried once more. On the CPU, the weights are copied out
+        of the files they were read from (safetensors maps them: a file truncated
+        under a running daemon would kill it with SIGBUS)."""
+        try:
+            pipe = pipe.to(self.device)
+        except torch.cuda.OutOfMemoryError:
+            gone = self.pool.make_room()
+            log.warning("out of device memory loading a model; the least recently used left",
+                        evicted=[self._shown(name) for name in gone])
+            if self.current is not None and self.current.name in gone:
+                self.current = None
+            gc.collect()
+            torch.cuda.empty_cache()
+            pipe = pipe.to(self.device)
+        if self.device == "cpu":
+            for part in ("unet", "vae", "text_encoder"):
+                if part not in donors:
+                    with torch.no_grad():
+                        for tensor in (*getattr(pipe, part).parameters(), *getattr(pipe, part).buffers()):
+                            tensor.data = tensor.data.clone()
+        return pipe
 
     def _load_embeddings(self, model: modelpool.WarmModel) -> None:
         """The embeddings folder: vectors of the text encoder's width, on its device,

@@ -26,7 +26,7 @@ def check_vae(s: Settings) -> None:
     """The vae setting names a usable file (else every job without its own would fail)."""
     if s["vae"] not in checkpoints.VAE_CHOICES:
         try:
-            checkpoints.vae_catalog(s.vae_dir).lookup(s["vae"], "vae")
+            checkpoints.vaes_of(s).lookup(s["vae"], "vae")
         except JobError as err:
             raise ConfigError(f"setting vae: {err.message}", hint=err.hint or "set vae: Automatic") from None
 

@@ -101,14 +101,18 @@ def _pixels(out: Any) -> Any:
 # --- the catalog ---------------------------------------------------------------------------
 
 
-def test_the_catalog_names_files_and_folders_and_says_what_a_misplaced_file_is(shelf: Shelf) -> None:
-    catalog = checkpoints.model_catalog(shelf.models, "tiny-random")
+def test_the_catalog_names_files_and_folders_and_says_what_a_misplaced_file_is(shelf: Shelf, model_cache: Path) -> None:
+    catalog = checkpoints.model_catalog(shelf.models, "tiny-random", str(shelf.config), model_cache)
     assert catalog.names() == ["tiny-random", "base", "folder", "half", "lora", "merge", "styles/repainted"]
     assert catalog.lookup("merge", "model").path == shelf.models / "merge.safetensors"
     assert catalog.lookup("folder", "model").kind == "folder"
     # A1111's spellings: with the suffix, and its title "name [hash]".
     assert catalog.lookup("styles/repainted.safetensors", "model").name == "styles/repainted"
-    assert catalog.lookup("merge [0123456789]", "model").name == "merge"
+    merge_hash = models.file_sha256(shelf.models / "merge.safetensors", model_cache)[:10]
+    assert catalog.lookup(f"merge [{merge_hash}]", "model").name == "merge"
+    with pytest.raises(JobError, match=rf"model merge \[0123456789\]: .*merge.safetensors has the hash {merge_hash}, "
+                                       r"not 0123456789 \(the file was replaced"):
+        catalog.lookup("merge [0123456789]", "model")
     assert catalog.lookup("tiny-random", "model").kind == "default"
     with pytest.raises(JobError, match=r"model lora cannot be used: .*lora.safetensors holds no Stable Diffusion "
                                        r"UNet .*: it is a LoRA"):
@@ -118,7 +122,18 @@ def test_the_catalog_names_files_and_folders_and_says_what_a_misplaced_file_is(s
     with pytest.raises(JobError) as unknown:
         catalog.lookup("merged", "model")
     assert unknown.value.message == f"unknown model merged: {shelf.models} holds no such file"
-    assert unknown.value.hint.startswith("did you mean merge? known: merge, tiny-random, base, folder")
+    # Only names that would render: not the LoRA or the cut file.
+    assert unknown.value.hint == "did you mean merge? known: merge, tiny-random, base, folder, styles/repainted"
+    # A checkpoint cannot load without model_config; a VAE beside a checkpoint is no model (A1111's rule).
+    (shelf.models / "styles" / "repainted.vae.safetensors").write_bytes((shelf.vaes / "paint.safetensors").read_bytes())
+    try:
+        bare = checkpoints.model_catalog(shelf.models, "tiny-random")
+        assert "styles/repainted.vae" not in bare.names()
+        with pytest.raises(JobError, match="model merge cannot be used: .* needs model_config"):
+            bare.lookup("merge", "model")
+        assert bare.lookup("folder", "model").kind == "folder"  # a diffusers folder has its configs
+    finally:
+        (shelf.models / "styles" / "repainted.vae.safetensors").unlink()
 
 
 def test_a_job_names_a_model_and_a_vae_checked_before_it_is_queued(shelf: Shelf, model_cache: Path,
@@ -164,11 +179,12 @@ def test_models_that_share_parts_hold_them_once_and_render_as_if_loaded_alone(
     assert warm["merge"].pipe.vae is warm["base"].pipe.vae
     assert warm["merge"].pipe.unet is not warm["base"].pipe.unet
     assert warm["merge"].shared == ("text_encoder", "vae")
-    # The memory check: the warm weights are the three UNets plus one text encoder and one VAE
-    # from the checkpoints (the configured folder's parts are files of another layout: its own).
+    # The memory check: the warm weights are the three UNets plus one text encoder and one VAE:
+    # base's came from a checkpoint, the configured model's from a folder, with equal weights.
     part_bytes = {part: sum(t.nelement() * t.element_size() for t in (*module.parameters(), *module.buffers()))
                   for part in ("unet", "vae", "text_encoder") if (module := getattr(warm["base"].pipe, part))}
-    assert renderer.pool.weight_bytes() == 3 * part_bytes["unet"] + 2 * (part_bytes["vae"] + part_bytes["text_encoder"])
+    assert renderer.pool.weight_bytes() == 3 * part_bytes["unet"] + part_bytes["vae"] + part_bytes["text_encoder"]
+    assert warm["base"].shared == ("text_encoder", "vae") and warm["base"].pipe.vae is warm[""].pipe.vae
 
     again = renderer.render(_job(rules, model="merge"), [5])  # warm: nothing loaded
     assert "loaded_s" not in again.model and (_pixels(again) == expected).all()
@@ -231,10 +247,10 @@ def test_a_bad_model_fails_its_job_and_leaves_the_warm_ones_alone(shelf: Shelf, 
     odd = load_file(str(shelf.models / "base.safetensors"))
     odd[UNET + "out.2.weight"] = torch.zeros(4, 16, 3, 3)  # another architecture's shapes
     _save(odd, tmp_path / "odd" / "odd.safetensors")
-    renderer.models = checkpoints.model_catalog(tmp_path / "odd", "tiny-random")
+    renderer.models = checkpoints.model_catalog(tmp_path / "odd", "tiny-random", str(shelf.config))
     with pytest.raises(ModelError, match=r"odd.safetensors does not fit the configs in .*: ValueError"):
         renderer.render(_job(rules, model="odd"), [5])
-    renderer.models = checkpoints.model_catalog(shelf.models, "tiny-random")
+    renderer.models = checkpoints.model_catalog(shelf.models, "tiny-random", str(shelf.config), model_cache)
     for name, error, words in (("lora", JobError, "it is a LoRA"), ("half", JobError, "is incomplete or damaged"),
                                ("nowhere", JobError, "unknown model nowhere")):
         with pytest.raises(error, match=words):
@@ -347,3 +363,56 @@ def test_submit_and_models_speak_of_the_models_folder(shelf: Shelf, model_cache:
     sha256 = models.file_sha256(shelf.models / "merge.safetensors", model_cache)
     assert f"merge             checkpoint  {sha256[:10]}" in listing
     assert "unusable: holds no Stable Diffusion UNet" in listing and ok.stdout.strip() == "m1"
+
+
+def test_a_model_file_replaced_under_a_running_daemon_is_loaded_again(
+        shelf: Shelf, model_cache: Path, spool: Any, start_daemon: Any, tmp_path: Path) -> None:
+    """Cut short in place, then replaced by another model's bytes: the daemon neither
+    dies (the weights it holds are its own, not mapped from the file) nor goes on
+    drawing the old model under the new file's hash."""
+    models_dir = tmp_path / "models"
+    models_dir.mkdir()
+    shutil.copy(shelf.models / "base.safetensors", models_dir / "zeta.safetensors")
+    daemon = start_daemon(spool, SBRENDER_MODELS_DIR=str(models_dir), SBRENDER_MODEL_CONFIG=str(shelf.config))
+    job = {"prompt": "a harbour", "seed": 1, "sampler": "Euler", "model": "zeta"}
+    spool.drop("before.yaml", job)
+    before = spool.result("before")
+    assert before["status"] == "succeeded"
+    with open(models_dir / "zeta.safetensors", "r+b") as f:
+        f.truncate(4096)
+    spool.drop("cut.yaml", job)
+    cut = spool.result("cut")
+    assert cut["status"] == "failed" and "zeta.safetensors is incomplete" in cut["error"]["message"]
+    temp = models_dir / ".zeta.tmp"
+    shutil.copy(shelf.models / "merge.safetensors", temp)
+    temp.rename(models_dir / "zeta.safetensors")
+    spool.drop("after.yaml", job)
+    after = spool.result("after")
+    assert after["status"] == "succeeded", after
+    assert after["model"]["hash"] == models.file_sha256(shelf.models / "merge.safetensors", model_cache)[:10]
+    from PIL import Image
+
+    pixels = [Image.open(spool.outbox / r["images"][0]["file"]).tobytes() for r in (before, after)]
+    assert pixels[0] != pixels[1]  # merge's UNet, not base's
+    assert daemon.proc.poll() is None and daemon.events("model file changed; loading it again")
+
+
+def test_a_daemon_on_the_cpu_survives_its_model_file_cut_short(
+        shelf: Shelf, model_cache: Path, spool: Any, start_daemon: Any, tmp_path: Path) -> None:
+    """safetensors maps a file's tensors into memory; on the CPU the loaded weights
+    would stay those pages, and a file cut short under them kills the process with
+    SIGBUS at the next render. The daemon copies them out at load."""
+    model = tmp_path / "own.safetensors"
+    shutil.copy(shelf.models / "base.safetensors", model)
+    daemon = start_daemon(spool, SBRENDER_MODEL=str(model), SBRENDER_MODEL_CONFIG=str(shelf.config))
+    spool.drop("before.yaml", {"prompt": "a harbour", "seed": 1})
+    before = spool.result("before")
+    with open(model, "r+b") as f:
+        f.truncate(4096)
+    spool.drop("after.yaml", {"prompt": "a harbour", "seed": 1})
+    after = spool.result("after")
+    assert daemon.proc.poll() is None and after["status"] == "succeeded"
+    from PIL import Image
+
+    pixels = [Image.open(spool.outbox / r["images"][0]["file"]).tobytes() for r in (before, after)]
+    assert pixels[0] == pixels[1]  # the weights loaded at start, whatever became of the file
