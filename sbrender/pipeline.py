@@ -135,16 +135,19 @@ class DiffusersRenderer:
         self._embedding_names = conditioning.EmbeddingNames(self.pipe.tokenizer, self.catalog.counts())
 
     def warm_up(self) -> None:
-        """Render throw-away images at the default size, alone and at the batch
-        size, so compiling happens before the daemon says it is ready."""
+        """Render throw-away images at the default size, once per compiled batch
+        size (``speedups.warm_up_counts``), so compiling happens before the daemon
+        says it is ready; then only those shapes run compiled."""
         from .jobs import Job
 
         d = self.settings.section("defaults")
-        for count in sorted({1, self.settings["perf.batch_size"]}):
+        started, before = time.perf_counter(), speedups.warm_up_started()
+        for count in speedups.warm_up_counts(self.settings):
             job = Job(id="warm-up", prompt="warm-up", negative_prompt="", steps=2, guidance_scale=d["guidance_scale"],
                       width=d["width"], height=d["height"], seed=None, count=count, sampler=d["sampler"], priority=0,
                       scheduler=d["scheduler"])
             self.render(job, list(range(count)))
+        self.perf.update(speedups.warmed_up(self.pipe, self.settings, self.device, before, started))
 
     def describe(self) -> dict[str, Any]:
         assert self.ref is not None, "load() first"

@@ -7,13 +7,19 @@ timing is never separated from the switches that produced it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 import torch
 
+from . import buckets, compilecache
 from .config import Settings
+
+log = structlog.get_logger("sbrender")
+RECOMPILE_ROOM = 4  # compiles of one method beyond one per bucket before torch fails loudly
 
 
 def _tf32(pipe: Any, value: bool, device: str) -> Any:
@@ -59,8 +65,12 @@ def _compile(pipe: Any, value: str, device: str) -> Any:
     if value == "off":
         return value
     # The UNet runs every step, the VAE decoder once per image: both are worth it.
-    pipe.unet = torch.compile(pipe.unet, mode=value)
-    pipe.vae.decode = torch.compile(pipe.vae.decode, mode=value)
+    # Static shapes: one graph per warmed-up batch size (see ``buckets``).
+    def compile_fn(method: Callable[..., Any]) -> Callable[..., Any]:
+        return torch.compile(method, mode=value, dynamic=False)
+
+    buckets.install(pipe.unet, "forward", "unet", compile_fn)
+    buckets.install(pipe.vae, "decode", "vae decode", compile_fn)
     return value
 
 
@@ -85,11 +95,62 @@ SWITCHES: tuple[Switch, ...] = (
 def apply(pipe: Any, settings: Settings, device: str) -> dict[str, Any]:
     """Apply every switch; returns ``{name: value}`` for those that apply here."""
     done: dict[str, Any] = {}
+    if settings["perf.compile"] != "off":
+        _prepare_compile(settings, device)
     for switch in SWITCHES:
         result = switch.apply(pipe, settings[switch.key], device)
         if result is not None:
             done[switch.key.removeprefix("perf.")] = result
     return done
+
+
+def _prepare_compile(settings: Settings, device: str) -> None:
+    """Before anything compiles: torch's caches in sbrender's cache folder (with
+    a bundle applied if one was imported), and a recompile limit that fails
+    loudly instead of silently running uncompiled."""
+    sizes = warm_up_counts(settings)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                               len(sizes) * 2 + RECOMPILE_ROOM)  # * 2: with and without CFG
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    cache = compilecache.folder(settings["perf.compile_cache"], settings.cache, device)
+    if cache is None:
+        log.info("compile cache", folder="torch's default (perf.compile_cache: off)")
+        return
+    cache.use()
+    log.info("compile cache", folder=str(cache.path), **cache.load_bundle())
+
+
+def warm_up_counts(settings: Settings) -> list[int]:
+    """The batch sizes compiled and warmed up before ready: ``perf.compile_buckets``,
+    or 1 and ``perf.batch_size``. A batch of another size is split into these."""
+    chosen = settings["perf.compile_buckets"]
+    return sorted(set(chosen)) if chosen else sorted({1, settings["perf.batch_size"]})
+
+
+def warm_up_started() -> dict[str, int]:
+    """Torch's compile counters before the warm-up, for ``warmed_up``."""
+    return compilecache.counters()
+
+
+def warmed_up(pipe: Any, settings: Settings, device: str, before: Mapping[str, int],
+              started: float) -> dict[str, Any]:
+    """After the warm-up: only warmed-up shapes run compiled from now on; the
+    compiled artifacts are saved as this host's bundle; one log line says what
+    the start compiled (torch's cache counters). Returns the perf facts to record."""
+    routers = buckets.routers(pipe.unet, pipe.vae)
+    sizes: dict[str, list[int]] = {}
+    for router in routers:
+        sizes.update(router.seal())
+    after = compilecache.counters()
+    counts = {k: after[k] - before[k] for k in after}
+    warm = not compilecache.compiled_anything(before, after)
+    saved: dict[str, Any] = {}
+    cache = compilecache.folder(settings["perf.compile_cache"], settings.cache, device)
+    if cache is not None:
+        saved = cache.save_bundle({"compile": settings["perf.compile"], "batch_sizes": sizes})
+    log.info("compiled", start="warm: nothing compiled, all from the cache" if warm else "cold: compiled",
+             warm=warm, seconds=round(time.perf_counter() - started, 3), batch_sizes=sizes, **counts, **saved)
+    return {"compile_buckets": warm_up_counts(settings)}
 
 
 def vae_tiling_wanted(setting: str, width: int, height: int) -> bool:

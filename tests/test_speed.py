@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import pytest
 
 from conftest import daemon_env, sbrender
@@ -129,3 +130,94 @@ def test_sd15_random_has_sd15s_architecture_and_renders(tmp_path: Path) -> None:
     out = renderer.render(dataclasses.replace(_job(1, steps=1), width=64, height=64), [1])
     assert out.images[0].size == (64, 64)
     assert not pytest.approx(0) == float(np.asarray(out.images[0]).std())
+
+
+# --- compiled code: static buckets, the cache across restarts, bundles ------------------------------------------
+
+
+class _Mixer(torch.nn.Module):
+    """Rows that do not depend on each other, like the UNet's and the VAE's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.gain = 1.0  # a Python number: torch's compiled code guards on its value
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor, return_dict: bool = True) -> Any:
+        out = torch.tanh(self.conv(x)) * scale * self.gain
+        return {"sample": out} if return_dict else (out,)
+
+
+def test_warmed_up_batch_sizes_run_compiled_others_split_or_run_eager_at_once() -> None:
+    from torch._dynamo.utils import counters
+
+    from sbrender import buckets
+
+    torch._dynamo.reset()
+    module = _Mixer()
+    router = buckets.install(module, "forward", "mixer",
+                             lambda method: torch.compile(method, backend="eager", dynamic=False))
+    scale = torch.tensor(0.5)
+
+    def batch(rows: int, side: int = 8) -> torch.Tensor:
+        return torch.randn(rows, 3, side, side, generator=torch.Generator().manual_seed(rows))
+
+    with torch.inference_mode():
+        for rows in (2, 4):  # the warm-up
+            module(batch(rows), scale)
+        assert router.seal() == {"mixer": [2, 4]}
+        compiled_before = counters["frames"]["ok"]
+
+        def check(x: torch.Tensor) -> None:
+            expected = router.eager(x, scale)["sample"]
+            assert torch.allclose(module(x, scale)["sample"], expected, atol=1e-6)
+
+        check(batch(4))
+        assert router.calls == {"compiled": 1}
+        check(batch(10))  # 4 + 4 + 2, not padded to 12
+        assert router.calls["split"] == 1
+        check(batch(3))  # 2 + 1 cannot be made: uncompiled, at once
+        check(batch(2, side=16))  # an image size that was not warmed up
+        assert router.calls["eager"] == 2
+        module.gain = 2.0  # the compiled code's guard fails: it would compile again
+        check(batch(4))
+        assert router.calls["eager"] == 3
+        out = module(batch(6), scale, return_dict=False)  # another output type: a tuple, split too
+        assert isinstance(out, tuple) and out[0].shape[0] == 6
+    assert counters["frames"]["ok"] == compiled_before, "nothing compiled after the warm-up"
+
+
+def test_plan_splits_a_batch_into_warmed_up_sizes_largest_first() -> None:
+    from sbrender.buckets import plan
+
+    assert plan(5, [1, 2, 4]) == [4, 1]
+    assert plan(16, [1, 8]) == [8, 8]
+    assert plan(7, [2, 4]) is None
+    assert plan(8, [8]) == [8]
+
+
+def _host_bundle(path: Path, **host: str) -> Path:
+    from sbrender import compilecache
+
+    here = dataclasses.asdict(compilecache.host("cpu"))
+    header = {"format": compilecache.FORMAT, "host": {**here, **host}, "created": 0.0, "compile": "default",
+              "batch_sizes": {"unet": [2]}, "artifacts": {}}
+    path.write_bytes(compilecache.pack(header, b"not torch's bytes"))
+    return path
+
+
+def test_import_refuses_a_bundle_of_another_torch_or_gpu_and_a_file_that_is_no_bundle(tmp_path: Path) -> None:
+    env = {**daemon_env(tmp_path / "cache"), "SBRENDER_DEVICE": "cpu"}
+    bundle = _host_bundle(tmp_path / "h100.sbcc", torch="2.99.0+cu130", device="NVIDIA H100 80GB HBM3",
+                          capability="sm_90")
+    proc = sbrender("compile-cache", "import", str(bundle), env=env, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "compiled with torch 2.99.0+cu130" in proc.stderr and "NVIDIA H100 80GB HBM3 (sm_90)" in proc.stderr
+    assert "device NVIDIA H100 80GB HBM3 (here: cpu " in proc.stderr
+    assert not list((tmp_path / "cache").rglob("bundle.sbcc")), "nothing imported"
+    (tmp_path / "notes.txt").write_text("hello")
+    proc = sbrender("compile-cache", "import", str(tmp_path / "notes.txt"), env=env, cwd=tmp_path)
+    assert proc.returncode == 1 and "is not an sbrender compile-cache bundle" in proc.stderr
+    proc = sbrender("compile-cache", "export", str(tmp_path / "out.sbcc"), env=env, cwd=tmp_path)
+    assert proc.returncode == 1 and "no compile-cache bundle for this host" in proc.stderr
+    assert not (tmp_path / "out.sbcc").exists()
