@@ -152,6 +152,8 @@ class Folder:
         artifacts, info = saved
         header = {"format": FORMAT, "host": asdict(self.host), "created": time.time(),
                   "artifacts": _artifact_counts(info), **extra}
+        if self.bundle.exists() and _artifacts_of(self.bundle) == artifacts:
+            return {"bundle": "unchanged", "bundle_bytes": self.bundle.stat().st_size}
         data = pack(header, artifacts)
         _write_atomic(self.bundle, data)
         _write_atomic(self.path / APPLIED, hashlib.sha256(data).hexdigest().encode())
@@ -271,6 +273,13 @@ def describe(parent: Path) -> list[dict[str, Any]]:
                 row["bundle_error"] = str(err)
         rows.append(row)
     return rows
+
+
+def _artifacts_of(bundle: Path) -> bytes | None:
+    try:
+        return parse(bundle.read_bytes(), str(bundle))[1]
+    except (OSError, CompileCacheError):
+        return None
 
 
 def _artifact_counts(info: Any) -> dict[str, int]:

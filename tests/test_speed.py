@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import pytest
+import torch
 
-from conftest import daemon_env, sbrender
+from conftest import DaemonProcess, Spool, daemon_env, sbrender
 from sbrender.config import load_settings
 from sbrender.jobs import Job
+
+COLD_COMPILE_TIMEOUT_S = 900.0  # the tiny model compiles in about 75 s on a quiet 2-core machine
 
 
 def _job(k: int, steps: int = 3, size: int = 64) -> Job:
@@ -221,3 +224,93 @@ def test_import_refuses_a_bundle_of_another_torch_or_gpu_and_a_file_that_is_no_b
     proc = sbrender("compile-cache", "export", str(tmp_path / "out.sbcc"), env=env, cwd=tmp_path)
     assert proc.returncode == 1 and "no compile-cache bundle for this host" in proc.stderr
     assert not (tmp_path / "out.sbcc").exists()
+
+
+@pytest.mark.slow
+def test_a_restarted_daemon_compiles_nothing_and_a_bundle_warms_a_fresh_cache(tmp_path: Path) -> None:
+    """Two real `sbrender run` processes, one after the other, on one cache folder:
+    the second finds everything in the caches (torch's own counters, in its
+    "compiled" log line). Its private temp folder, as under the unit's
+    PrivateTmp, holds none of torch's caches."""
+    from sbrender.models import BUILTINS, ensure_builtin
+
+    cache = tmp_path / "cache"
+    ensure_builtin(BUILTINS["tiny-random"], cache)
+    (tmp_path / "tmp").mkdir()
+    env = daemon_env(cache, SBRENDER_PERF_COMPILE="default", TMPDIR=str(tmp_path / "tmp"))
+
+    def start(spool: Spool) -> tuple[DaemonProcess, dict[str, Any]]:
+        daemon = DaemonProcess(spool, env)
+        daemon.wait_ready(timeout=COLD_COMPILE_TIMEOUT_S)
+        return daemon, daemon.events("compiled")[0]
+
+    first, cold = start(Spool(tmp_path / "spool"))
+    assert first.stop() == 0
+    assert cold["warm"] is False and cold["fxgraph_misses"] == 2, cold  # the UNet and the VAE decoder
+    assert cold["bundle"] == "saved" and cold["batch_sizes"] == {"unet": [2], "vae decode": [1]}
+
+    spool = Spool(tmp_path / "spool")
+    second, warm = start(spool)
+    try:
+        assert warm["warm"] is True, warm
+        assert (warm["fxgraph_misses"], warm["aot_autograd_misses"]) == (0, 0), warm
+        assert warm["fxgraph_hits"] == 2 and warm["aot_autograd_hits"] == 2, warm
+        assert second.events("compile cache")[0]["bundle"] == "held", "its own bundle is not applied again"
+        # The warmed-up size runs compiled; another size runs uncompiled at once, and says so.
+        spool.drop("compiled.json", {"id": "compiled", "prompt": "a lighthouse", "seed": 1})
+        spool.drop("other.json", {"id": "other", "prompt": "a lighthouse", "seed": 1, "width": 96, "height": 96})
+        for job_id in ("compiled", "other"):
+            result = spool.result(job_id)
+            assert result["status"] == "succeeded", result
+            assert result["perf"]["compile_buckets"] == [1]
+        eager = second.events("compiled unet: not warmed up: runs uncompiled")
+        assert len(eager) == 1 and eager[0]["rows"] == 2, second.lines()[-10:]
+    finally:
+        assert second.stop() == 0
+
+    folder = next((cache / "compile").iterdir())
+    assert (folder / "inductor" / "fxgraph").is_dir() and (folder / "bundle.sbcc").is_file()
+    leftovers = [p.name for p in (tmp_path / "tmp").glob("torchinductor_*/*") if p.name != "precompiled_headers"]
+    assert leftovers == [], "torch's caches went to the temp folder"
+
+    # The bundle, exported and imported into an empty cache folder: applied before the first compile.
+    bundle = tmp_path / "host.sbcc"
+    sbrender("compile-cache", "export", str(bundle), env=env, cwd=tmp_path, check=True)
+    fresh = tmp_path / "fresh"
+    ensure_builtin(BUILTINS["tiny-random"], fresh)
+    env = {**env, "SBRENDER_CACHE": str(fresh)}
+    proc = sbrender("compile-cache", "import", str(bundle), env=env, cwd=tmp_path, check=True)
+    assert "applied at the daemon's next start" in proc.stdout
+    third, imported = start(Spool(tmp_path / "spool"))
+    assert third.stop() == 0
+    assert third.events("compile cache")[0]["bundle"] == "applied"
+    assert (imported["fxgraph_misses"], imported["aot_autograd_misses"]) == (0, 0), imported
+
+
+@pytest.mark.slow
+def test_the_gpu_window_script_runs_every_part_and_notes_a_part_that_fails(tmp_path: Path) -> None:
+    """`gpu-window.sh --cpu-dry-run` with compiling off (the compiled starts are
+    the test above): every part runs and reports; the bundle part, with no
+    bundle to export, is noted as failed and the bench still runs after it."""
+    import os
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "bench" / "gpu-window.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SBRENDER_")}
+    env.update(OUT=str(out), WORK=str(tmp_path / "work"), COMPILE="off", BUDGET_S="600",
+               PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(script), "--cpu-dry-run"], env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 1, proc.stderr + (out / "run.log").read_text()[-3000:]  # the bundle part failed
+    report = json.loads((out / "report.json").read_text())
+    assert report["versions"]["torch"] == torch.__version__ and report["versions"]["gpu"] is None
+    for label in ("cold", "warm"):
+        assert report[f"start_{label}"]["ready_s"] > 0 and report[f"start_{label}"]["exit"] == 0
+    assert report["bench"]["b1"]["images_per_s"] > 0 and report["bench"]["b1"]["calls"] == 3
+    profile = report["profile"]["b1"]
+    assert profile["unet_rows"] == 2 and profile["kernels_seen"] > 0 and profile["groups_ms"]
+    text = (out / "report.md").read_text()
+    assert "part bundle: **failed (exit 1)**" in text and "part bench: done" in text
+    assert "no compile-cache bundle for this host" in (out / "run.log").read_text()
