@@ -137,20 +137,21 @@ def warmed_up(pipe: Any, settings: Settings, device: str, before: Mapping[str, i
     """After the warm-up: only warmed-up shapes run compiled from now on; the
     compiled artifacts are saved as this host's bundle; one log line says what
     the start compiled (torch's cache counters). Returns the perf facts to record."""
-    routers = buckets.routers(pipe.unet, pipe.vae)
-    sizes: dict[str, list[int]] = {}
-    for router in routers:
-        sizes.update(router.seal())
+    rows: dict[str, list[int]] = {}  # per method, the batch sizes it was called with (the UNet: 2 per image with CFG)
+    for router in buckets.routers(pipe.unet, pipe.vae):
+        rows.update(router.seal())
+    sizes = warm_up_counts(settings)
     after = compilecache.counters()
     counts = {k: after[k] - before[k] for k in after}
     warm = not compilecache.compiled_anything(before, after)
     saved: dict[str, Any] = {}
     cache = compilecache.folder(settings["perf.compile_cache"], settings.cache, device)
     if cache is not None:
-        saved = cache.save_bundle({"compile": settings["perf.compile"], "batch_sizes": sizes})
+        saved = cache.save_bundle({"compile": settings["perf.compile"], "batch_sizes": sizes, "rows": rows})
     log.info("compiled", start="warm: nothing compiled, all from the cache" if warm else "cold: compiled",
-             warm=warm, seconds=round(time.perf_counter() - started, 3), batch_sizes=sizes, **counts, **saved)
-    return {"compile_buckets": warm_up_counts(settings)}
+             warm=warm, seconds=round(time.perf_counter() - started, 3), batch_sizes=sizes, rows=rows, **counts,
+             **saved)
+    return {"compile_buckets": sizes}
 
 
 def vae_tiling_wanted(setting: str, width: int, height: int) -> bool:
