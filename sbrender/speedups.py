@@ -148,7 +148,7 @@ def warmed_up(pipe: Any, settings: Settings, device: str, before: Mapping[str, i
     cache = compilecache.folder(settings["perf.compile_cache"], settings.cache, device)
     if cache is not None:
         saved = cache.save_bundle({"compile": settings["perf.compile"], "batch_sizes": sizes, "rows": rows})
-    log.info("compiled", start="warm: nothing compiled, all from the cache" if warm else "cold: compiled",
+    log.info("compiled", start="warm: every graph from the cache" if warm else "cold: graphs compiled",
              warm=warm, seconds=round(time.perf_counter() - started, 3), batch_sizes=sizes, rows=rows, **counts,
              **saved)
     return {"compile_buckets": sizes}

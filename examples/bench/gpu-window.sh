@@ -16,10 +16,12 @@
 # Environment: OUT (default ./gpu-window-out), WORK (model, caches, spools; default
 # /tmp/sbrender-gpu-window), PYTHON (default .venv/bin/python, else python3), BUDGET_S
 # (default 540), BUCKETS (default 1,8,16), COMPILE (default reduce-overhead),
-# KEEP_COMPILE_CACHE=1 to start warm. On the device machine the repo's python3
-# needs diffusers and its dependencies (carried as wheels, see
-# /work/.library/device/README.md); sbrender itself is found through PYTHONPATH.
+# KEEP_COMPILE_CACHE=1 to start warm. On the GPU machine the image's python3 has
+# torch but not diffusers and a few others: examples/bench/gpu-wheels.sh fetches
+# them into .whl/, carried with the call and installed here into $WORK/site;
+# sbrender itself is found through PYTHONPATH.
 set -uo pipefail
+START=$SECONDS
 cd "$(dirname "$0")/../.." || exit 2
 MODE=gpu
 [ "${1:-}" = "--cpu-dry-run" ] && MODE=cpu
@@ -30,6 +32,11 @@ mkdir -p "$OUT" "$WORK/tmp"
 export OUT=$(cd "$OUT" && pwd) PYTHON
 LOG=$OUT/run.log
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null && ! "$PYTHON" -c "import diffusers, structlog, watchdog" 2>/dev/null; then
+  # carried to the GPU machine: see gpu-wheels.sh
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$WORK/site" \
+    .whl/*.whl >>"$LOG" 2>&1 && export PYTHONPATH="$PWD:$WORK/site${PYTHONPATH#"$PWD"}"
+fi
 # A fresh temp folder, as the unit's PrivateTmp gives: nothing may rely on /tmp.
 export TMPDIR=$WORK/tmp
 export SBRENDER_CACHE=$WORK/cache SBRENDER_OFFLINE=true SBRENDER_LOG_FORMAT=json SBRENDER_METRICS_DIR=off
@@ -50,7 +57,6 @@ else  # the same parts, small: a tiny model on the CPU, one compiled size
 fi
 export SBRENDER_PERF_BATCH_SIZE=${SBRENDER_PERF_COMPILE_BUCKETS##*,}
 [ "${KEEP_COMPILE_CACHE:-0}" = 1 ] || rm -rf "$WORK/cache/compile" "$WORK"/spool-*
-START=$SECONDS
 
 note() { printf '%s\n\n' "$*" >>"$OUT/report.md"; echo "== $*" >>"$LOG"; }
 
