@@ -7,6 +7,7 @@ timing is never separated from the switches that produced it.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import torch
 
 from . import buckets, compilecache
 from .config import Settings
+from .errors import CompileCacheError
 
 log = structlog.get_logger("sbrender")
 RECOMPILE_ROOM = 4  # compiles of one method beyond one per bucket before torch fails loudly
@@ -116,8 +118,18 @@ def _prepare_compile(settings: Settings, device: str) -> None:
     if cache is None:
         log.info("compile cache", folder="torch's default (perf.compile_cache: off)")
         return
-    cache.use()
-    log.info("compile cache", folder=str(cache.path), **cache.load_bundle())
+    try:
+        cache.use()
+    except OSError as err:  # the daemon still starts: it compiles into torch's default folder
+        log.warning("compile cache folder unusable: compiled code is not kept across restarts",
+                    folder=str(cache.path), error=str(err), hint="make it writable, or set perf.compile_cache")
+        return
+    try:
+        loaded = cache.load_bundle()
+    except CompileCacheError as err:  # compiling from scratch is slow, never wrong
+        loaded = {"bundle": "not used", "error": str(err)}
+        log.warning("compile-cache bundle not used; compiling", error=str(err))
+    log.info("compile cache", folder=str(cache.path), **loaded)
 
 
 def warm_up_counts(settings: Settings) -> list[int]:
@@ -146,8 +158,12 @@ def warmed_up(pipe: Any, settings: Settings, device: str, before: Mapping[str, i
     warm = not compilecache.compiled_anything(before, after)
     saved: dict[str, Any] = {}
     cache = compilecache.folder(settings["perf.compile_cache"], settings.cache, device)
-    if cache is not None:
-        saved = cache.save_bundle({"compile": settings["perf.compile"], "batch_sizes": sizes, "rows": rows})
+    # Only into caches of ours: a folder that could not be used left torch on its default.
+    if cache is not None and os.environ.get("TORCHINDUCTOR_CACHE_DIR") == str(cache.path / "inductor"):
+        try:
+            saved = cache.save_bundle({"compile": settings["perf.compile"], "batch_sizes": sizes, "rows": rows})
+        except CompileCacheError as err:
+            saved = {"bundle": "not saved", "error": str(err)}
     log.info("compiled", start="warm: every graph from the cache" if warm else "cold: graphs compiled",
              warm=warm, seconds=round(time.perf_counter() - started, 3), batch_sizes=sizes, rows=rows, **counts,
              **saved)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -348,3 +349,24 @@ def test_compile_buckets_read_as_a_list_or_text_and_bad_sizes_are_refused() -> N
         read("1,0")
     with pytest.raises(ConfigError, match="perf.compile_buckets"):
         read("eight")
+
+
+def test_a_damaged_bundle_is_not_used_and_the_start_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from structlog.testing import capture_logs
+
+    from sbrender import compilecache, speedups
+
+    for name, _ in compilecache.ENV_FOLDERS:
+        monkeypatch.setenv(name, "unset")
+    for key in ("recompile_limit", "fail_on_recompile_limit_hit"):  # set by a start; restored after this test
+        monkeypatch.setattr(torch._dynamo.config, key, getattr(torch._dynamo.config, key))
+    settings = load_settings(None, env={}, overrides={"cache": str(tmp_path), "perf.compile": "default"})
+    folder = compilecache.folder("", tmp_path, "cpu")
+    assert folder is not None
+    folder.path.mkdir(parents=True)
+    folder.bundle.write_bytes(b"half a zip")
+    with capture_logs() as logs:
+        speedups._prepare_compile(settings, "cpu")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(folder.path / "inductor")
+    line = next(entry for entry in logs if entry["event"] == "compile cache")
+    assert line["bundle"] == "not used" and "is not an sbrender compile-cache bundle" in line["error"]
