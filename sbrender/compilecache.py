@@ -26,15 +26,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
 from .errors import CompileCacheError
 from .outputs import fsync_dir, temp_name
 
 if TYPE_CHECKING:
     from .config import Settings
-
-log = structlog.get_logger("sbrender")
 
 BUNDLE = "bundle.sbcc"
 APPLIED = "bundle.applied"  # the sha256 of the bundle the folder's caches already hold

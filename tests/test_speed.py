@@ -66,7 +66,8 @@ def test_bench_times_the_plain_loop_and_the_daemon_and_writes_a_report(tmp_path:
     # Last, LoRA sets switched 20 times, against a denoising step of the same model.
     lora = data["lora"]
     assert lora["switches"] == 20 and lora["step_ms"] > 0 and lora["switch_ms"] > 0
-    assert lora["switch/step"] == pytest.approx(lora["switch_ms"] / lora["step_ms"], rel=1e-2)
+    # The report rounds the ratio to 4 decimals: on a quiet machine it is about 0.003.
+    assert lora["switch/step"] == pytest.approx(lora["switch_ms"] / lora["step_ms"], rel=1e-2, abs=1e-4)
     assert "LoRA: switching between two loaded sets" in proc.stdout
 
 
