@@ -71,7 +71,7 @@ part() {
   if (( limit < 15 )); then note "part $name: skipped, ${left} s of the budget left"; return 0; fi
   local t0=$SECONDS rc
   echo "== part $name (limit $limit s) at +$((SECONDS - START)) s" >>"$LOG"
-  timeout --kill-after=10 "$limit" bash -c '"$@"' part "$@" >>"$LOG" 2>&1
+  PART_LIMIT=$limit timeout --kill-after=10 "$limit" bash -c '"$@"' part "$@" >>"$LOG" 2>&1
   rc=$?
   case $rc in
     0) note "part $name: done in $((SECONDS - t0)) s" ;;
@@ -105,6 +105,6 @@ part model driver model
 part cold driver start --label cold --work "$WORK"
 part warm driver start --label warm --work "$WORK"
 part bundle export_bundle
-part bench driver bench --seconds "$(( $(limit_of bench) - 20 ))"
+part bench driver bench
 note "window used $((SECONDS - START)) s of $BUDGET_S; parts failed or stopped: ${FAILED[*]:-none}"
 [ ${#FAILED[@]} -eq 0 ]

@@ -275,7 +275,8 @@ def main() -> None:
     p.set_defaults(run=start)
     p = sub.add_parser("bench")
     p.add_argument("--calls", type=int, default=3, help="timed pipeline calls per batch size")
-    p.add_argument("--seconds", type=float, default=120.0, help="stop starting new measurements after this")
+    p.add_argument("--seconds", type=float, default=float(os.environ.get("PART_LIMIT", "140")) - 20,
+                   help="stop starting new measurements after this (default: the part's limit less 20 s)")
     p.set_defaults(run=bench)
     args = parser.parse_args()
     global REPORT
