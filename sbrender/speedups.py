@@ -24,7 +24,12 @@ log = structlog.get_logger("sbrender")
 RECOMPILE_ROOM = 4  # compiles of one method beyond one per bucket before torch fails loudly
 
 
-def _tf32(pipe: Any, value: bool, device: str) -> Any:
+# Each switch gets the pipeline (or a namespace holding only a VAE) and the parts it may
+# change: a part another warm model shares was changed when that model loaded.
+Parts = frozenset[str] | set[str]
+
+
+def _tf32(pipe: Any, value: bool, device: str, parts: Parts) -> Any:
     if device != "cuda":
         return None
     # float32 work only; float16/bfloat16 matmuls are unaffected.
@@ -33,7 +38,7 @@ def _tf32(pipe: Any, value: bool, device: str) -> Any:
     return value
 
 
-def _cudnn_benchmark(pipe: Any, value: bool, device: str) -> Any:
+def _cudnn_benchmark(pipe: Any, value: bool, device: str, parts: Parts) -> Any:
     if device != "cuda":
         return None
     # Picks the fastest convolution kernels per shape, once per new size.
@@ -41,29 +46,30 @@ def _cudnn_benchmark(pipe: Any, value: bool, device: str) -> Any:
     return value
 
 
-def _attention(pipe: Any, value: str, device: str) -> Any:
+def _attention(pipe: Any, value: str, device: str, parts: Parts) -> Any:
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     processor = AttnProcessor2_0() if value == "sdpa" else AttnProcessor()
-    pipe.unet.set_attn_processor(processor)
-    pipe.vae.set_attn_processor(processor)
+    for part in sorted(parts):
+        getattr(pipe, part).set_attn_processor(processor)
     return value
 
 
-def _fuse_qkv(pipe: Any, value: bool, device: str) -> Any:
+def _fuse_qkv(pipe: Any, value: bool, device: str, parts: Parts) -> Any:
     if value:
-        pipe.fuse_qkv_projections(unet=True, vae=True)
+        for part in sorted(parts):
+            getattr(pipe, part).fuse_qkv_projections()
     return value
 
 
-def _channels_last(pipe: Any, value: bool, device: str) -> Any:
+def _channels_last(pipe: Any, value: bool, device: str, parts: Parts) -> Any:
     if value:
-        pipe.unet.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
+        for part in sorted(parts):
+            getattr(pipe, part).to(memory_format=torch.channels_last)
     return value
 
 
-def _compile(pipe: Any, value: str, device: str) -> Any:
+def _compile(pipe: Any, value: str, device: str, parts: Parts) -> Any:
     if value == "off":
         return value
     # The UNet runs every step, the VAE decoder once per image: both are worth it.
@@ -71,15 +77,17 @@ def _compile(pipe: Any, value: str, device: str) -> Any:
     def compile_fn(method: Callable[..., Any]) -> Callable[..., Any]:
         return torch.compile(method, mode=value, dynamic=False)
 
-    buckets.install(pipe.unet, "forward", "unet", compile_fn)
-    buckets.install(pipe.vae, "decode", "vae decode", compile_fn)
+    if "unet" in parts:
+        buckets.install(pipe.unet, "forward", "unet", compile_fn)
+    if "vae" in parts:
+        buckets.install(pipe.vae, "decode", "vae decode", compile_fn)
     return value
 
 
 @dataclass(frozen=True)
 class Switch:
     key: str
-    apply: Callable[[Any, Any, str], Any]
+    apply: Callable[[Any, Any, str, Parts], Any]
 
 
 # In this order: attention processors before fusing (fusing replaces them),
@@ -94,22 +102,32 @@ SWITCHES: tuple[Switch, ...] = (
 )
 
 
-def apply(pipe: Any, settings: Settings, device: str) -> dict[str, Any]:
-    """Apply every switch; returns ``{name: value}`` for those that apply here."""
+def apply(pipe: Any, settings: Settings, device: str, parts: Parts = frozenset({"unet", "vae"})) -> dict[str, Any]:
+    """Apply every switch to ``parts`` of ``pipe``; returns ``{name: value}`` for those that apply here."""
     done: dict[str, Any] = {}
     if settings["perf.compile"] != "off":
         _prepare_compile(settings, device)
     for switch in SWITCHES:
-        result = switch.apply(pipe, settings[switch.key], device)
+        result = switch.apply(pipe, settings[switch.key], device, parts)
         if result is not None:
             done[switch.key.removeprefix("perf.")] = result
     return done
 
 
+_PREPARED: set[tuple[str, str, str]] = set()  # (perf.compile_cache, cache, device) prepared in this process
+
+
 def _prepare_compile(settings: Settings, device: str) -> None:
-    """Before anything compiles: torch's caches in sbrender's cache folder (with
-    a bundle applied if one was imported), and a recompile limit that fails
-    loudly instead of silently running uncompiled."""
+    """Before anything compiles (once per process, not per model loaded): torch's
+    caches in sbrender's cache folder (with a bundle applied if one was
+    imported), and a recompile limit that fails loudly instead of silently
+    running uncompiled. Models of one architecture share the compiled graphs
+    (torch guards on the parameters' shapes, not on the module), so the limit
+    does not grow with the models kept loaded."""
+    key = (settings["perf.compile_cache"], str(settings.cache), device)
+    if key in _PREPARED:
+        return
+    _PREPARED.add(key)
     sizes = warm_up_counts(settings)
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
                                                len(sizes) * 2 + RECOMPILE_ROOM)  # * 2: with and without CFG
