@@ -30,6 +30,10 @@ log = structlog.get_logger("sbrender")
 
 RECOMPILE_MESSAGE = "Detected recompile"  # torch's RuntimeError under the fail_on_recompile stance
 Signature = tuple[Any, ...]
+# Per method name, the signatures and batch sizes warm-ups compiled in this process.
+# Modules of one architecture share compiled graphs (torch guards on shapes, not on
+# the module), so a module loaded later (a VAE file) can route by them at once.
+WARMED: dict[str, dict[Signature, set[int]]] = {}
 
 
 def plan(rows: int, sizes: Sequence[int]) -> list[int] | None:
@@ -116,7 +120,16 @@ class Router:
         """End of the warm-up: from now on only warmed-up signatures run compiled.
         Returns the batch sizes warmed up."""
         self.sealed = True
+        for sig, sizes in self.sizes.items():
+            WARMED.setdefault(self.name, {}).setdefault(sig, set()).update(sizes)
         return {self.name: sorted({size for sizes in self.sizes.values() for size in sizes})}
+
+    def adopt(self) -> None:
+        """For a module loaded with no warm-up of its own: route by what earlier
+        warm-ups compiled (a graph that does not fit it is caught as a recompile)."""
+        for sig, sizes in WARMED.get(self.name, {}).items():
+            self.sizes.setdefault(sig, set()).update(sizes)
+        self.sealed = True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         rows, sig = signature(args, kwargs)
@@ -132,29 +145,33 @@ class Router:
             self.calls["eager"] += 1
             return self.eager(*args, **kwargs)
         if len(parts) == 1:
-            self.calls["compiled"] += 1
-            return self._compiled(args, kwargs)
-        self.calls["split"] += 1
-        outputs, start = [], 0
+            output, compiled = self._compiled(args, kwargs)
+            self.calls["compiled" if compiled else "eager"] += 1
+            return output
+        outputs, start, all_compiled = [], 0, True
         for size in parts:
             part_args = [_slice(a, rows, start, size) for a in args]
             part_kwargs = {k: _slice(v, rows, start, size) for k, v in kwargs.items()}
-            outputs.append(_own(self._compiled(part_args, part_kwargs)))
+            output, compiled = self._compiled(part_args, part_kwargs)
+            outputs.append(_own(output))
+            all_compiled = all_compiled and compiled
             start += size
+        self.calls["split" if all_compiled else "eager"] += 1
         return _concat(outputs)
 
-    def _compiled(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Any:
+    def _compiled(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[Any, bool]:
+        """The compiled method's output, or the uncompiled one's where torch would
+        have to compile; and whether it was the compiled one."""
         try:
             with torch.compiler.set_stance("fail_on_recompile"):
-                return self.compiled(*args, **kwargs)
+                return self.compiled(*args, **kwargs), True
         except RuntimeError as err:
             if RECOMPILE_MESSAGE not in str(err):
                 raise
             reason = str(err).split("guard failure(s):", 1)[-1].strip().splitlines()
             self._note(("guard", tuple(reason[:2])), "would compile again: runs uncompiled",
                        reason=" ".join(line.strip("- ") for line in reason[:2]))
-            self.calls["eager"] += 1
-            return self.eager(*args, **kwargs)
+            return self.eager(*args, **kwargs), False
 
     def _note(self, key: Any, message: str, **facts: Any) -> None:
         if key not in self._noted:

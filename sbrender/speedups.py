@@ -80,7 +80,9 @@ def _compile(pipe: Any, value: str, device: str, parts: Parts) -> Any:
     if "unet" in parts:
         buckets.install(pipe.unet, "forward", "unet", compile_fn)
     if "vae" in parts:
-        buckets.install(pipe.vae, "decode", "vae decode", compile_fn)
+        router = buckets.install(pipe.vae, "decode", "vae decode", compile_fn)
+        if "unet" not in parts:  # a VAE file, loaded for a job: no warm-up of its own
+            router.adopt()
     return value
 
 

@@ -173,6 +173,9 @@ def test_warmed_up_batch_sizes_run_compiled_others_split_or_run_eager_at_once() 
     router = buckets.install(module, "forward", "mixer",
                              lambda method: torch.compile(method, backend="eager", dynamic=False))
     scale = torch.tensor(0.5)
+    other = _Mixer()  # loaded later, as a VAE file is (outside inference mode, like every model)
+    later = buckets.install(other, "forward", "mixer",
+                            lambda method: torch.compile(method, backend="eager", dynamic=False))
 
     def batch(rows: int, side: int = 8) -> torch.Tensor:
         return torch.randn(rows, 3, side, side, generator=torch.Generator().manual_seed(rows))
@@ -199,6 +202,12 @@ def test_warmed_up_batch_sizes_run_compiled_others_split_or_run_eager_at_once() 
         assert router.calls["eager"] == 3
         out = module(batch(6), scale, return_dict=False)  # another output type: a tuple, split too
         assert isinstance(out, tuple) and out[0].shape[0] == 6
+        # A module of the same kind loaded later (a VAE file) routes by the warm-up at once,
+        # through the graphs already compiled: torch guards on shapes, not on the module.
+        later.adopt()
+        x = batch(4)
+        assert torch.allclose(other(x, scale)["sample"], later.eager(x, scale)["sample"], atol=1e-6)
+        assert later.calls == {"compiled": 1}
     assert counters["frames"]["ok"] == compiled_before, "nothing compiled after the warm-up"
 
 
