@@ -541,5 +541,75 @@ def show_config(config_file: str | None, as_json: bool, sources: bool, **flags: 
         click.echo(yaml.safe_dump(settings.nested(), sort_keys=False, allow_unicode=True), nl=False)
 
 
+@main.group("compile-cache")
+def compile_cache() -> None:
+    """perf.compile's caches: list them, and move this host's bundle of compiled code to another host.
+
+    A bundle only serves a host with the same torch, Triton, Python and GPU model;
+    `import` refuses any other. The daemon applies an imported bundle at its next start.
+    """
+
+
+def _cache_options(func: F) -> F:
+    func = click.option("--device", type=click.Choice(["auto", "cuda", "cpu", "mps"]), help="[SBRENDER_DEVICE]")(func)
+    return click.option("--config", "config_file", type=click.Path(dir_okay=False), help="Config file, as for `run`.")(
+        func)
+
+
+@compile_cache.command("show")
+@_cache_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@_errors_exit
+def compile_cache_show(config_file: str | None, as_json: bool, **flags: Any) -> None:
+    """List the cache folders (one per torch, Triton, Python and device) and their bundles."""
+    from . import compilecache
+
+    settings = _settings(config_file, **flags)
+    parent = compilecache.root(settings["perf.compile_cache"], settings.cache)
+    rows = compilecache.describe(parent) if parent is not None else []
+    if as_json:
+        click.echo(json.dumps({"folder": str(parent) if parent else None, "hosts": rows}, indent=2))
+        return
+    click.echo(f"compile caches in {parent}" if parent else "perf.compile_cache is off: torch's own folder")
+    for row in rows:
+        bundle = row.get("bundle")
+        what = (f"bundle of {time.strftime('%Y-%m-%d %H:%M', time.localtime(bundle['created']))}, "
+                f"compile {bundle.get('compile')}, batch sizes {bundle.get('batch_sizes')}" if bundle
+                else row.get("bundle_error", "no bundle"))
+        click.echo(f"  {Path(row['folder']).name}: {row['bytes'] / 1e6:.1f} MB; {what}")
+
+
+@compile_cache.command("export")
+@_cache_options
+@click.argument("file", type=click.Path(dir_okay=False))
+@_errors_exit
+def compile_cache_export(config_file: str | None, file: str, **flags: Any) -> None:
+    """Write this host's bundle of compiled code to FILE."""
+    from . import compilecache
+
+    header = compilecache.export_bundle(compilecache.for_settings(_settings(config_file, **flags)), Path(file))
+    click.echo(f"wrote {file}: {_bundle_line(header)}")
+
+
+@compile_cache.command("import")
+@_cache_options
+@click.argument("file", type=click.Path(dir_okay=False))
+@_errors_exit
+def compile_cache_import(config_file: str | None, file: str, **flags: Any) -> None:
+    """Make FILE (from `export` on a host of the same kind) this host's bundle; the daemon applies it at its next start."""
+    from . import compilecache
+
+    target = compilecache.for_settings(_settings(config_file, **flags))
+    header = compilecache.import_bundle(Path(file), target)
+    click.echo(f"imported into {target.bundle}: {_bundle_line(header)}; applied at the daemon's next start")
+
+
+def _bundle_line(header: dict[str, Any]) -> str:
+    from .compilecache import Host
+
+    return (f"{Host(**header['host']).describe()}, compile {header.get('compile')}, "
+            f"batch sizes {header.get('batch_sizes')}, artifacts {header.get('artifacts')}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

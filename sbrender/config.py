@@ -95,6 +95,22 @@ def _choice(*options: str, on: str | None = None) -> Parser:
     return parse
 
 
+def _sizes(value: Any) -> list[int]:
+    """Batch sizes: a list, or "1,8,16"; "auto" (or empty) for the built-in choice."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        value = [] if text in ("", "auto") else [part for part in text.replace(" ", ",").split(",") if part]
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError("expected auto or batch sizes such as 1,8,16")
+    parse = _number(int, 1, 64)
+    try:
+        return sorted({parse(v) for v in value})
+    except ValueError as err:
+        raise ValueError(f"expected auto or batch sizes from 1 to 64 such as 1,8,16 ({err})") from None
+
+
 def _queue(value: Any) -> str:
     """"files" (the spool folders) or a Redis URL."""
     text = _text(value)
@@ -174,6 +190,12 @@ SETTINGS: tuple[Setting, ...] = (
             "let cuDNN time its convolution kernels once per image size and keep the fastest"),
     Setting("perf.compile", "off", _choice("off", "default", "reduce-overhead", "max-autotune", on="default"),
             "torch.compile the UNet and VAE decoder with this mode; compiled and warmed up before ready"),
+    Setting("perf.compile_buckets", [], _sizes,
+            "with perf.compile: the batch sizes compiled before ready (static shapes, e.g. 1,2,4,8); a batch of "
+            "another size is split into these; auto: 1 and perf.batch_size"),
+    Setting("perf.compile_cache", "", _any_text,
+            "with perf.compile: folder for torch's compile caches, kept across restarts (one subfolder per torch, "
+            "Triton and GPU); empty: <cache>/compile; off: torch's default (under /tmp)"),
     Setting("perf.prompt_cache_mb", 64, _number(int, 0, 65_536),
             "keep the embeddings of recent prompts, up to this many MB, so a repeated prompt skips the text encoder"),
     Setting("perf.vae_tiling", "auto", _choice("auto", "on", "off", on="on"),

@@ -92,6 +92,12 @@ class QueueUnavailable(SbrenderError):
     kind = "queue"
 
 
+class CompileCacheError(SbrenderError):
+    """A compile-cache bundle cannot be read, written, or used on this host."""
+
+    kind = "compile_cache"
+
+
 class ShutdownRequested(BaseException):
     """Raised inside a render to stop it; deliberately not an ``Exception``."""
 

@@ -279,16 +279,20 @@ class DiffusersRenderer:
         model.embedding_names = conditioning.EmbeddingNames(model.pipe.tokenizer, model.embeddings.counts())
 
     def warm_up(self, model: str = "") -> None:
-        """Render throw-away images at the default size, alone and at the batch
-        size, so compiling happens before the daemon says it is ready."""
+        """Render throw-away images at the default size, once per compiled batch
+        size (``speedups.warm_up_counts``), so compiling happens before the daemon
+        says it is ready (or before a model loaded later renders its job); then
+        only those shapes run compiled."""
         from .jobs import Job
 
         d = self.settings.section("defaults")
-        for count in sorted({1, self.settings["perf.batch_size"]}):
+        started, before = time.perf_counter(), speedups.warm_up_started()
+        for count in speedups.warm_up_counts(self.settings):
             job = Job(id="warm-up", prompt="warm-up", negative_prompt="", steps=2, guidance_scale=d["guidance_scale"],
                       width=d["width"], height=d["height"], seed=None, count=count, sampler=d["sampler"], priority=0,
                       scheduler=d["scheduler"], model=model, vae=checkpoints.NONE)
             self.render(job, list(range(count)))
+        self.perf.update(speedups.warmed_up(self.pipe, self.settings, self.device, before, started))
 
     def describe(self) -> dict[str, Any]:
         """The configured model (jobs' own are in their results), device, dtype, versions."""

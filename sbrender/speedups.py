@@ -7,13 +7,21 @@ timing is never separated from the switches that produced it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 import torch
 
+from . import buckets, compilecache
 from .config import Settings
+from .errors import CompileCacheError
+
+log = structlog.get_logger("sbrender")
+RECOMPILE_ROOM = 4  # compiles of one method beyond one per bucket before torch fails loudly
 
 
 # Each switch gets the pipeline (or a namespace holding only a VAE) and the parts it may
@@ -65,10 +73,16 @@ def _compile(pipe: Any, value: str, device: str, parts: Parts) -> Any:
     if value == "off":
         return value
     # The UNet runs every step, the VAE decoder once per image: both are worth it.
+    # Static shapes: one graph per warmed-up batch size (see ``buckets``).
+    def compile_fn(method: Callable[..., Any]) -> Callable[..., Any]:
+        return torch.compile(method, mode=value, dynamic=False)
+
     if "unet" in parts:
-        pipe.unet = torch.compile(pipe.unet, mode=value)
+        buckets.install(pipe.unet, "forward", "unet", compile_fn)
     if "vae" in parts:
-        pipe.vae.decode = torch.compile(pipe.vae.decode, mode=value)
+        router = buckets.install(pipe.vae, "decode", "vae decode", compile_fn)
+        if "unet" not in parts:  # a VAE file, loaded for a job: no warm-up of its own
+            router.adopt()
     return value
 
 
@@ -93,11 +107,87 @@ SWITCHES: tuple[Switch, ...] = (
 def apply(pipe: Any, settings: Settings, device: str, parts: Parts = frozenset({"unet", "vae"})) -> dict[str, Any]:
     """Apply every switch to ``parts`` of ``pipe``; returns ``{name: value}`` for those that apply here."""
     done: dict[str, Any] = {}
+    if settings["perf.compile"] != "off":
+        _prepare_compile(settings, device)
     for switch in SWITCHES:
         result = switch.apply(pipe, settings[switch.key], device, parts)
         if result is not None:
             done[switch.key.removeprefix("perf.")] = result
     return done
+
+
+_PREPARED: set[tuple[str, str, str]] = set()  # (perf.compile_cache, cache, device) prepared in this process
+
+
+def _prepare_compile(settings: Settings, device: str) -> None:
+    """Before anything compiles (once per process, not per model loaded): torch's
+    caches in sbrender's cache folder (with a bundle applied if one was
+    imported), and a recompile limit that fails loudly instead of silently
+    running uncompiled. Models of one architecture share the compiled graphs
+    (torch guards on the parameters' shapes, not on the module), so the limit
+    does not grow with the models kept loaded."""
+    key = (settings["perf.compile_cache"], str(settings.cache), device)
+    if key in _PREPARED:
+        return
+    _PREPARED.add(key)
+    sizes = warm_up_counts(settings)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                               len(sizes) * 2 + RECOMPILE_ROOM)  # * 2: with and without CFG
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    cache = compilecache.folder(settings["perf.compile_cache"], settings.cache, device)
+    if cache is None:
+        log.info("compile cache", folder="torch's default (perf.compile_cache: off)")
+        return
+    try:
+        cache.use()
+    except OSError as err:  # the daemon still starts: it compiles into torch's default folder
+        log.warning("compile cache folder unusable: compiled code is not kept across restarts",
+                    folder=str(cache.path), error=str(err), hint="make it writable, or set perf.compile_cache")
+        return
+    try:
+        loaded = cache.load_bundle()
+    except CompileCacheError as err:  # compiling from scratch is slow, never wrong
+        loaded = {"bundle": "not used", "error": str(err)}
+        log.warning("compile-cache bundle not used; compiling", error=str(err))
+    log.info("compile cache", folder=str(cache.path), **loaded)
+
+
+def warm_up_counts(settings: Settings) -> list[int]:
+    """The batch sizes compiled and warmed up before ready: ``perf.compile_buckets``,
+    or 1 and ``perf.batch_size``. A batch of another size is split into these."""
+    chosen = settings["perf.compile_buckets"]
+    return sorted(set(chosen)) if chosen else sorted({1, settings["perf.batch_size"]})
+
+
+def warm_up_started() -> dict[str, int]:
+    """Torch's compile counters before the warm-up, for ``warmed_up``."""
+    return compilecache.counters()
+
+
+def warmed_up(pipe: Any, settings: Settings, device: str, before: Mapping[str, int],
+              started: float) -> dict[str, Any]:
+    """After the warm-up: only warmed-up shapes run compiled from now on; the
+    compiled artifacts are saved as this host's bundle; one log line says what
+    the start compiled (torch's cache counters). Returns the perf facts to record."""
+    rows: dict[str, list[int]] = {}  # per method, the batch sizes it was called with (the UNet: 2 per image with CFG)
+    for router in buckets.routers(pipe.unet, pipe.vae):
+        rows.update(router.seal())
+    sizes = warm_up_counts(settings)
+    after = compilecache.counters()
+    counts = {k: after[k] - before[k] for k in after}
+    warm = not compilecache.compiled_anything(before, after)
+    saved: dict[str, Any] = {}
+    cache = compilecache.folder(settings["perf.compile_cache"], settings.cache, device)
+    # Only into caches of ours: a folder that could not be used left torch on its default.
+    if cache is not None and os.environ.get("TORCHINDUCTOR_CACHE_DIR") == str(cache.path / "inductor"):
+        try:
+            saved = cache.save_bundle({"compile": settings["perf.compile"], "batch_sizes": sizes, "rows": rows})
+        except CompileCacheError as err:
+            saved = {"bundle": "not saved", "error": str(err)}
+    log.info("compiled", start="warm: every graph from the cache" if warm else "cold: graphs compiled",
+             warm=warm, seconds=round(time.perf_counter() - started, 3), batch_sizes=sizes, rows=rows, **counts,
+             **saved)
+    return {"compile_buckets": sizes}
 
 
 def vae_tiling_wanted(setting: str, width: int, height: int) -> bool:
