@@ -152,8 +152,7 @@ def to_job(body: Txt2Img, options: Options) -> dict[str, Any]:
         "negative_prompt": body.negative_prompt,
         "steps": body.steps, "guidance_scale": body.cfg_scale, "width": body.width, "height": body.height,
         "seed": _seed(body.seed), "count": count, "sampler": sampler, "scheduler": schedule,
-        "clip_skip": overrides.get("CLIP_stop_at_last_layers") or (
-            options.clip_skip if options.clip_skip != settings["defaults.clip_skip"] else None),
+        "clip_skip": overrides.get("CLIP_stop_at_last_layers") or options.clip_skip,
     }
     model = overrides.get("sd_model_checkpoint") or options.checkpoint
     if model != default_model_name(settings):
@@ -355,7 +354,7 @@ async def lora_list(request: Request) -> list[dict[str, Any]]:
 
     def listing() -> list[dict[str, Any]]:
         return [{"name": f.name, "alias": f.alias or f.name, "path": f.name, "metadata": {}}
-                for f in loras.scan(settings.loras_dir).files() if not f.problem]
+                for f in loras.scan(settings.loras_dir).files if not f.problem]
 
     return await asyncio.to_thread(listing)
 

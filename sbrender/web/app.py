@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -19,8 +18,6 @@ from . import a1111, jobsapi, legacy
 from .front import Front
 from .guard import Guard, Policy
 from .replies import error_body, family
-
-log = structlog.get_logger("sbrender")
 
 # An error kind -> its HTTP status and the name the old server's envelope gives it.
 STATUS: dict[str, tuple[int, str]] = {
@@ -81,7 +78,7 @@ async def _sbrender_error(request: Request, exc: SbrenderError) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("request failed", path=request.url.path)
+    # Logged with its traceback by uvicorn (Starlette raises it on after answering).
     body, media = error_body(request.url.path, 500, "InternalServerError", "An unexpected error occurred",
                              {"type": type(exc).__name__})
     return Response(body, 500, media_type=media)
