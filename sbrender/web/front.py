@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,9 @@ from ..client import Client
 from ..config import Settings
 from ..errors import SbrenderError
 from .watcher import Watcher
+
+
+HEALTH_S = 0.5
 
 
 class QueueFull(SbrenderError):
@@ -54,6 +58,7 @@ class Front:
         self.watcher = Watcher(self.client)
         self.max_queue: int = settings["serve.max_queue"]
         self.sync_timeout: float = settings["serve.sync_timeout_seconds"]
+        self._health: tuple[float, list[dict[str, Any]]] | None = None
 
     async def start(self) -> None:
         self.watcher.start()
@@ -61,6 +66,14 @@ class Front:
     async def stop(self) -> None:
         await self.watcher.stop()
         self.client.close()
+
+    async def daemons(self) -> list[dict[str, Any]]:
+        """The daemons' statuses with their health (``Client.health``), read at
+        most once per HEALTH_S however often monitors ask."""
+        now = time.monotonic()
+        if self._health is None or now - self._health[0] >= HEALTH_S:
+            self._health = (now, (await asyncio.to_thread(self.client.health))[1])
+        return self._health[1]
 
     def retry_after(self) -> int:
         """Seconds a refused client should wait: about one job's time, at least 1."""

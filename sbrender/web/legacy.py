@@ -69,7 +69,7 @@ async def root() -> dict[str, Any]:
 @router.get("/health")
 async def health(request: Request) -> dict[str, Any]:
     front: Front = request.app.state.front
-    ok, daemons = await asyncio.to_thread(front.client.health)
+    daemons = await front.daemons()
     live = [d for d in daemons if d["health"] == "ok"]
     settings = front.settings
     sampler = settings["defaults.sampler"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from ..client import PENDING, RUNNING, Client
 log = structlog.get_logger("sbrender")
 
 POLL_S = 0.05  # while anything is waited on
+SWEEP_S = 1.0  # with inotify on the outbox: every job's result is looked for this often (lost events)
 POSITIONS_S = 1.0  # queue positions (a listing of the whole queue) at most this often, for streams only
 
 
@@ -51,6 +53,9 @@ class Watcher:
         self._positions_at = 0.0
         self._task: asyncio.Task[None] | None = None
         self._observer: Any = None
+        self._published: set[str] = set()  # results inotify saw appear since the last look
+        self._swept_at = 0.0
+        self._looked: set[str] = set()  # ids read at least once (a new one is read at its first tick)
 
     # --- life cycle ----------------------------------------------------------------------
 
@@ -58,7 +63,11 @@ class Watcher:
         loop = asyncio.get_running_loop()
         self._task = loop.create_task(self._run(), name="sbrender-watcher")
         if self.client.queue is None:
-            self._observer = _outbox_observer(self.client, lambda: loop.call_soon_threadsafe(self._wake.set))
+            self._observer = _outbox_observer(self.client, lambda job_id: loop.call_soon_threadsafe(self._seen, job_id))
+
+    def _seen(self, job_id: str) -> None:
+        self._published.add(job_id)
+        self._wake.set()
 
     async def stop(self) -> None:
         if self._observer is not None:
@@ -128,9 +137,18 @@ class Watcher:
                 await self._wake.wait()
                 continue
             self._wake.clear()
-            positions = bool(self._streams) and time.monotonic() - self._positions_at >= POSITIONS_S
+            now = time.monotonic()
+            positions = bool(self._streams) and now - self._positions_at >= POSITIONS_S
+            # With inotify, only the results it saw appear are read, and every one
+            # once a SWEEP_S: a tick costs the same for 1 waiter or 1000.
+            if self._observer is None or now - self._swept_at >= SWEEP_S:
+                check, self._swept_at = ids, now
+            else:
+                check = [job_id for job_id in ids if job_id in self._published or job_id not in self._looked]
+            self._published.clear()
+            self._looked = set(ids)
             try:
-                results, progress = await asyncio.to_thread(self._look, ids, positions)
+                results, progress = await asyncio.to_thread(self._look, ids, check, positions)
             except Exception as err:  # noqa: BLE001 - a queue outage delays waiters, it must not end the watcher
                 log.warning("cannot read the queue", error=str(err))
                 results, progress = {}, {}
@@ -156,11 +174,13 @@ class Watcher:
         tick, self._tick = self._tick, asyncio.Event()
         tick.set()
 
-    def _look(self, ids: list[str], positions: bool) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-        """In a worker thread: the results of ``ids`` that finished, and where the others stand."""
+    def _look(self, ids: list[str], check: list[str],
+              positions: bool) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+        """In a worker thread: the results of the jobs in ``check`` that finished,
+        and where the other ``ids`` stand."""
         client = self.client
         results = {}
-        for job_id in ids:
+        for job_id in check:
             result = client.result(job_id)
             if result is not None:
                 results[job_id] = result
@@ -195,9 +215,10 @@ def _running(client: Client) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _outbox_observer(client: Client, wake: Any) -> Any:
-    """inotify on the outbox: a result published wakes the watcher at once. None
-    where inotify is not available (the poll still finds every result)."""
+def _outbox_observer(client: Client, seen: Any) -> Any:
+    """inotify on the outbox: ``seen(job_id)`` for each result published (a
+    ``<id>.json`` renamed into place). None where inotify is not available (the
+    poll still finds every result)."""
     try:
         from watchdog.events import FileSystemEvent, FileSystemEventHandler
         from watchdog.observers.inotify import InotifyObserver
@@ -206,9 +227,9 @@ def _outbox_observer(client: Client, wake: Any) -> Any:
 
     class Handler(FileSystemEventHandler):
         def on_any_event(self, event: FileSystemEvent) -> None:
-            path = str(getattr(event, "dest_path", "") or event.src_path)
-            if path.endswith(".json"):
-                wake()
+            name = os.path.basename(str(getattr(event, "dest_path", "") or event.src_path))
+            if name.endswith(".json") and not name.startswith("."):
+                seen(name[:-len(".json")])
 
     try:
         client.outbox.mkdir(parents=True, exist_ok=True)
