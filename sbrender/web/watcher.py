@@ -176,25 +176,30 @@ class Watcher:
 
     def _look(self, ids: list[str], check: list[str],
               positions: bool) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
-        """In a worker thread: the results of the jobs in ``check`` that finished,
-        and where the other ``ids`` stand."""
+        """In a worker thread: the results of the jobs in ``check`` that finished
+        (on Redis, of all ``ids``: one round trip either way), and where the other
+        ``ids`` stand."""
         client = self.client
-        results = {}
-        for job_id in check:
-            result = client.result(job_id)
-            if result is not None:
-                results[job_id] = result
-        rest = [job_id for job_id in ids if job_id not in results]
+        results: dict[str, dict[str, Any]] = {}
         progress: dict[str, dict[str, Any]] = {}
+        if client.queue is not None:  # one round trip for every job, results and steps alike
+            for job_id, item in client.queue.look(ids).items():
+                if "result" in item:
+                    results[job_id] = item.pop("result")
+                else:
+                    progress[job_id] = item
+        else:
+            for job_id in check:
+                result = client.result(job_id)
+                if result is not None:
+                    results[job_id] = result
+            running = _running(client) if len(results) < len(ids) else {}
+            for job_id in ids:
+                if job_id not in results:
+                    progress[job_id] = running.get(job_id) or {"state": PENDING}
+        rest = list(progress)
         if not rest:
             return results, progress
-        if client.queue is None:
-            running = _running(client)
-            for job_id in rest:
-                progress[job_id] = running.get(job_id) or {"state": PENDING}
-        else:
-            for job_id in rest:
-                progress[job_id] = client.queue.progress(job_id)
         if positions:
             pending = [j.id for j in client.jobs() if j.state == PENDING]
             places = {job_id: n for n, job_id in enumerate(pending, 1)}
