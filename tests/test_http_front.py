@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -267,7 +266,8 @@ def test_hostile_requests_get_clear_4xx_and_the_server_goes_on(live: Live) -> No
     assert same_origin.status_code == 200
     traversal = live.http.get("/v1/jobs/..%2F..%2Fetc%2Fpasswd/images/1")
     assert traversal.status_code == 404
-    url_image = live.http.post("/sdapi/v1/img2img", json={"prompt": "x", "init_images": ["http://169.254.169.254/x"]})
+    url_image = live.http.post("/sdapi/v1/img2img",
+                               json={"prompt": "x", "init_images": ["http://169.254.169.254/x"]})
     assert url_image.status_code == 422 and "never fetched" in url_image.json()["detail"]
     path_image = live.http.post("/sdapi/v1/img2img", json={"prompt": "x", "init_images": ["/etc/passwd"]})
     assert path_image.status_code == 422
@@ -287,10 +287,15 @@ def test_token_is_required_off_loopback(live: Live, model_cache: Path, tmp_path:
         assert missing.status_code == 401 and missing.json() == {"detail": "Missing Authorization header"}
         wrong = httpx.post(f"{url}/generate", json={"prompt": "x"}, headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and wrong.json() == {"detail": "Invalid API key"}
-        a1111 = httpx.get(f"{url}/sdapi/v1/options", headers={"Authorization": "Basic"})  # SillyTavern's empty auth, trimmed as fetch does
+        # SillyTavern's empty credentials ('Basic ', trimmed as fetch sends it)
+        a1111 = httpx.get(f"{url}/sdapi/v1/options", headers={"Authorization": "Basic"})
         assert a1111.status_code == 401 and a1111.headers["www-authenticate"].startswith("Basic")
         basic = base64.b64encode(b"webui:s3cret-token").decode()
         assert httpx.get(f"{url}/sdapi/v1/options", headers={"Authorization": f"Basic {basic}"}).status_code == 200
+        # No daemon serves this spool: the old server's answer while its model loaded, nothing queued.
+        unloaded = httpx.post(f"{url}/generate", json={"prompt": "x"}, headers={"Authorization": "Bearer s3cret-token"})
+        assert unloaded.status_code == 503 and unloaded.json()["error"] == "ServiceUnavailable"
+        assert not list(spool.inbox.glob("*.json"))
         bearer = httpx.get(f"{url}/v1/jobs", headers={"Authorization": "Bearer s3cret-token"})
         assert bearer.status_code == 200
         assert httpx.get(f"{url}/v1/jobs").status_code == 401

@@ -23,7 +23,8 @@ def test_serve_unit_verifies_cleanly(tmp_path: Path) -> None:
 
 
 def test_serve_unit_runs_the_front_beside_the_daemons_spool() -> None:
-    lines = dict(line.split("=", 1) for line in UNIT.read_text().splitlines() if "=" in line and not line.startswith("#"))
+    lines = dict(line.split("=", 1) for line in UNIT.read_text().splitlines()
+                 if "=" in line and not line.startswith("#"))
     assert lines["ExecStart"].endswith("sbrender serve")
     assert lines["EnvironmentFile"] == "-/etc/sbrender/sbrender.env"  # SBRENDER_SERVE_TOKEN lives there
     assert lines["Group"] == "sbrender" and lines["UMask"] == "0007"  # job files the daemons may claim

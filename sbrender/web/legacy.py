@@ -5,7 +5,6 @@ without sbrender's own text chunk, which names the job."""
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any, Literal, Optional
 
 from fastapi import APIRouter, Request
@@ -94,6 +93,11 @@ async def health(request: Request) -> dict[str, Any]:
              responses={200: {"content": {"image/png": {}}, "description": "the PNG, with X-Seed and the like"}})
 async def generate(body: GenerateRequest, request: Request) -> Response:
     front: Front = request.app.state.front
+    if front.client.queue is None and not any(d["health"] == "ok" for d in await front.daemons()):
+        # As the old server before its model was loaded. (On Redis the daemons are
+        # on other hosts, out of sight: the job is queued for whichever serves it.)
+        return envelope(503, "ServiceUnavailable", "Model not loaded. Server may still be initializing.",
+                        headers={"Retry-After": "5"})
     sampler, schedule = SCHEDULERS[body.scheduler]
     fields = {"prompt": body.prompt, "negative_prompt": body.negative_prompt, "steps": body.num_inference_steps,
               "guidance_scale": body.guidance_scale, "width": body.width, "height": body.height,
