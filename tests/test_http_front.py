@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -274,6 +275,10 @@ def test_hostile_requests_get_clear_4xx_and_the_server_goes_on(live: Live) -> No
     assert live.http.get("/health").status_code == 200  # still serving
 
 
+def _unfinished(url: str, headers: dict[str, str]) -> int:
+    return int(httpx.get(f"{url}/sdapi/v1/progress", headers=headers).json()["queue"])
+
+
 def test_token_is_required_off_loopback(live: Live, model_cache: Path, tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     refused = run_serve(spool, daemon_env(model_cache), "--host", "0.0.0.0")
@@ -296,6 +301,17 @@ def test_token_is_required_off_loopback(live: Live, model_cache: Path, tmp_path:
         unloaded = httpx.post(f"{url}/generate", json={"prompt": "x"}, headers={"Authorization": "Bearer s3cret-token"})
         assert unloaded.status_code == 503 and unloaded.json()["error"] == "ServiceUnavailable"
         assert not list(spool.inbox.glob("*.json"))
+        # A queued job whose file is removed by hand: its waiter is told, its place is freed.
+        auth = {"Authorization": "Bearer s3cret-token"}
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(httpx.post, f"{url}/v1/jobs", json={"id": "removed-by-hand", "prompt": "x"},
+                                  headers={**auth, "Prefer": "wait=60"}, timeout=90)
+            job_file = spool.inbox / "removed-by-hand.json"
+            wait_for(job_file.exists)
+            job_file.unlink()
+            gone = waiting.result(timeout=90)
+        assert gone.status_code == 410 and "no longer queued" in gone.json()["detail"]
+        assert _unfinished(url, auth) == 0
         bearer = httpx.get(f"{url}/v1/jobs", headers={"Authorization": "Bearer s3cret-token"})
         assert bearer.status_code == 200
         assert httpx.get(f"{url}/v1/jobs").status_code == 401

@@ -21,6 +21,7 @@ from .replies import error_body, family
 # An error kind -> its HTTP status and the name the old server's envelope gives it.
 STATUS: dict[str, tuple[int, str]] = {
     "queue_full": (429, "QueueFull"),
+    "lost": (410, "JobLost"),
     "timeout": (504, "GatewayTimeout"),
     "queue": (503, "ServiceUnavailable"),
     "invalid_job": (422, "InvalidParameter"),

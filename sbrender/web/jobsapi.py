@@ -194,7 +194,8 @@ def _event(event_id: int, name: str, data: dict[str, Any]) -> str:
 async def job_events(job_id: str, request: Request) -> Response:
     """Server-Sent Events: ``queued`` (with the place in the queue), ``started``,
     ``progress`` (step i of n), then one of ``succeeded``, ``failed``,
-    ``cancelled`` (with the job's document) and the end of the stream. Ids grow
+    ``cancelled`` (with the job's document), or ``lost`` (its file was removed),
+    and the end of the stream. Ids grow
     with the job; a client that reconnects with ``Last-Event-ID`` gets only what
     came after."""
     front: Front = request.app.state.front
@@ -218,6 +219,9 @@ async def _stream(front: Front, job_id: str, doc: dict[str, Any], last: int) -> 
                 yield _event(FINAL_EVENT_ID, str(doc["status"]), public(job_id, doc))
                 return
             now = watcher.progress.get(job_id) or {"state": doc.get("status", PENDING)}
+            if now["state"] == "lost":
+                yield _event(FINAL_EVENT_ID, "lost", {"id": job_id, "state": "lost"})
+                return
             if now.get("result"):
                 doc = await asyncio.to_thread(front.client.show, job_id) or doc
                 continue

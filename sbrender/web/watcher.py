@@ -23,12 +23,20 @@ from typing import Any
 import structlog
 
 from ..client import PENDING, RUNNING, Client
+from ..errors import SbrenderError
 
 log = structlog.get_logger("sbrender")
 
 POLL_S = 0.05  # while anything is waited on
 SWEEP_S = 1.0  # with inotify on the outbox: every job's result is looked for this often (lost events)
+LOST_S = 2.0  # a job neither queued, running nor finished this long is lost (removed by hand): its waiters are told
 POSITIONS_S = 1.0  # queue positions (a listing of the whole queue) at most this often, for streams only
+
+
+class JobLost(SbrenderError):
+    """A waited job is no longer queued, running or finished (its file was removed)."""
+
+    kind = "lost"
 
 
 @dataclass
@@ -56,6 +64,7 @@ class Watcher:
         self._published: set[str] = set()  # results inotify saw appear since the last look
         self._swept_at = 0.0
         self._looked: set[str] = set()  # ids read at least once (a new one is read at its first tick)
+        self._missing: dict[str, float] = {}  # since when a job has been seen nowhere
 
     # --- life cycle ----------------------------------------------------------------------
 
@@ -141,25 +150,36 @@ class Watcher:
             positions = bool(self._streams) and now - self._positions_at >= POSITIONS_S
             # With inotify, only the results it saw appear are read, and every one
             # once a SWEEP_S: a tick costs the same for 1 waiter or 1000.
-            if self._observer is None or now - self._swept_at >= SWEEP_S:
+            sweep = self._observer is None or now - self._swept_at >= SWEEP_S
+            if sweep:
                 check, self._swept_at = ids, now
             else:
                 check = [job_id for job_id in ids if job_id in self._published or job_id not in self._looked]
             self._published.clear()
             self._looked = set(ids)
             try:
-                results, progress = await asyncio.to_thread(self._look, ids, check, positions)
+                results, progress = await asyncio.to_thread(self._look, ids, check, positions, sweep)
             except Exception as err:  # noqa: BLE001 - a queue outage delays waiters, it must not end the watcher
                 log.warning("cannot read the queue", error=str(err))
                 results, progress = {}, {}
             if positions:
                 self._positions_at = time.monotonic()
-            self._publish(results, progress)
+            self._publish(results, progress, sweep)
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.poll_s)
 
-    def _publish(self, results: dict[str, dict[str, Any]], progress: dict[str, dict[str, Any]]) -> None:
+    def _publish(self, results: dict[str, dict[str, Any]], progress: dict[str, dict[str, Any]],
+                 sweep: bool) -> None:
+        now = time.monotonic()
+        for job_id, state in list(progress.items() if sweep else ()):  # where a job is is known at sweeps
+            if state["state"] != "unknown":
+                self._missing.pop(job_id, None)
+            elif now - self._missing.setdefault(job_id, now) >= LOST_S:
+                self._lose(job_id)
+                del progress[job_id]
         for job_id, state in progress.items():
+            if state["state"] == "unknown" and job_id in self.progress:
+                continue  # not seen this time: keep what was known
             if "position" not in state and "position" in self.progress.get(job_id, {}) and state["state"] == PENDING:
                 state = {**state, "position": self.progress[job_id]["position"], "of": self.progress[job_id]["of"]}
             self.progress[job_id] = state
@@ -174,8 +194,21 @@ class Watcher:
         tick, self._tick = self._tick, asyncio.Event()
         tick.set()
 
-    def _look(self, ids: list[str], check: list[str],
-              positions: bool) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
+    def _lose(self, job_id: str) -> None:
+        self._missing.pop(job_id, None)
+        self.tracked.pop(job_id, None)
+        error = JobLost(f"job {job_id} is no longer queued, running or finished",
+                        hint="its job file or result was removed; submit it again")
+        for future in self._futures.pop(job_id, ()):
+            if not future.done():
+                future.set_exception(error)
+        if job_id in self._streams:
+            self.progress[job_id] = {"state": "lost"}
+        else:
+            self.progress.pop(job_id, None)
+
+    def _look(self, ids: list[str], check: list[str], positions: bool,
+              sweep: bool) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Any]]]:
         """In a worker thread: the results of the jobs in ``check`` that finished
         (on Redis, of all ``ids``: one round trip either way), and where the other
         ``ids`` stand."""
@@ -197,6 +230,8 @@ class Watcher:
             for job_id in ids:
                 if job_id not in results:
                     progress[job_id] = running.get(job_id) or {"state": PENDING}
+                    if sweep and job_id not in running and not client.is_known(job_id):
+                        progress[job_id] = {"state": "unknown"}
         rest = list(progress)
         if not rest:
             return results, progress
