@@ -283,7 +283,8 @@ def test_token_is_required_off_loopback(live: Live, model_cache: Path, tmp_path:
     spool = Spool(tmp_path / "spool")
     refused = run_serve(spool, daemon_env(model_cache), "--host", "0.0.0.0")
     assert refused.returncode == 2 and "serve.token" in refused.stderr
-    env = daemon_env(model_cache, SBRENDER_SERVE_TOKEN="s3cret-token")
+    env = daemon_env(model_cache, SBRENDER_SERVE_TOKEN="s3cret-token",
+                     SBRENDER_SERVE_ALLOWED_ORIGINS="https://app.example")
     server = ServeProcess(spool, env, "--host", "127.0.0.1").wait_ready()
     try:
         url = server.url
@@ -312,6 +313,17 @@ def test_token_is_required_off_loopback(live: Live, model_cache: Path, tmp_path:
             gone = waiting.result(timeout=90)
         assert gone.status_code == 410 and "no longer queued" in gone.json()["detail"]
         assert _unfinished(url, auth) == 0
+        # An allowed web origin gets CORS answers (preflight, then the real request); another gets 403.
+        preflight = httpx.options(f"{url}/v1/jobs", headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type"})
+        assert preflight.status_code == 204
+        assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+        assert "Authorization" in preflight.headers["access-control-allow-headers"]
+        listed = httpx.get(f"{url}/v1/jobs", headers={**auth, "Origin": "https://app.example"})
+        assert listed.status_code == 200 and listed.headers["access-control-allow-origin"] == "https://app.example"
+        other = httpx.get(f"{url}/v1/jobs", headers={**auth, "Origin": "https://other.example"})
+        assert other.status_code == 403 and "access-control-allow-origin" not in other.headers
         bearer = httpx.get(f"{url}/v1/jobs", headers={"Authorization": "Bearer s3cret-token"})
         assert bearer.status_code == 200
         assert httpx.get(f"{url}/v1/jobs").status_code == 401

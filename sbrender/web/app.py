@@ -14,7 +14,7 @@ from .. import __version__
 from ..config import Settings
 from ..errors import SbrenderError
 from . import a1111, jobsapi, legacy
-from .front import Front
+from .front import RETRY_AFTER_S, Front
 from .guard import Guard, Policy
 from .replies import error_body, family
 
@@ -72,7 +72,7 @@ async def _invalid(request: Request, exc: RequestValidationError) -> Response:
 async def _sbrender_error(request: Request, exc: SbrenderError) -> Response:
     status, name = STATUS.get(exc.kind, (500, "InternalServerError"))
     path = request.url.path
-    headers = {"Retry-After": "2"} if status == 429 else {}
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 429 else {}
     body, media = error_body(path, status, name if family(path) == "legacy" else exc.kind, str(exc))
     return Response(body, status, headers=headers, media_type=media)
 

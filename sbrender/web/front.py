@@ -4,6 +4,8 @@ and who submitted what (so that A1111's interrupt stops only the caller's job)."
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import time
 from pathlib import Path
@@ -18,6 +20,7 @@ from .watcher import Watcher
 
 
 HEALTH_S = 0.5
+RETRY_AFTER_S = 2  # what a client refused at serve.max_queue is told to wait: about one job's time
 
 
 class QueueFull(SbrenderError):
@@ -43,9 +46,6 @@ def caller_of(request: Request) -> str:
     auth = request.headers.get("authorization", "")
     user = ""
     if auth[:6].lower() == "basic ":
-        import base64
-        import binascii
-
         with contextlib.suppress(binascii.Error, UnicodeDecodeError):
             user = base64.b64decode(auth[6:].strip(), validate=True).decode("utf-8").partition(":")[0]
     return f"{address}|{user}"
@@ -75,15 +75,11 @@ class Front:
             self._health = (now, (await asyncio.to_thread(self.client.health))[1])
         return self._health[1]
 
-    def retry_after(self) -> int:
-        """Seconds a refused client should wait: about one job's time, at least 1."""
-        return 2
-
     async def submit(self, fields: dict[str, Any], *, caller: str, api: str, job_id: str | None = None) -> str:
         """Check and enqueue a job (``JobError`` for bad input, ``QueueFull``)."""
         if self.watcher.outstanding() >= self.max_queue:
             raise QueueFull(f"{self.watcher.outstanding()} jobs from this server are unfinished, the most "
-                            f"serve.max_queue allows", hint=f"retry in {self.retry_after()} s")
+                            f"serve.max_queue allows", hint=f"retry in {RETRY_AFTER_S} s")
         submitted = await asyncio.to_thread(self.client.submit, job_id=job_id, **fields)
         self.watcher.track(submitted, caller, api)
         return submitted

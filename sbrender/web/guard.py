@@ -57,13 +57,15 @@ class Policy:
 
 
 class Refused(Exception):
+    """A request the guard answers itself, with this status."""
+
     def __init__(self, status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.kind, self.message, self.headers = status, kind, message, headers or {}
 
 
 class BodyTooLarge(Exception):
-    pass
+    """The body passed serve.max_body_bytes (by its Content-Length, or as counted)."""
 
 
 def _host_name(host: str) -> str:
