@@ -193,7 +193,7 @@ def _echo(body: Txt2Img) -> dict[str, Any]:
     return echo
 
 
-def _info(result: dict[str, Any], infotexts: list[str], count: int) -> str:
+def _info(result: dict[str, Any], infotexts: list[str], batch_size: int) -> str:
     """A1111's ``Processed.js()``: what clients read from ``info``."""
     params = result.get("params", {})
     seeds = [image["seed"] for image in result.get("images", [])]
@@ -205,7 +205,7 @@ def _info(result: dict[str, Any], infotexts: list[str], count: int) -> str:
         "seed": seeds[0] if seeds else None, "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * len(seeds),
         "subseed_strength": 0, "width": params.get("width"), "height": params.get("height"),
         "sampler_name": params.get("sampler"), "cfg_scale": params.get("guidance_scale"),
-        "steps": params.get("steps"), "batch_size": count, "restore_faces": False, "face_restoration_model": None,
+        "steps": params.get("steps"), "batch_size": batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": model.get("name"), "sd_model_hash": model.get("hash") or None,
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": params.get("denoising_strength"),
@@ -240,7 +240,7 @@ async def _render(body: Txt2Img, request: Request) -> Any:
     pngs = await front.read_images(result)
     infotexts = [text_chunks(png).get("parameters", "") for png in pngs]
     images = [base64.b64encode(png).decode("ascii") for png in pngs] if body.send_images is not False else []
-    return {"images": images, "parameters": _echo(body), "info": _info(result, infotexts, job["count"])}
+    return {"images": images, "parameters": _echo(body), "info": _info(result, infotexts, body.batch_size or 1)}
 
 
 @router.post("/txt2img")
