@@ -12,6 +12,7 @@ weight * alpha / rank, A1111's ``W + m * (alpha/rank) * up @ down`` unmerged.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections import OrderedDict
@@ -32,6 +33,7 @@ log = structlog.get_logger("sbrender")
 _DOWN = (".lora_down.weight", ".lora_A.weight", ".lora.down.weight")
 _KNOWN = (*_DOWN, ".lora_up.weight", ".lora_B.weight", ".lora.up.weight", ".alpha")
 _PARTS = {"unet": "unet.", "text_encoder": "text_encoder."}  # diffusers' prefixes after conversion
+_SERIAL = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -57,7 +59,6 @@ class Adapters:
         self._loaded: OrderedDict[tuple[str, int, int], Loaded] = OrderedDict()
         self._active: tuple[tuple[str, float, float], ...] | None = ()  # None: unknown, set it again
         self._layers: dict[int, list[_Slot]] = {}  # id(model) -> its LoRA layers; emptied by a load or delete
-        self._serial = 0
         self._te_state: tuple[tuple[str, float], ...] = ()
 
     def use(self, wanted: list[tuple[loras.LoraFile, loras.LoraUse]]) -> list[dict[str, Any]]:
@@ -88,8 +89,9 @@ class Adapters:
         if key in self._loaded:
             self._loaded.move_to_end(key)
             return self._loaded[key]
-        self._serial += 1
-        adapter = f"lora{self._serial}"  # peft names become attribute names: no dots, no user text
+        # peft names become attribute names: no dots, no user text; unique in the process,
+        # since two warm models may share a text encoder (and so its peft_config).
+        adapter = f"lora{next(_SERIAL)}"
         self._wrap_all()
         start = time.perf_counter()
         try:

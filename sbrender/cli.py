@@ -260,6 +260,14 @@ def _parse_meta(items: tuple[str, ...]) -> dict[str, str] | None:
 @click.option("--clip-skip", "clip_skip", type=int, help="A1111's Clip skip: 1 = the last layer, 2 = the one before.")
 @click.option("--lora", "lora", multiple=True, metavar="NAME=WEIGHT",
               help="A LoRA from loras_dir and its weight (TE:UNET for two); repeatable. Or <lora:name:w> in PROMPT.")
+@click.option("--model", help="Model name in models_dir (`sbrender models`; default: the configured model).")
+@click.option("--vae", help="VAE: Automatic, None, or a name in vae_dir (default: the vae setting).")
+@click.option("--init-image", "init_image", type=click.Path(path_type=Path), metavar="PATH",
+              help="img2img: start from this PNG, JPEG or WebP file (sent inside the job).")
+@click.option("--denoising-strength", "--strength", "denoising_strength", type=float,
+              help="img2img: how much of the init image is redrawn, 0 to 1 (default 0.75).")
+@click.option("--resize-mode", "resize_mode", type=int,
+              help="img2img: 0 just resize (default), 1 crop and resize, 2 resize and fill, as A1111.")
 @click.option("--priority", type=int, help="Higher renders first (default 0).")
 @click.option("--id", "job_id", help="Job id (default: a new unique one).")
 @click.option("--meta", multiple=True, metavar="KEY=VALUE", help="Add to the job's metadata (repeatable).")
@@ -270,7 +278,9 @@ def _parse_meta(items: tuple[str, ...]) -> dict[str, str] | None:
 def submit(config_file: str | None, inbox: str | None, outbox: str | None, state: str | None, prompt: str,
            negative: str | None, steps: int | None, guidance: float | None, size: str | None, seed: int | None,
            count: int | None, sampler: str | None, scheduler: str | None, clip_skip: int | None,
-           lora: tuple[str, ...], priority: int | None, job_id: str | None, meta: tuple[str, ...], wait: bool, timeout: float | None, as_json: bool) -> None:
+           lora: tuple[str, ...], model: str | None, vae: str | None, init_image: Path | None,
+           denoising_strength: float | None, resize_mode: int | None, priority: int | None,
+           job_id: str | None, meta: tuple[str, ...], wait: bool, timeout: float | None, as_json: bool) -> None:
     """Queue PROMPT as a job and print its id."""
     settings = _settings(config_file, inbox=inbox, outbox=outbox, state=state)
     client = Client.from_settings(settings)
@@ -279,7 +289,9 @@ def submit(config_file: str | None, inbox: str | None, outbox: str | None, state
         job_id = client.submit(prompt, job_id=job_id, negative_prompt=negative, steps=steps,
                                guidance_scale=guidance, width=width, height=height, seed=seed, count=count,
                                sampler=sampler, scheduler=scheduler, clip_skip=clip_skip,
-                               loras=_parse_loras(lora), priority=priority, metadata=_parse_meta(meta))
+                               loras=_parse_loras(lora), model=model, vae=vae, init_image=init_image,
+                               denoising_strength=denoising_strength, resize_mode=resize_mode, priority=priority,
+                               metadata=_parse_meta(meta))
     except JobError as err:
         _fail(f"job not submitted: {err}")
     if not wait:

@@ -15,6 +15,8 @@ same id, and ``wait`` blocks on the job's event stream, never on a folder.
 
 from __future__ import annotations
 
+import dataclasses
+import glob
 import json
 import os
 import secrets
@@ -24,10 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import ids
+from . import ids, initimage
 from .errors import ConfigError, JobError, SbrenderError
 from .jobfile import read_bytes
-from .jobs import BadJob, Entry, Job, Rules, build_job, parse_job_bytes
+from .jobs import BadJob, Entry, Job, Rules, build_job, check_size, parse_job_bytes
 from .outputs import fsync_dir, read_json, rename_noreplace, write_synced
 from .redisqueue import RedisQueue
 from .results import CANCELLED, FAILED, PENDING, RUNNING, SUCCEEDED, STATES, parse_iso
@@ -99,8 +101,13 @@ class Client:
 
     # --- producing ---------------------------------------------------------------------
 
-    def submit(self, prompt: str | None = None, *, job_id: str | None = None, **fields: Any) -> str:
-        """Validate and enqueue one job; returns its id. Raises ``JobError``."""
+    def submit(self, prompt: str | None = None, *, job_id: str | None = None,
+               init_image: bytes | os.PathLike[str] | str | None = None, **fields: Any) -> str:
+        """Validate and enqueue one job; returns its id. Raises ``JobError``.
+
+        ``init_image`` makes it an img2img job: the image file's bytes, a path to
+        it (a regular file, not followed through a symbolic link), or its base64
+        as a job file holds it; checked here under the daemon's caps."""
         job = {k: v for k, v in fields.items() if v is not None}
         if prompt is not None:
             job["prompt"] = prompt
@@ -109,7 +116,13 @@ class Client:
         problem = ids.id_problem(job_id)
         if problem:
             raise JobError(f"bad job id {job_id!r}: {problem}")
-        built = build_job(job_id, job, self.rules)  # the daemon's own checks, before anything is written
+        image = self._init_image(init_image)
+        if image is not None:
+            job["init_image"] = image.as_base64()  # what the job document holds; checked once, below
+        # The daemon's own checks, before anything is written.
+        built = build_job(job_id, {**job, "init_image": image} if image is not None else job, self.rules)
+        data = (json.dumps(job, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        check_size(job, len(data), self.rules)  # as the daemon reads the file (or the queued document)
         if self.queue is not None:
             try:
                 self.queue.submit(job_id, job, built.priority)
@@ -119,9 +132,18 @@ class Client:
         self._check_inbox()
         if self.is_known(job_id):
             raise JobError(f"job id {job_id} is already in use", hint="choose another id")
-        data = (json.dumps(job, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
         _publish_new(self.inbox, f"{job_id}.json", data)
         return job_id
+
+    def _init_image(self, value: bytes | os.PathLike[str] | str | None) -> initimage.InitImage | None:
+        caps = {"max_bytes": self.rules.max_image_bytes, "max_pixels": self.rules.max_image_pixels}
+        if value is None:
+            return None
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return initimage.from_bytes(bytes(value), **caps)
+        if isinstance(value, os.PathLike):
+            return initimage.read_file(value, **caps)
+        return initimage.decode(value, **caps)  # base64, as in a job file; anything else is named there
 
     def is_known(self, job_id: str) -> bool:
         """Whether an id is in use: queued, claimed, reserved by a running job, or
@@ -186,6 +208,8 @@ class Client:
                            f"{error.get('message', 'no parameters recorded')}", hint=hint)
         # Exactly what the daemon used (its defaults included), so the retry is the same job.
         body = {k: v for k, v in params.items() if v is not None}
+        if isinstance(body.get("init_image"), dict):  # the result records the image; its bytes are archived
+            body["init_image"] = self._archived_init_image(job_id, result)
         body["metadata"] = result.get("metadata") or {}
         data = (json.dumps(body, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
         retried = self.spool.retried
@@ -204,6 +228,22 @@ class Client:
         self.spool.clear_cancel(job_id)
         _publish_new(self.inbox, f"{job_id}.json", data)
         return f"{job_id}.json"
+
+    def _archived_init_image(self, job_id: str, result: Mapping[str, Any]) -> str:
+        """The base64 of a finished job's init image, from its archived job file
+        (``state/failed/`` or ``state/done/``), checked against the recorded sha256."""
+        want = result["params"]["init_image"].get("sha256")
+        name = str(result.get("input", {}).get("file", ""))
+        for folder in (self.spool.failed, self.spool.done):
+            candidates = [folder / name, *sorted(folder.glob(f"{glob.escape(name)}.[0-9]*"))] if name else []
+            for path in candidates:  # the file, then same-named ones archived after it (name.1, ...)
+                for entry in validate_file(path, self.rules, name=name):
+                    if isinstance(entry, Job) and entry.id == job_id and entry.init_image is not None \
+                            and entry.init_image.sha256 == want:
+                        return entry.init_image.as_base64()
+        raise JobError(f"job {job_id} cannot be retried: its init image (sha256 {str(want)[:12]}...) is not in "
+                       f"the archived job files of {self.spool.failed.parent}",
+                       hint="submit it again with its image")
 
     def _retry_on_redis(self, job_id: str) -> str:
         assert self.queue is not None
@@ -353,11 +393,14 @@ class Client:
         listed only then: the order files move in, so a file claimed while we
         look is seen twice, not missed (one that a daemon adopts from a dead
         peer's folder meanwhile can still be)."""
-        for path, mtime, entries in _job_files(self.inbox, self.rules):
+        # Init images are not decoded to list jobs (a 4096x4096 PNG takes 0.2 s): a
+        # truncated one shows as pending here, and fails when the daemon reads it.
+        rules = dataclasses.replace(self.rules, image_pixels=False)
+        for path, mtime, entries in _job_files(self.inbox, rules):
             for entry in entries:
                 yield path, mtime, entry, False
         for folder in self.spool.work_folders():
-            for path, mtime, entries in _job_files(folder, self.rules):
+            for path, mtime, entries in _job_files(folder, rules):
                 for entry in entries:
                     yield path, mtime, entry, True
 
@@ -414,7 +457,7 @@ def validate_file(path: str | os.PathLike[str], rules: Rules, name: str | None =
     ``name`` is the name ids come from, when the file has been archived under another."""
     own = os.path.basename(path)
     try:
-        data = read_bytes(path, rules.max_file_bytes)
+        data = read_bytes(path, rules.read_cap)
     except FileNotFoundError:
         return []  # claimed or removed while we looked
     except SbrenderError as err:

@@ -140,6 +140,18 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("embeddings_dir", "embeddings", _text,
             "textual-inversion embeddings, as in A1111's embeddings folder (subfolders too): .safetensors, "
             "and .pt/.bin that load weights-only; used in prompts by file name"),
+    Setting("models_dir", "models", _text,
+            "more models a job may pick with model: (A1111's models/Stable-diffusion): .safetensors SD1.x "
+            "checkpoints (they take model_config's configs) and diffusers folders, subfolders too"),
+    Setting("models.keep_loaded", 2, _number(int, 1, 64),
+            "models kept warm on the device at once; the least recently used one leaves first"),
+    Setting("models.max_memory_mb", 0, _number(int, 0, 16_777_216),
+            "also keep the warm models' weights within this many MB (components they share counted once); "
+            "0: no limit"),
+    Setting("vae_dir", "vae", _text, "VAE files a job may pick with vae: (A1111's models/VAE): .safetensors"),
+    Setting("vae", "Automatic", _text,
+            "the VAE of jobs that name none: Automatic (a VAE named like the checkpoint, else the model's own), "
+            "None (the model's own), or a file stem in vae_dir"),
     Setting("device", "auto", _choice("auto", "cuda", "cpu", "mps"), "auto: cuda, else mps, else cpu"),
     Setting("dtype", "auto", _choice("auto", "float16", "bfloat16", "float32"),
             "auto: float16 on cuda and mps, float32 on cpu"),
@@ -189,7 +201,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("limits.max_side", 2048, _number(int, 8, 65_536), "largest width or height"),
     Setting("limits.max_count", 16, _number(int, 1, 10_000), "most images per job"),
     Setting("limits.max_prompt_chars", 4000, _number(int, 1, 1_000_000), "longest prompt, in characters"),
-    Setting("limits.max_file_bytes", 1_048_576, _number(int, 64, 1 << 30), "largest job file, in bytes"),
+    Setting("limits.max_file_bytes", 1_048_576, _number(int, 64, 1 << 30),
+            "largest job file, in bytes, besides its init image (read up to this plus max_image_bytes in base64)"),
+    Setting("limits.max_image_bytes", 16 * 1024 * 1024, _number(int, 64, 256 * 1024 * 1024),
+            "largest init image (img2img), in bytes once decoded from base64"),
+    Setting("limits.max_image_pixels", 4096 * 4096, _number(int, 64, 8192 * 8192),
+            "most pixels of an init image, read from its header before decoding (decompression bombs)"),
     Setting("limits.max_batch_jobs", 1000, _number(int, 1, 100_000), "most jobs in one batch file"),
     Setting("limits.max_crashes", 3, _number(int, 1, 1000),
             "a job file claimed by a daemon that died this many times is failed, not retried"),
@@ -256,6 +273,14 @@ class Settings:
     @property
     def loras_dir(self) -> Path:
         return Path(self.values["loras_dir"])
+
+    @property
+    def models_dir(self) -> Path:
+        return Path(self.values["models_dir"])
+
+    @property
+    def vae_dir(self) -> Path:
+        return Path(self.values["vae_dir"])
 
     @property
     def embeddings_dir(self) -> Path:

@@ -306,16 +306,19 @@ class Dispatcher:
     def _succeed(self, slot: Slot, out: RenderOutput, batch: dict[str, Any] | None) -> None:
         job = dataclasses.replace(slot.job, seed=slot.seed)
         params = job.params()
-        model = self.description.get("model", {})
+        # The job's own model (several may be warm); a renderer that does not say: the one it described.
+        model = out.model or self.description.get("model", {})
         model_name, model_hash = infotext_name(model), model.get("hash", "")
         record = json.dumps({"id": job.id, **params, "model": model_name,
                              **({"model_hash": model_hash} if model_hash else {}), "metadata": job.metadata})
+        resources = {**out.prompt, **({"vae": model["vae"]} if model.get("vae") else {})}
         images = tuple(
             results.ImageToWrite(name, image, seed, {"parameters": infotext(params, seed, model_name, model_hash,
-                                                                            out.prompt), "sbrender": record})
+                                                                            resources), "sbrender": record})
             for name, image, seed in zip(image_names(job.id, len(out.images)), out.images, out.seeds))
+        renderer = {**self.description, "model": model} if out.model else self.description
         result = results.succeeded(job, input=slot.input_rec, images=[], sampler=out.scheduler,
-                                   renderer=self.description, times={}, warnings=out.warnings)
+                                   renderer=renderer, times={}, warnings=out.warnings)
         if out.prompt:
             result["prompt"] = out.prompt
         if batch is not None:

@@ -171,6 +171,33 @@ def check_model(s: Settings) -> list[Finding]:
                     f"`hf download {ref.location}` ahead of time, then offline: true")]
 
 
+def check_models_dir(s: Settings) -> list[Finding]:
+    """The models and VAE folders: what a job may name, each unusable file with why,
+    and the vae setting naming a file that is there."""
+    from . import checkpoints
+
+    out = []
+    for catalog in (checkpoints.model_catalog(s.models_dir, s.model), checkpoints.vae_catalog(s.vae_dir)):
+        topic = "models" if catalog.what == "model" else "vae"
+        if not catalog.folder.is_dir():
+            out.append(Finding(OK, topic, f"{catalog.folder} does not exist: jobs use "
+                                          + ("the configured model only" if topic == "models" else "their models' VAEs")))
+            continue
+        entries = catalog.entries()
+        usable = [e.name for e in entries if not e.problem]
+        shown = ", ".join(usable[:10]) + (", ..." if len(usable) > 10 else "")
+        out.append(Finding(OK, topic, f"{catalog.folder}: {len(usable)} usable" + (f" ({shown})" if usable else "")))
+        out += [Finding(WARN, topic, f"{e.file} {e.problem}", "jobs naming it fail; replace or remove it")
+                for e in entries if e.problem]
+    if s["vae"] not in checkpoints.VAE_CHOICES:
+        found = checkpoints.vae_catalog(s.vae_dir).find(s["vae"])
+        if found is None or found.problem:
+            why = "is not in vae_dir" if found is None else f"is unusable: {found.problem}"
+            out.append(Finding(FAIL, "vae", f"vae: {s['vae']} {why}; every job without its own vae: would fail",
+                               f"put {s['vae']}.safetensors in {s.vae_dir}, or set vae: Automatic"))
+    return out
+
+
 def check_queue(s: Settings) -> list[Finding]:
     """With a Redis queue: the server answers, is 7.0 or later, persists (AOF) and never evicts."""
     if s["queue"] == "files":
@@ -219,7 +246,7 @@ def check_embeddings(s: Settings) -> list[Finding]:
 
 CHECKS: tuple[Callable[[Settings], list[Finding]], ...] = (
     check_config, check_folders, check_queue, check_loras, check_inotify, check_libraries, check_device,
-    check_model,
+    check_model, check_models_dir,
     check_embeddings,
 )
 

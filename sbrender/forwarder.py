@@ -52,8 +52,12 @@ def invalid_error(document: Any) -> JobError | None:
 
 def job_document(job: Job) -> dict[str, Any]:
     """What a validated job is submitted as: its resolved parameters (a seed left
-    to draw stays unset) and its metadata."""
-    return {**{k: v for k, v in job.params().items() if v is not None}, "metadata": job.metadata}
+    to draw stays unset), its init image's bytes (the parameters hold only its
+    record) and its metadata."""
+    document = {k: v for k, v in job.params().items() if v is not None}
+    if job.init_image is not None:
+        document["init_image"] = job.init_image.as_base64()
+    return {**document, "metadata": job.metadata}
 
 
 class InboxForwarder:
@@ -141,7 +145,7 @@ class InboxForwarder:
 def _entries(path: Path, rules: Rules) -> list[Entry]:
     """The file's jobs, read as the file spool reads them (unsafe files refused unread)."""
     try:
-        data = read_bytes(path, rules.max_file_bytes)
+        data = read_bytes(path, rules.read_cap)
     except SbrenderError as err:
         error = err if isinstance(err, JobError) else JobError(str(err))
         stem = ids.stem(path.name)

@@ -1,7 +1,7 @@
 """`sbrender models`: what the daemon renders with, listed without loading it.
 
-One row of ``SECTIONS`` per kind of file (the model, textual-inversion
-embeddings, LoRAs); each lists its items as plain dicts. Torch-free and quick:
+One row of ``SECTIONS`` per kind of file (the configured model, the models
+folder, VAEs, textual-inversion embeddings, LoRAs); each lists its items as plain dicts. Torch-free and quick:
 file headers and cached hashes only, so it runs on any host.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import embeddings, loras, models
+from . import checkpoints, embeddings, loras, models
 from .config import Settings
 from .errors import ModelError
 
@@ -39,6 +39,38 @@ def model_items(s: Settings) -> list[dict[str, Any]]:
     except ModelError as err:
         item["problem"] = str(err)
     return [item]
+
+
+def _hashed(item: dict[str, Any], path: Path, cache: Path) -> dict[str, Any]:
+    """A file's A1111 hash (sha256, 10 hex digits) and sha256, or why it cannot be read."""
+    try:
+        sha256 = models.file_sha256(path, cache)
+    except ModelError as err:
+        return {**item, "problem": err.message}
+    return {**item, "hash": sha256[:10], "sha256": sha256}
+
+
+def models_dir_items(s: Settings) -> list[dict[str, Any]]:
+    """The checkpoints and diffusers folders a job may name with model:, A1111's hash for a file."""
+    items = []
+    for entry in checkpoints.model_catalog(s.models_dir, s.model).entries():
+        item: dict[str, Any] = {"name": entry.name, "kind": entry.kind, "file": entry.file}
+        if entry.problem:
+            item["problem"] = entry.problem
+        elif entry.kind == "checkpoint" and entry.path is not None:
+            item = _hashed(item, entry.path, s.cache)
+        items.append(item)
+    return items
+
+
+def vae_items(s: Settings) -> list[dict[str, Any]]:
+    """The VAE files a job may name with vae:, with A1111's VAE hash."""
+    items = []
+    for entry in checkpoints.vae_catalog(s.vae_dir).entries():
+        item: dict[str, Any] = {"name": entry.name, "file": entry.file}
+        items.append({**item, "problem": entry.problem} if entry.problem or entry.path is None
+                     else _hashed(item, entry.path, s.cache))
+    return items
 
 
 def text_width(s: Settings) -> int | None:
@@ -102,6 +134,8 @@ def lora_items(s: Settings) -> list[dict[str, Any]]:
 
 SECTIONS: tuple[Section, ...] = (
     Section("model", lambda s: "model", model_items, ("name", "kind", "hash")),
+    Section("models", lambda s: str(s.models_dir), models_dir_items, ("name", "kind", "hash")),
+    Section("vae", lambda s: str(s.vae_dir), vae_items, ("name", "hash")),
     Section("embeddings", lambda s: str(s.embeddings_dir), embedding_items, ("name", "vectors", "hash")),
     Section("loras", lambda s: str(s.loras_dir), lora_items, ("name", "alias", "hash")),
 )

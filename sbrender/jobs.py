@@ -16,15 +16,16 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import ids, loras, prompts, samplers
+from . import checkpoints, ids, initimage, loras, prompts, samplers
 from .config import Settings
-from .errors import JobError
+from .errors import JobError, UnsafeFileError
 from .jobfile import parse_document
 
 SEED_MAX = 2**32 - 1
 GUIDANCE_MAX = 30.0
 PRIORITY_LIMIT = 1_000_000
 CLIP_SKIP_MAX = 12  # SD1's text encoder has 12 layers
+DENOISING_STRENGTH = 0.75  # A1111's default
 
 
 @dataclass(frozen=True)
@@ -46,18 +47,44 @@ class Rules:
     max_prompt_chars: int = 4000
     max_file_bytes: int = 1_048_576
     max_batch_jobs: int = 1000
-    # The LoRA files a name may stand for; None: names are not checked here (the
-    # daemon checks them when it renders, against the folder as it is then).
+    vae: str = checkpoints.AUTOMATIC  # the config's vae
+    default_model: str = ""  # the config's model: a job that names it renders with the default
+    max_image_bytes: int = 16 * 1024 * 1024  # an init image, decoded
+    max_image_pixels: int = 4096 * 4096
+    # False: an init image's pixels are not decoded (its header, size and hash are
+    # checked): for listings of queued jobs, which read every file each time.
+    image_pixels: bool = True
+    # The LoRA files, models and VAEs a name may stand for; None: names are not checked here
+    # (the daemon checks them when it renders, against the folders as they are then).
     loras: loras.Catalog | None = None
+    models: checkpoints.Catalog | None = None
+    vaes: checkpoints.Catalog | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, with_loras: bool = True) -> Rules:
-        """The settings' defaults and limits; with ``with_loras``, the LoRA catalog
-        of ``loras_dir`` (read only when a job names a LoRA)."""
+        """The settings' defaults and limits; with ``with_loras``, the catalogs of
+        ``loras_dir``, ``models_dir`` and ``vae_dir`` where they exist (each read only
+        when a job names one)."""
         names = {f.name for f in dataclasses.fields(cls)}
         values = {**settings.section("defaults"), **settings.section("limits")}
-        catalog = loras.scan(settings.loras_dir) if with_loras else None
-        return cls(**{k: v for k, v in values.items() if k in names}, loras=catalog)
+        catalogs: dict[str, Any] = {}
+        if with_loras:
+            # A host without models_dir or vae_dir (a web app's) leaves those names to the daemon.
+            catalogs = dict(loras=loras.scan(settings.loras_dir),
+                            models=checkpoints.model_catalog(settings.models_dir, settings.model)
+                            if settings.models_dir.is_dir() else None,
+                            vaes=checkpoints.vae_catalog(settings.vae_dir) if settings.vae_dir.is_dir() else None)
+        return cls(**{k: v for k, v in values.items() if k in names}, vae=settings["vae"],
+                   default_model=settings.model, **catalogs)
+
+    @property
+    def read_cap(self) -> int:
+        """The most bytes of a job file read: ``max_file_bytes`` and, beyond it, one
+        init image of ``max_image_bytes`` in base64, with room to wrap it (a YAML
+        block, CRLF line ends, an indent of four). What the file holds besides its
+        init images is still held to ``max_file_bytes`` (``check_size``)."""
+        chars = initimage.base64_chars(self.max_image_bytes)
+        return self.max_file_bytes + chars + chars // 8
 
 
 @dataclass(frozen=True)
@@ -78,6 +105,12 @@ class Job:
     clip_skip: int = 1  # A1111's numbering: 1 = the text encoder's last layer
     scheduler: str = "Automatic"  # A1111's schedule type, resolved by build_job ("Karras")
     loras: tuple[loras.LoraUse, ...] = ()  # the loras field; see lora_set for the tags too
+    model: str = ""  # a name in models_dir; "": the configured model
+    vae: str = checkpoints.AUTOMATIC  # Automatic, None, or a name in vae_dir
+    # img2img: the image to start from; then denoising_strength and resize_mode are set too.
+    init_image: initimage.InitImage | None = None
+    denoising_strength: float | None = None
+    resize_mode: int | None = None  # A1111's: 0 just resize, 1 crop and resize, 2 resize and fill
     metadata: dict[str, Any] = field(default_factory=dict)
     source: str = ""
 
@@ -86,8 +119,18 @@ class Job:
         """The LoRAs this job renders with: the prompt's tags in order, then the field."""
         return (*loras.in_prompt(self.prompt), *self.loras)
 
+    @property
+    def img2img_key(self) -> tuple[str, float] | None:
+        """What img2img jobs must share to render in one pipeline call: the strength
+        diffusers is given for this job's steps (A1111's step rule), so two strengths
+        that run the same steps batch. None for a txt2img job (never batched with one)."""
+        if self.init_image is None or self.denoising_strength is None:
+            return None
+        return ("img2img", initimage.a1111_steps(self.steps, self.denoising_strength).strength)
+
     def params(self) -> dict[str, Any]:
-        """The resolved parameters, as written into the result."""
+        """The resolved parameters, as written into the result (an init image as its
+        record: sha256, size, format, bytes; never its base64)."""
         return {
             "prompt": self.prompt,
             "negative_prompt": self.negative_prompt,
@@ -103,6 +146,10 @@ class Job:
             "clip_skip": self.clip_skip,
             # Only when given: the prompt keeps its own <lora:...> tags.
             **({"loras": loras.params(self.loras)} if self.loras else {}),
+            **({"model": self.model} if self.model else {}),
+            **({"vae": self.vae} if self.vae != checkpoints.AUTOMATIC else {}),
+            **({"init_image": self.init_image.record(), "denoising_strength": self.denoising_strength,
+                "resize_mode": self.resize_mode} if self.init_image is not None else {}),
         }
 
 
@@ -250,6 +297,57 @@ def _loras(value: Any, rules: Rules) -> tuple[loras.LoraUse, ...]:
     return uses
 
 
+def _name(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise JobError(f"{field} must be a name, not {_describe(value) if value != '' else 'an empty string'}",
+                       field=field, hint="`sbrender models` lists the names")
+    if "\x00" in value or len(value) > 1000:
+        raise JobError(f"{field} is not a usable name", field=field, hint="`sbrender models` lists the names")
+    return value.strip()
+
+
+def _model(value: Any, rules: Rules) -> str:
+    """A model's name, as the catalog knows it where there is one; "" for the configured model."""
+    if value is None:
+        return ""
+    name = _name(value, "model")
+    if rules.models is not None:
+        entry = rules.models.lookup(name, "model")
+        return "" if entry.kind == "default" else entry.name
+    return "" if name in checkpoints.default_names(rules.default_model) else name
+
+
+def _vae(value: Any, rules: Rules) -> str:
+    name = _name(value, "vae")
+    fixed = {c.lower(): c for c in checkpoints.VAE_CHOICES}
+    if name.lower() in fixed:
+        return fixed[name.lower()]
+    return rules.vaes.lookup(name, "vae").name if rules.vaes is not None else name
+
+
+def _init_image(value: Any, rules: Rules) -> initimage.InitImage | None:
+    if value is None or isinstance(value, initimage.InitImage):  # one a client or a batch already decoded
+        return value
+    return initimage.decode(value, max_bytes=rules.max_image_bytes, max_pixels=rules.max_image_pixels,
+                            pixels=rules.image_pixels)
+
+
+def _denoising_strength(value: Any, rules: Rules) -> float:
+    strength = _number(value, "denoising_strength")
+    _in_range(strength, "denoising_strength", 0.0, 1.0, " (how much of the init image is redrawn, as in A1111)")
+    return strength
+
+
+def _resize_mode(value: Any, rules: Rules) -> int:
+    mode = _integer(value, "resize_mode")
+    if mode in initimage.REFUSED_RESIZE_MODES:
+        raise JobError(f"resize_mode {initimage.REFUSED_RESIZE_MODES[mode]}", field="resize_mode")
+    if mode not in initimage.RESIZE_MODES:
+        known = ", ".join(f"{k} ({name})" for k, name in initimage.RESIZE_MODES.items())
+        raise JobError(f"resize_mode must be one of {known}, not {mode}", field="resize_mode")
+    return mode
+
+
 def _priority(value: Any, rules: Rules) -> int:
     priority = _integer(value, "priority")
     _in_range(priority, "priority", -PRIORITY_LIMIT, PRIORITY_LIMIT)
@@ -301,12 +399,26 @@ FIELDS: tuple[Field, ...] = (
           "the layer before the last"),
     Field("loras", _loras, None, "LoRAs by name: {name: weight} or {name: {te: w, unet: w}}; added to the "
           "prompt's <lora:...> tags (a LoRA named in both is refused)"),
+    Field("model", _model, None, "the model to render with: a checkpoint or folder name in models_dir "
+          "(`sbrender models`); default: the configured model"),
+    Field("vae", _vae, "vae", "the VAE: Automatic (one named like the checkpoint, else the model's own), None "
+          "(the model's own), or a file name in vae_dir"),
+    Field("init_image", _init_image, None, "img2img: the image to start from, a PNG, JPEG or WebP file in base64 (a "
+          "data:image/...;base64, prefix is accepted)"),
+    Field("denoising_strength", _denoising_strength, None, "img2img: how much of the init image is redrawn, 0 to 1 "
+          "(A1111's; default 0.75)", ("strength",)),
+    Field("resize_mode", _resize_mode, None, "img2img: how the init image takes the job's size, as A1111: 0 just "
+          "resize (default), 1 crop and resize, 2 resize and fill"),
     Field("priority", _priority, None, "higher renders first; default 0"),
     Field("metadata", _metadata, None, "free mapping copied untouched into the result"),
 )
 _BY_NAME = {f.name: f for f in FIELDS}
 _ALIASES = {alias: f.name for f in FIELDS for alias in f.aliases}
-_CONSTANT_DEFAULTS: dict[str, Any] = {"seed": None, "count": 1, "priority": 0, "metadata": None, "loras": None}
+_CONSTANT_DEFAULTS: dict[str, Any] = {"seed": None, "count": 1, "priority": 0, "metadata": None, "loras": None,
+                                      "model": None,
+                                      "init_image": None, "denoising_strength": DENOISING_STRENGTH,
+                                      "resize_mode": 0}
+IMG2IMG_ONLY = ("denoising_strength", "resize_mode")
 
 
 @functools.lru_cache(maxsize=16)
@@ -358,6 +470,12 @@ def build_job(job_id: str, data: Any, rules: Rules, shared: Mapping[str, Any] | 
     except KeyError as err:
         raise JobError(err.args[0], field="scheduler") from None
     values["sampler"], values["scheduler"] = choice.key
+    if values["init_image"] is None:
+        for name in IMG2IMG_ONLY:
+            if name in given:
+                raise JobError(f"{name} is given without init_image; it applies to img2img only", field=name,
+                               hint=f"add init_image (the picture to start from) or remove {name}")
+            values[name] = None
     if values["seed"] is not None and values["seed"] + values["count"] - 1 > SEED_MAX:
         raise JobError(f"seed + count - 1 must not exceed {SEED_MAX}", field="seed")
     loras.requested(values["prompt"], values["loras"], rules.loras)  # the tags' weights and names, no repeats
@@ -378,7 +496,9 @@ def parse_entries(name: str, document: Any, rules: Rules) -> list[Entry]:
         shared = _canonical_keys(shared_raw, "defaults: ")
         for f in FIELDS:  # a bad shared value is reported once, for the whole file
             if f.name in shared:
-                f.check(shared[f.name], rules)
+                checked = f.check(shared[f.name], rules)
+                if f.name == "init_image":
+                    shared[f.name] = checked  # decoded once for every job of the batch
     elif isinstance(document, list):
         items, shared = document, {}
     else:
@@ -409,9 +529,47 @@ def parse_job_bytes(name: str, data: bytes, rules: Rules) -> list[Entry]:
         return [BadJob(safe, JobError(f"file name {name!r} is not a usable job id: {problem}",
                                       hint="rename it, e.g. cat-42.yaml"), 0, name)]
     try:
-        return parse_entries(name, parse_document(name, data), rules)
+        document = parse_document(name, data)
+        check_size(document, len(data), rules)
+        return parse_entries(name, document, rules)
     except JobError as err:
         return [BadJob(file_id, err, 0, name)]
+
+
+def check_size(document: Any, size: int, rules: Rules) -> None:
+    """A file read under ``rules.read_cap`` holds at most ``max_file_bytes`` besides
+    its init images: the larger cap is for images only. What is besides them is
+    measured as JSON, so the indentation of a wrapped YAML block is not counted."""
+    if size <= rules.max_file_bytes:
+        return
+    hint = "split it into several files or raise limits.max_file_bytes"
+    rest = _without_init_images(document)
+    if rest is document:
+        raise UnsafeFileError(f"job file is {size} bytes, more than the limit of {rules.max_file_bytes}", hint=hint)
+    besides = len(json.dumps(rest, ensure_ascii=False, default=str).encode("utf-8"))
+    if besides > rules.max_file_bytes:
+        raise UnsafeFileError(f"job file holds {besides} bytes besides its init image, more than the limit of "
+                              f"{rules.max_file_bytes}", hint=hint)
+
+
+def _without_init_images(document: Any) -> Any:
+    """The parsed job file without its init_image strings (its job's, or its batch's
+    jobs' and defaults'); the very same object when it holds none."""
+    def strip(job: Any) -> Any:
+        if isinstance(job, Mapping) and isinstance(job.get("init_image"), str):
+            return {k: v for k, v in job.items() if k != "init_image"}
+        return job
+
+    if isinstance(document, Mapping) and isinstance(document.get("jobs"), list):
+        jobs = [strip(j) for j in document["jobs"]]
+        defaults = strip(document.get("defaults"))
+        if defaults is document.get("defaults") and all(a is b for a, b in zip(jobs, document["jobs"])):
+            return document
+        return {**document, "defaults": defaults, "jobs": jobs}
+    if isinstance(document, list):
+        jobs = [strip(j) for j in document]
+        return document if all(a is b for a, b in zip(jobs, document)) else jobs
+    return strip(document)
 
 
 # --- JSON Schema ------------------------------------------------------------------
@@ -422,6 +580,7 @@ def _field_schemas(rules: Rules) -> dict[str, dict[str, Any]]:
     text = {"type": "string", "maxLength": rules.max_prompt_chars}
     guidance = {"type": "number", "minimum": 0, "maximum": GUIDANCE_MAX}
     weight = {"type": "number"}
+    strength = {"type": "number", "minimum": 0, "maximum": 1}
     names = samplers.names() + samplers.legacy_names() + sorted({s.scheduler for s in samplers.SAMPLERS})
     schedules = samplers.schedules() + sorted(samplers.API_NAMES)
     return {
@@ -442,6 +601,13 @@ def _field_schemas(rules: Rules) -> dict[str, dict[str, Any]]:
         "loras": {"type": ["object", "null"], "propertyNames": {"minLength": 1}, "additionalProperties": {
             "oneOf": [weight, {"type": "object", "minProperties": 1, "additionalProperties": False,
                                "properties": {"te": weight, "unet": weight}}]}},
+        "model": {"type": ["string", "null"], "minLength": 1},
+        "vae": {"type": "string", "minLength": 1},
+        "init_image": {"type": ["string", "null"], "minLength": 1,
+                       "maxLength": rules.read_cap - rules.max_file_bytes + 200},  # line breaks, a data: prefix
+        "denoising_strength": strength,
+        "strength": strength,
+        "resize_mode": {"type": "integer", "enum": sorted(initimage.RESIZE_MODES)},
         "priority": {"type": "integer", "minimum": -PRIORITY_LIMIT, "maximum": PRIORITY_LIMIT},
         "metadata": {"type": ["object", "null"]},
     }
@@ -454,7 +620,9 @@ def json_schema(rules: Rules) -> dict[str, Any]:
     for f in FIELDS:
         for name in (f.name, *f.aliases):
             props[name] = {**props[name], "description": f.help}
-    job = {"type": "object", "properties": props, "required": ["prompt"], "additionalProperties": False}
+    job = {"type": "object", "properties": props, "required": ["prompt"], "additionalProperties": False,
+           # img2img's settings need its image (in a batch, the defaults may hold it: not checked there)
+           "dependentRequired": {name: ["init_image"] for name in ("denoising_strength", "strength", "resize_mode")}}
     shared = {"type": "object", "properties": props, "additionalProperties": False}
     jobs = {"type": "array", "items": {"$ref": "#/$defs/job"}, "minItems": 1, "maxItems": rules.max_batch_jobs}
     return {

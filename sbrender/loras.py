@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import os
 import stat
@@ -27,13 +26,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import prompts
+from . import prompts, stfile
 from .errors import JobError
 from .models import cached_sha256
 
 SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".pt", ".ckpt")  # what A1111 also lists as LoRAs
-MAX_HEADER_BYTES = 64 << 20  # kohya's metadata (tag frequencies) runs to megabytes, not more
 SHORT_HASH = 12
 
 
@@ -60,34 +58,7 @@ class LoraUse:
         return {"name": self.name, "te": self.te, "unet": self.unet}
 
 
-def read_header(path: Path) -> dict[str, Any]:
-    """A safetensors file's JSON header. Raises ``ValueError`` (not a safetensors
-    file) or ``OSError``."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ValueError("is not a safetensors file (shorter than its header)")
-        (length,) = struct.unpack("<Q", head)
-        if not 2 <= length <= MAX_HEADER_BYTES:
-            raise ValueError("is not a safetensors file (no valid header)")
-        data = f.read(length)
-    if len(data) != length:
-        raise ValueError("is incomplete (its header is cut short)")
-    try:
-        header = json.loads(data)
-    except ValueError:
-        raise ValueError("is not a safetensors file (its header is not valid JSON)") from None
-    if not isinstance(header, dict):
-        raise ValueError("is not a safetensors file (its header is not a mapping)")
-    try:
-        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
-    except (TypeError, KeyError, IndexError, ValueError, AttributeError):
-        raise ValueError("is not a safetensors file (bad tensor table)") from None
-    size = path.stat().st_size
-    if size != 8 + length + end:
-        raise ValueError(f"is incomplete or damaged: {size} bytes where its header says {8 + length + end} "
-                         "(download it again)")
-    return header
+read_header = stfile.read_header
 
 
 def _describe(path: Path) -> LoraFile:

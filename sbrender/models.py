@@ -18,13 +18,13 @@ import json
 import os
 import re
 import shutil
-import struct
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from . import stfile
 from .errors import ModelError, first_line
 
 # owner/name, each part a valid Hugging Face name: letters, digits, "-", "_", ".", at most 96,
@@ -333,33 +333,35 @@ def resolve(name: str, cache: Path, config: str = "", *, offline: bool = False) 
 
 # --- single-file checkpoints ----------------------------------------------------
 
-def _check_safetensors(path: Path) -> None:
-    """Refuse a file that is not a whole safetensors checkpoint of an SD UNet
-    (truncated downloads, other files, LoRAs), reading only its header."""
-    def bad(why: str, hint: str = "download the file again") -> ModelError:
-        return ModelError(f"model checkpoint {path} {why}", hint=hint)
+def checkpoint_problem(path: Path) -> str:
+    """Why a file is not a whole safetensors checkpoint of an SD1.x UNet (truncated
+    downloads, other files, LoRAs, SDXL), as the end of a sentence about the file,
+    reading only its header; "" for a usable one. Raises ``OSError``."""
+    try:
+        header = stfile.read_header(path)
+    except ValueError as err:
+        return str(err)
+    kind, words = stfile.kind(header)
+    if kind == "checkpoint" and stfile.inpainting(header):
+        return "is an inpainting checkpoint (its UNet takes 9 input channels); sbrender renders txt2img and img2img"
+    if kind != "checkpoint":
+        return (f"holds no Stable Diffusion UNet (no model.diffusion_model.* weights): it is {words}"
+                if kind not in ("sdxl", "sd2") else f"is {words}; sbrender renders SD1.x checkpoints")
+    return ""
 
+
+def _check_safetensors(path: Path) -> None:
+    """Refuse a file that is not a whole SD1.x checkpoint (``checkpoint_problem``)."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            (length,) = struct.unpack("<Q", head) if len(head) == 8 else (-1,)
-            if not 2 <= length <= min(size - 8, 100 << 20):
-                raise bad("is not a safetensors file (no valid header)")
-            header = json.loads(f.read(length))
+        why = checkpoint_problem(path)
     except OSError as err:
-        raise bad(f"cannot be read: {err.strerror or err}", "check the path and permissions") from None
-    except ValueError:
-        raise bad("is not a safetensors file (its header is not valid JSON)") from None
-    try:
-        end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
-    except (TypeError, KeyError, IndexError, ValueError, AttributeError):
-        raise bad("is not a safetensors file (bad tensor table)") from None
-    if size != 8 + length + end:
-        raise bad(f"is incomplete or damaged: {size} bytes where its header says {8 + length + end}")
-    if not any(k.startswith("model.diffusion_model.") for k in header):
-        raise bad("holds no Stable Diffusion UNet (no model.diffusion_model.* weights)",
-                  "model takes a full checkpoint; a LoRA, VAE or embedding file cannot be the model")
+        raise ModelError(f"model checkpoint {path} cannot be read: {err.strerror or err}",
+                         hint="check the path and permissions") from None
+    if why:
+        wrong_kind = why.startswith(("holds", "is an", "is a"))
+        raise ModelError(f"model checkpoint {path} {why}",
+                         hint="model takes a full SD1.x checkpoint; a LoRA, VAE or embedding file cannot be the model"
+                         if wrong_kind else "download the file again")
 
 
 def _config_folder(path: Path, setting: str) -> Path:
@@ -403,6 +405,23 @@ def cached_sha256(path: Path, cache: Path, kind: str = "sha256",
     """The sha256 of a file's bytes from ``start(file)`` on (all of them without),
     kept in ``cache/model-hashes.json`` under ``kind`` while the file's path, size
     and modification time stay the same. Raises ``OSError``."""
+
+    def compute(p: Path) -> str:
+        digest = hashlib.sha256()
+        with open(p, "rb") as f:
+            if start is not None:
+                f.seek(start(f))
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    return cached_digest(path, cache, kind, compute)
+
+
+def cached_digest(path: Path, cache: Path, kind: str, compute: Callable[[Path], str]) -> str:
+    """``compute(path)``, kept in ``cache/model-hashes.json`` under ``kind`` while the
+    file's path, size and modification time stay the same. Raises ``OSError``
+    (and whatever ``compute`` raises)."""
     stat = path.stat()
     key = str(path.absolute())
     stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
@@ -418,13 +437,8 @@ def cached_sha256(path: Path, cache: Path, kind: str = "sha256",
         entry = dict(stamp)  # a changed file: its other hashes are stale too
     if isinstance(entry.get(kind), str):
         return entry[kind]
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        if start is not None:
-            f.seek(start(f))
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    known[key] = {**entry, kind: digest.hexdigest()}
+    value = compute(path)
+    known[key] = {**entry, kind: value}
     try:  # a cache: a folder we cannot write only costs a rehash next time
         store.parent.mkdir(parents=True, exist_ok=True)
         fd, temp = tempfile.mkstemp(prefix=f".{HASHES_FILE}.", dir=store.parent)
@@ -433,14 +447,16 @@ def cached_sha256(path: Path, cache: Path, kind: str = "sha256",
         os.replace(temp, store)
     except OSError:
         pass
-    return digest.hexdigest()
+    return value
 
 
 # --- loading --------------------------------------------------------------------
 
-def load_pipeline(ref: ModelRef, *, dtype: Any, offline: bool, safety_checker: bool) -> Any:
+def load_pipeline(ref: ModelRef, *, dtype: Any, offline: bool, safety_checker: bool,
+                  components: dict[str, Any] | None = None) -> Any:
     """``StableDiffusionPipeline.from_pretrained`` (``from_single_file`` for a
-    checkpoint) for any source; errors say what to fix."""
+    checkpoint) for any source; errors say what to fix. ``components``: parts
+    already loaded (a warm model's VAE or text encoder) that are used, not loaded again."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
@@ -448,7 +464,8 @@ def load_pipeline(ref: ModelRef, *, dtype: Any, offline: bool, safety_checker: b
     local_only = offline or ref.kind != "hub"
     extra: dict[str, Any] = {} if safety_checker else {"safety_checker": None, "requires_safety_checker": False}
     if ref.kind == "checkpoint":
-        return _load_checkpoint(ref, dtype, extra)
+        return _load_checkpoint(ref, dtype, extra, components or {})
+    extra.update(components or {})
     try:
         return StableDiffusionPipeline.from_pretrained(ref.location, torch_dtype=dtype,
                                                        local_files_only=local_only, **extra)
@@ -465,7 +482,7 @@ def load_pipeline(ref: ModelRef, *, dtype: Any, offline: bool, safety_checker: b
                          hint="check that the folder holds a complete Stable Diffusion pipeline") from None
 
 
-def _load_checkpoint(ref: ModelRef, dtype: Any, extra: dict[str, Any]) -> Any:
+def _load_checkpoint(ref: ModelRef, dtype: Any, extra: dict[str, Any], given: dict[str, Any]) -> Any:
     """``from_single_file`` with a local config folder: with ``config`` an existing
     folder and ``local_files_only``, diffusers reads the configs from that folder
     and never asks the hub (without ``config`` it would guess a repo and download)."""
@@ -475,6 +492,7 @@ def _load_checkpoint(ref: ModelRef, dtype: Any, extra: dict[str, Any]) -> Any:
 
     if not extra:  # safety checker on: a single file never holds one; take it from the config folder
         extra = {"safety_checker": _safety_checker(ref, dtype)}
+    extra = {**extra, **given}
     try:
         pipe = StableDiffusionPipeline.from_single_file(ref.location, config=ref.config, local_files_only=True,
                                                         torch_dtype=dtype, **extra)
@@ -489,7 +507,7 @@ def _load_checkpoint(ref: ModelRef, dtype: Any, extra: dict[str, Any]) -> Any:
                f"{type(err).__name__}: {first_line(err).split('. ')[0].replace('  ', ' ')}")
         raise ModelError(f"checkpoint {ref.location} does not fit the configs in {ref.config}: {why}",
                          hint=ARCH_HINT) from None
-    missing = [f"{part}.{key}" for part in ("unet", "vae", "text_encoder")
+    missing = [f"{part}.{key}" for part in ("unet", "vae", "text_encoder") if part not in given
                for key, tensor in getattr(pipe, part).state_dict().items() if tensor.device == torch.device("meta")]
     if missing:
         raise ModelError(f"checkpoint {ref.location} does not fit the configs in {ref.config}: it lacks "

@@ -297,7 +297,9 @@ def infotext(params: dict[str, Any], seed: int, model: str, model_hash: str = ""
     A1111's field order. ``model_hash``: A1111's "Model hash" (a checkpoint
     file's sha256, 10 hex digits), left out when empty. ``resources``: the
     result's ``prompt`` record, whose ``loras`` and ``embeddings`` become
-    ``Lora hashes`` and ``TI hashes`` (in that order, as A1111 adds them)."""
+    ``Lora hashes`` and ``TI hashes`` (in that order, as A1111 adds them), and
+    the VAE file the job used (``vae``: name, hash), which A1111 writes as
+    ``VAE hash`` and ``VAE`` after the model."""
 
     def value(v: Any) -> str:
         text = str(v)
@@ -315,6 +317,10 @@ def infotext(params: dict[str, Any], seed: int, model: str, model_hash: str = ""
         ("Size", f"{params['width']}x{params['height']}"),
         ("Model hash", model_hash or None),
         ("Model", model),
+        ("VAE hash", (resources.get("vae") or {}).get("hash")),
+        ("VAE", (resources.get("vae") or {}).get("name")),
+        # img2img only (A1111: between the VAE and Clip skip), the job's value as given.
+        ("Denoising strength", params.get("denoising_strength")),
         ("Clip skip", params["clip_skip"] if params.get("clip_skip", 1) > 1 else None),
         ("Lora hashes", _hashes(resources.get("loras", []))),
         ("TI hashes", _hashes(resources.get("embeddings", []))),

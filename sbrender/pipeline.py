@@ -7,10 +7,15 @@ CLI's light commands never pay for them.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import hashlib
+import json
 import os
 import platform
 import re
 import time
+import types
+from pathlib import Path
 from typing import Any
 
 # Quiet the libraries' own console output (progress bars, import notices); our
@@ -23,10 +28,10 @@ import numpy as np  # noqa: E402
 import structlog  # noqa: E402
 import torch  # noqa: E402
 
-from . import (__version__, adapters, conditioning, editing, embeddings, faults, loras, models, prompts, samplers,
-               speedups)
+from . import (__version__, adapters, checkpoints, conditioning, editing, embeddings, faults, initimage, loras,
+               modelpool, models, prompts, samplers, speedups)
 from .config import Settings
-from .errors import JobError, RenderError, ShutdownRequested, first_line
+from .errors import JobError, ModelError, RenderError, ShutdownRequested, first_line
 from .jobs import Job
 from .promptcache import PromptCache
 from .renderer import RenderOutput, StepCallback, call_key, only
@@ -61,80 +66,164 @@ def library_versions() -> dict[str, str]:
 
 
 class DiffusersRenderer:
-    """``Renderer`` over ``StableDiffusionPipeline``; samplers are swapped per job
-    with ``from_config``, never by reloading the model."""
+    """``Renderer`` over ``StableDiffusionPipeline``s kept warm (``modelpool``): the
+    job's model is picked, or loaded, before its call; samplers are swapped per
+    job with ``from_config``, VAEs by putting the job's in the pipeline."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.device = pick_device(settings["device"])
         self.dtype = pick_dtype(settings["dtype"], self.device)
-        self.ref: models.ModelRef | None = None
-        self.pipe: Any = None
-        self._schedulers: dict[str, Any] = {}
         self.faults = faults.from_env()
-        self._base_scheduler_config: Any = None
-        self._vae_tiling = False
-        self.perf: dict[str, Any] = {}
-        self._text_encoder: Any = None  # float32, for the conditioning
-        self._adapters: adapters.Adapters | None = None
+        self.pool = modelpool.Pool(settings["models.keep_loaded"], settings["models.max_memory_mb"] << 20)
+        self.current: modelpool.WarmModel | None = None
+        self._started = False
+        self.models = checkpoints.model_catalog(settings.models_dir, settings.model)
+        self.vaes = checkpoints.vae_catalog(settings.vae_dir)
+        self._broken: dict[tuple[Any, ...], ModelError] = {}  # a file that failed to load, until it changes
         self._loras: loras.Catalog | None = None  # loras_dir, scanned when a job first names a LoRA
-        self.catalog = embeddings.Catalog()
-        self._embedding_names: conditioning.EmbeddingNames | None = None
-        self._embeddings_stamp: tuple[Any, ...] = ()
-        # (prompt text, positive, denoiser calls, clip skip, embeddings, text-encoder LoRAs) -> its encoding
+        # (prompt text, positive, denoiser calls, clip skip, embeddings, text encoder and its LoRAs) -> its encoding
         self._prompts: PromptCache[tuple[conditioning.Scheduled, list[str]]] = PromptCache(
             settings["perf.prompt_cache_mb"] << 20,
             lambda entry: entry[0].embeds.element_size() * entry[0].embeds.nelement())
 
+    # The model of the call in progress (the last one picked), as the rest of the renderer sees it.
+    @property
+    def model(self) -> modelpool.WarmModel:
+        assert self.current is not None, "load() first"
+        return self.current
+
+    @property
+    def pipe(self) -> Any:
+        return self.model.pipe
+
+    @property
+    def ref(self) -> models.ModelRef | None:
+        return self.current.ref if self.current is not None else None
+
+    @property
+    def perf(self) -> dict[str, Any]:
+        return self.current.perf if self.current is not None else {}
+
+    @property
+    def catalog(self) -> embeddings.Catalog:
+        return self.model.embeddings
+
+    @property
+    def _text_encoder(self) -> Any:
+        return self.model.text_encoder
+
+    @property
+    def _adapters(self) -> adapters.Adapters:
+        return self.model.adapters
+
     def load(self) -> float:
+        """Load the configured model (the one jobs naming none render with)."""
         start = time.perf_counter()
         if self.device == "cuda" and not torch.cuda.is_available():
-            from .errors import ModelError
-
             raise ModelError("device is cuda but torch sees no CUDA GPU",
                              hint="set device: auto or cpu, or install a CUDA build of torch")
         if self.faults.get("") == faults.LOAD:
-            from .errors import ModelError
-
             raise ModelError("cannot load the model: injected fault (SBRENDER_TEST_FAULTS=load)")
-        offline = models.is_offline(self.settings["offline"])
-        self.ref = models.resolve(self.settings.model, self.settings.cache, self.settings["model_config"],
-                                  offline=offline)
-        pipe = models.load_pipeline(self.ref, dtype=self.dtype, offline=offline,
-                                    safety_checker=self.settings["safety_checker"])
-        pipe.set_progress_bar_config(disable=True)
-        self.pipe = pipe.to(self.device)
-        # Prompts are encoded in float32 (A1111's rules divide by a mean); a float32
-        # copy of the text encoder when the pipeline runs in half precision.
-        text_encoder = self.pipe.text_encoder
-        self._text_encoder = (text_encoder if text_encoder.dtype == torch.float32
-                              else copy.deepcopy(text_encoder).to(torch.float32))
-        self._load_embeddings()
-        self.perf = speedups.apply(self.pipe, self.settings, self.device)
-        # LoRAs go into the UNet and this float32 text encoder (the one that encodes).
-        self._adapters = adapters.Adapters(self.pipe, self._text_encoder, self.settings["loras_cache"],
-                                           self.settings.cache)
-        if self.settings["perf.compile"] != "off":
-            self.warm_up()
+        self._use_model("")
+        self._started = True
         return time.perf_counter() - start
 
-    def _load_embeddings(self) -> None:
+    def _use_model(self, name: str) -> float:
+        """Make the named model (catalog name; "" the configured one) the current one,
+        loading it when it is not warm; the seconds spent loading. Raises
+        ``JobError`` (a name no file has), ``ModelError`` (a file that cannot be loaded)."""
+        entry = self.models.lookup(name or self.settings.model, "model")
+        key = "" if entry.kind == "default" else entry.name
+        model = self.pool.get(key)
+        seconds = 0.0
+        if model is None:
+            start = time.perf_counter()
+            model = self._load_model(key, entry)
+            seconds = time.perf_counter() - start
+        if model is not self.current:
+            if self.current is not None:
+                self.current.adapters.use([])  # parts it shares with the next model carry none of its LoRAs
+            self.current = model
+        return seconds
+
+    def _load_model(self, key: str, entry: checkpoints.Entry) -> modelpool.WarmModel:
+        offline = models.is_offline(self.settings["offline"])
+        stamp = _stamp(entry.path)
+        if stamp in self._broken:
+            raise self._broken[stamp]
+        try:
+            ref = models.resolve(str(entry.path) if entry.path is not None else self.settings.model,
+                                 self.settings.cache, self.settings["model_config"], offline=offline)
+            if key:
+                ref = dataclasses.replace(ref, name=key)
+            parts = modelpool.part_keys(ref, self.settings.cache)
+        except ModelError as err:
+            self._broken[stamp] = err
+            raise
+        gone = self.pool.make_room()
+        if self.current is not None and self.current.name in gone:
+            self.current = None
+        start = time.perf_counter()
+        donors = {part: donor for part in modelpool.SHARED_PARTS if (donor := self.pool.shared(part, parts[part]))}
+        given = {"text_encoder": donors["text_encoder"].pipe.text_encoder} if "text_encoder" in donors else {}
+        if "vae" in donors:
+            given["vae"] = donors["vae"].own_vae
+        try:
+            pipe = models.load_pipeline(ref, dtype=self.dtype, offline=offline,
+                                        safety_checker=self.settings["safety_checker"], components=given)
+        except ModelError as err:
+            self._broken[stamp] = err
+            raise
+        pipe.set_progress_bar_config(disable=True)
+        pipe = pipe.to(self.device)
+        if "text_encoder" in donors:
+            text_encoder = donors["text_encoder"].text_encoder
+        else:
+            # Prompts are encoded in float32 (A1111's rules divide by a mean); a float32
+            # copy of the text encoder when the pipeline runs in half precision.
+            text_encoder = pipe.text_encoder
+            if text_encoder.dtype != torch.float32:
+                text_encoder = copy.deepcopy(text_encoder).to(torch.float32)
+        fresh = {"unet", *(() if "vae" in donors else ("vae",))}
+        perf = speedups.apply(pipe, self.settings, self.device, parts=fresh)
+        # LoRAs go into the UNet and this float32 text encoder (the one that encodes).
+        lora_layers = adapters.Adapters(pipe, text_encoder, self.settings["loras_cache"], self.settings.cache)
+        model = modelpool.WarmModel(key, ref, pipe, text_encoder, lora_layers, parts, pipe.vae, perf, 0.0,
+                                    shared=tuple(sorted(donors)), base_scheduler_config=pipe.scheduler.config)
+        self._load_embeddings(model)
+        evicted = self.pool.add(model)
+        model.load_s = time.perf_counter() - start
+        if self._started:  # the first load, at start, is the service's to log
+            log.info("model loaded", model=key or self.settings.model, source=ref.kind,
+                     seconds=round(model.load_s, 3), shared=list(model.shared), evicted=gone + evicted,
+                     warm=list(self.pool.warm))
+        if self.settings["perf.compile"] != "off":
+            previous, self.current = self.current, model
+            try:
+                self.warm_up(key)
+            finally:
+                self.current = previous
+        return model
+
+    def _load_embeddings(self, model: modelpool.WarmModel) -> None:
         """The embeddings folder: vectors of the text encoder's width, on its device,
-        and their names as the tokenizer splits them. Read at start, and again
-        before a render when a file there was added, removed or changed (as A1111 does)."""
-        self._embeddings_stamp = embeddings.stamp(self.settings.embeddings_dir)
-        width = int(self._text_encoder.config.hidden_size)
+        and their names as the tokenizer splits them. Read when a model loads, and
+        again before a render when a file there was added, removed or changed (as A1111 does)."""
+        model.embeddings_stamp = embeddings.stamp(self.settings.embeddings_dir)
+        width = int(model.text_encoder.config.hidden_size)
         catalog = embeddings.load(self.settings.embeddings_dir, self.settings.cache, width)
         for entry in catalog.files:
             if not entry.usable:  # not used; the log says which file and why
                 log.warning("embedding skipped", file=entry.path, reason=entry.problem)
         if catalog.vectors:
-            log.info("embeddings loaded", folder=str(self.settings.embeddings_dir), names=list(catalog.vectors))
-        device = next(self._text_encoder.parameters()).device
-        self.catalog = embeddings.Catalog(catalog.files, {n: v.to(device) for n, v in catalog.vectors.items()})
-        self._embedding_names = conditioning.EmbeddingNames(self.pipe.tokenizer, self.catalog.counts())
+            log.info("embeddings loaded", folder=str(self.settings.embeddings_dir), names=list(catalog.vectors),
+                     model=model.name or self.settings.model)
+        device = next(model.text_encoder.parameters()).device
+        model.embeddings = embeddings.Catalog(catalog.files, {n: v.to(device) for n, v in catalog.vectors.items()})
+        model.embedding_names = conditioning.EmbeddingNames(model.pipe.tokenizer, model.embeddings.counts())
 
-    def warm_up(self) -> None:
+    def warm_up(self, model: str = "") -> None:
         """Render throw-away images at the default size, alone and at the batch
         size, so compiling happens before the daemon says it is ready."""
         from .jobs import Job
@@ -143,33 +232,87 @@ class DiffusersRenderer:
         for count in sorted({1, self.settings["perf.batch_size"]}):
             job = Job(id="warm-up", prompt="warm-up", negative_prompt="", steps=2, guidance_scale=d["guidance_scale"],
                       width=d["width"], height=d["height"], seed=None, count=count, sampler=d["sampler"], priority=0,
-                      scheduler=d["scheduler"])
+                      scheduler=d["scheduler"], model=model, vae=checkpoints.NONE)
             self.render(job, list(range(count)))
 
     def describe(self) -> dict[str, Any]:
-        assert self.ref is not None, "load() first"
-        return {"model": self.ref.to_dict(), "device": self.device, "dtype": str(self.dtype).removeprefix("torch."),
-                "perf": dict(self.perf), "versions": library_versions()}
+        """The configured model (jobs' own are in their results), device, dtype, versions."""
+        default = self.pool.warm.get("") or self.current
+        assert default is not None, "load() first"
+        return {"model": default.ref.to_dict(), "device": self.device,
+                "dtype": str(self.dtype).removeprefix("torch."), "perf": dict(default.perf),
+                "versions": library_versions()}
 
     def _use_sampler(self, name: str, schedule: str) -> dict[str, Any]:
         row = samplers.resolve(name, schedule)
-        if self._base_scheduler_config is None:
-            # The model's own scheduler, before any swap: building from the current one
-            # would carry a previous row's options over ("DPM++ 2M" after "... Karras").
-            self._base_scheduler_config = self.pipe.scheduler.config
-        if row.key not in self._schedulers:
+        model = self.model
+        # From the model's own scheduler config, never the current one: building from it
+        # would carry a previous row's options over ("DPM++ 2M" after "... Karras").
+        if row.key not in model.schedulers:
             import diffusers
 
             cls = getattr(diffusers, row.scheduler)
-            self._schedulers[row.key] = cls.from_config(self._base_scheduler_config, **row.options)
-        self.pipe.scheduler = self._schedulers[row.key]
+            model.schedulers[row.key] = cls.from_config(model.base_scheduler_config, **row.options)
+        self.pipe.scheduler = model.schedulers[row.key]
         return {"name": row.name, "schedule": row.schedule, "class": row.scheduler, "options": row.options}
+
+    def _use_vae(self, job: Job) -> dict[str, Any]:
+        """Put the job's VAE in the pipeline; its record (name, hash) when it is a
+        file, {} for the model's own. Raises ``JobError``, ``ModelError``."""
+        model = self.model
+        entry = self._vae_entry(model, job.vae)
+        vae = model.own_vae if entry is None else self._vae_module(model, entry)
+        if self.pipe.vae is not vae:
+            self.pipe.vae = vae
+        if entry is None or entry.path is None:
+            return {}
+        sha256 = models.file_sha256(entry.path, self.settings.cache)
+        return {"name": entry.path.name, "hash": sha256[:10], "sha256": sha256}
+
+    def _vae_entry(self, model: modelpool.WarmModel, choice: str) -> checkpoints.Entry | None:
+        if choice == checkpoints.NONE:
+            return None
+        if choice == checkpoints.AUTOMATIC:
+            entry = checkpoints.automatic(model.ref, self.vaes)
+            if entry is not None and entry.problem:
+                raise JobError(f"VAE {entry.file} (vae Automatic, for model {model.name or self.settings.model}) "
+                               f"cannot be used: it {entry.problem}", field="vae",
+                               hint="replace or remove the file, or give the job vae: None")
+            return entry
+        return self.vaes.lookup(choice, "vae")
+
+    def _vae_module(self, model: modelpool.WarmModel, entry: checkpoints.Entry) -> Any:
+        """A VAE file loaded with the model's VAE config, once per file and config."""
+        assert entry.path is not None
+        config = json.dumps({k: v for k, v in model.own_vae.config.items() if not k.startswith("_")},
+                            sort_keys=True, default=str)
+        key = f"{models.file_sha256(entry.path, self.settings.cache)}:{hashlib.sha256(config.encode()).hexdigest()}"
+        vae = self.pool.vae(key)
+        if vae is not None:
+            return vae
+        from diffusers import AutoencoderKL
+
+        root = model.ref.config if model.ref.kind == "checkpoint" else model.ref.location
+        start = time.perf_counter()
+        try:
+            vae = AutoencoderKL.from_single_file(str(entry.path), config=root, subfolder="vae", local_files_only=True,
+                                                 torch_dtype=self.dtype)
+        except Exception as err:  # noqa: BLE001 - any library error on a bad file fails this job only
+            raise ModelError(f"cannot load VAE {entry.name} ({entry.path}) for model "
+                             f"{model.name or self.settings.model}: {first_line(err)}",
+                             hint="a VAE file must be an SD1.x VAE (A1111's models/VAE); other jobs are not affected"
+                             ) from None
+        vae = vae.to(self.device)
+        speedups.apply(types.SimpleNamespace(vae=vae), self.settings, self.device, parts={"vae"})
+        self.pool.add_vae(key, vae)
+        log.info("vae loaded", vae=entry.name, file=str(entry.path), seconds=round(time.perf_counter() - start, 3))
+        return vae
 
     def _use_vae_tiling(self, width: int, height: int) -> None:
         wanted = speedups.vae_tiling_wanted(self.settings["perf.vae_tiling"], width, height)
-        if wanted != self._vae_tiling:
-            self.pipe.vae.enable_tiling() if wanted else self.pipe.vae.disable_tiling()
-            self._vae_tiling = wanted
+        vae = self.pipe.vae
+        if wanted != bool(getattr(vae, "use_tiling", False)):
+            vae.enable_tiling() if wanted else vae.disable_tiling()
 
     batch_key = staticmethod(call_key)
 
@@ -186,6 +329,10 @@ class DiffusersRenderer:
         job = items[0][0]
         timings: dict[str, float] = {}
         start = time.perf_counter()
+        loaded_s = self._use_model(job.model)  # model and VAE are one per call: they are in the batch key
+        vae = self._use_vae(job)
+        model = {**self.model.ref.to_dict(), **({"vae": vae} if vae else {}),
+                 **({"loaded_s": round(loaded_s, 3)} if loaded_s else {})}
         scheduler = self._use_sampler(job.sampler, job.scheduler)
         self._use_vae_tiling(job.width, job.height)
         counts = [len(seeds) for _, seeds in items]
@@ -199,6 +346,8 @@ class DiffusersRenderer:
         if used:
             facts = [{**fact, "loras": used} for fact in facts]
         cond = schedule.at(0)
+        pipe, call = self._call_for(items)
+        total = call.get("steps_run", job.steps)
         fault = next((f for j, _ in items if (f := self.faults.get(j.id)) is not None), None)
         stopped = False
 
@@ -211,7 +360,7 @@ class DiffusersRenderer:
                 cond = following
                 both = torch.cat([cond.uncond, cond.cond]) if pipe.do_classifier_free_guidance else cond.cond
                 kwargs["prompt_embeds"] = both.to(self.dtype)
-            if on_step is not None and on_step(step + 1, job.steps):
+            if on_step is not None and on_step(step + 1, total):
                 stopped = True
                 pipe._interrupt = True
             return kwargs
@@ -221,11 +370,10 @@ class DiffusersRenderer:
         timings["inference_started"] = time.time()
         try:
             with torch.inference_mode(), conditioning.MaskedUnet(self.pipe.unet, cond):
-                result = self.pipe(
+                result = pipe(
                     prompt_embeds=cond.cond.to(self.dtype), negative_prompt_embeds=cond.uncond.to(self.dtype),
-                    num_inference_steps=job.steps, guidance_scale=job.guidance_scale,
-                    width=job.width, height=job.height, num_images_per_prompt=1,
-                    generator=generators, callback_on_step_end=step_end, output_type="np")
+                    num_inference_steps=job.steps, guidance_scale=job.guidance_scale, num_images_per_prompt=1,
+                    generator=generators, callback_on_step_end=step_end, output_type="np", **call["kwargs"])
         except torch.cuda.OutOfMemoryError as err:
             self._free_memory()
             raise RenderError(f"out of GPU memory rendering {sum(counts)} image(s) of {job.width}x{job.height} "
@@ -248,8 +396,37 @@ class DiffusersRenderer:
             output = self._check(arrays[part], nsfw[part], seeds, scheduler, timings, fact)
             if isinstance(output, RenderOutput):
                 output.warnings.extend(prompts.notes(job.prompt, job.negative_prompt) + self._skipped_notes(job))
+                output.model.update(model)
             outputs.append(output)
         return outputs
+
+    def _call_for(self, items: list[tuple[Job, list[int]]]) -> tuple[Any, dict[str, Any]]:
+        """The pipeline for the call and what it takes besides the prompts: the size
+        for txt2img; for img2img (the jobs share its strength: it is in the batch
+        key) the pipeline over the same modules, each image's init image prepared
+        as A1111 does, and the strength that makes diffusers run A1111's steps."""
+        job = items[0][0]
+        if job.init_image is None or job.denoising_strength is None:
+            return self.pipe, {"kwargs": {"width": job.width, "height": job.height}}
+        plan = initimage.a1111_steps(job.steps, job.denoising_strength)
+        images = [initimage.prepare(j.init_image, j.width, j.height, j.resize_mode or 0)
+                  for j, seeds in items if j.init_image is not None for _ in seeds]
+        return self._img2img(), {"steps_run": plan.steps_run, "kwargs": {"image": images, "strength": plan.strength}}
+
+    def _img2img(self) -> Any:
+        """The model's img2img pipeline: built once over the txt2img pipeline's very
+        modules (no second UNet, the same dtype: not ``from_pipe``, which upcasts
+        shared half-precision modules), given its current sampler, VAE and UNet."""
+        model = self.model
+        if model.img2img is None:
+            from diffusers import StableDiffusionImg2ImgPipeline
+
+            model.img2img = StableDiffusionImg2ImgPipeline(**model.pipe.components)
+            model.img2img.set_progress_bar_config(disable=True)
+        for part in ("scheduler", "vae", "unet"):  # swapped per job (or compiled) on the txt2img pipeline
+            if getattr(model.img2img, part) is not getattr(model.pipe, part):
+                setattr(model.img2img, part, getattr(model.pipe, part))
+        return model.img2img
 
     def _use_loras(self, job: Job) -> list[dict[str, Any]]:
         """Make the job's LoRA set the active one (none: adapters off); per LoRA its
@@ -280,20 +457,22 @@ class DiffusersRenderer:
         calls), and per job how many chunks each took and which textual-inversion
         embeddings it used (the prompt's, then the negative's: A1111's TI hashes
         order). Raises ``ValueError``."""
-        if embeddings.stamp(self.settings.embeddings_dir) != self._embeddings_stamp:
-            self._load_embeddings()
+        model = self.model
+        if embeddings.stamp(self.settings.embeddings_dir) != model.embeddings_stamp:
+            self._load_embeddings(model)
         first = items[0][0]  # clip skip, sampler and steps are one per call: they are in the batch key
         clip_skip = first.clip_skip
         # A1111 counts a second-order sampler's steps twice: its denoiser runs twice per step.
         calls = first.steps * (2 if samplers.resolve(first.sampler, first.scheduler).sampler.second_order else 1)
-        encoder_state = (clip_skip, self._embeddings_stamp, self._text_encoder_loras())
+        # The text encoder's weights, not the model: models that share one share their prompts' encodings.
+        encoder_state = (clip_skip, model.embeddings_stamp, model.parts["text_encoder"], self._text_encoder_loras())
 
         def encode(text: str, positive: bool) -> tuple[conditioning.Scheduled, list[str]]:
             # Extra-network tags leave the positive prompt before it is scheduled, as in A1111.
             plain = prompts.extract_networks(text)[0] if positive else text
             entries = editing.schedule(plain, calls)
             variants = [conditioning.chunks(prompts.parse(variant, False), self.pipe.tokenizer,
-                                            embeddings=self._embedding_names) for _, variant in entries]
+                                            embeddings=model.embedding_names) for _, variant in entries]
             embeds = conditioning.encode_variants(self._text_encoder, variants, clip_skip, self.catalog.vectors)
             used = conditioning.used([chunk for chunks in variants for chunk in chunks])
             return conditioning.Scheduled(tuple(end for end, _ in entries), embeds), used
@@ -360,3 +539,14 @@ class DiffusersRenderer:
     def _free_memory(self) -> None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _stamp(path: Path | None) -> tuple[Any, ...]:
+    """A model file or folder as it is now: a load that failed is tried again once it changed."""
+    if path is None:
+        return ("default",)
+    try:
+        info = path.stat()
+        return (str(path), info.st_size, info.st_mtime_ns)
+    except OSError:
+        return (str(path),)

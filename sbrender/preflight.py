@@ -12,14 +12,23 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from . import models
+from . import checkpoints, models
 from .config import Settings
-from .errors import SpoolError
+from .errors import ConfigError, JobError, SpoolError
 from .spool import Spool
 
 
 def check_model(s: Settings) -> None:
     models.check(s.model, s["model_config"], offline=models.is_offline(s["offline"]))
+
+
+def check_vae(s: Settings) -> None:
+    """The vae setting names a usable file (else every job without its own would fail)."""
+    if s["vae"] not in checkpoints.VAE_CHOICES:
+        try:
+            checkpoints.vae_catalog(s.vae_dir).lookup(s["vae"], "vae")
+        except JobError as err:
+            raise ConfigError(f"setting vae: {err.message}", hint=err.hint or "set vae: Automatic") from None
 
 
 def _existing(path: Path) -> Path:
@@ -50,7 +59,7 @@ def check_folders(s: Settings) -> None:
             hint="put the state folder on the inbox's filesystem (set state: or SBRENDER_STATE)")
 
 
-CHECKS: tuple[Callable[[Settings], None], ...] = (check_model, check_folders)
+CHECKS: tuple[Callable[[Settings], None], ...] = (check_model, check_vae, check_folders)
 
 
 def check(settings: Settings) -> None:

@@ -157,7 +157,7 @@ class JobQueue:
     def _load(self, cand: Candidate, final: bool) -> bool:
         """Read and parse; False when the file looks unfinished and should be retried."""
         try:
-            cand.data = read_bytes(cand.path, self.rules.max_file_bytes)
+            cand.data = read_bytes(cand.path, self.rules.read_cap)
         except FileNotFoundError:
             return False
         except UnsafeFileError as err:
@@ -224,7 +224,7 @@ class JobQueue:
         cand.info = info
         cand.claimed = True
         try:
-            data = read_bytes(info.path, self.rules.max_file_bytes)
+            data = read_bytes(info.path, self.rules.read_cap)
         except (UnsafeFileError, OSError):
             data = None
         if data == cand.data:

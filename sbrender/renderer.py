@@ -30,6 +30,9 @@ class RenderOutput:
     # How the prompt was encoded, recorded in the result: {"chunks": k, "negative_chunks": m,
     # "loras": [{"name", "te", "unet", "hash", "sha256"}, ...] when the job used LoRAs}
     prompt: dict[str, Any] = field(default_factory=dict)
+    # The model it was rendered with (``ModelRef.to_dict``), with "vae" {name, hash, sha256} for a
+    # VAE file and "loaded_s" when it was loaded for this call; {}: the renderer's described model.
+    model: dict[str, Any] = field(default_factory=dict)
 
 
 class Renderer(Protocol):
@@ -55,12 +58,13 @@ class Renderer(Protocol):
 
 def call_key(entry: Entry) -> Hashable | None:
     """What must be equal for jobs to share one diffusers call: size, steps,
-    sampler and schedule, CFG, clip skip and the LoRA set (names and both weights, in order:
-    one set is active per call). None for an entry that is not a renderable job."""
+    sampler and schedule, CFG, clip skip, the LoRA set (names and both weights, in order:
+    one set is active per call), the model and the VAE, and for img2img the steps its strength
+    runs (txt2img and img2img never share a call). None for an entry that is not a renderable job."""
     if not isinstance(entry, Job):
         return None
     return (entry.width, entry.height, entry.steps, entry.sampler, entry.scheduler, entry.guidance_scale,
-            entry.clip_skip, entry.lora_set)
+            entry.clip_skip, entry.lora_set, entry.model, entry.vae, entry.img2img_key)
 
 
 def only(outs: list[RenderOutput | RenderError]) -> RenderOutput:

@@ -16,7 +16,12 @@ import torch
 from .config import Settings
 
 
-def _tf32(pipe: Any, value: bool, device: str) -> Any:
+# Each switch gets the pipeline (or a namespace holding only a VAE) and the parts it may
+# change: a part another warm model shares was changed when that model loaded.
+Parts = frozenset[str] | set[str]
+
+
+def _tf32(pipe: Any, value: bool, device: str, parts: Parts) -> Any:
     if device != "cuda":
         return None
     # float32 work only; float16/bfloat16 matmuls are unaffected.
@@ -25,7 +30,7 @@ def _tf32(pipe: Any, value: bool, device: str) -> Any:
     return value
 
 
-def _cudnn_benchmark(pipe: Any, value: bool, device: str) -> Any:
+def _cudnn_benchmark(pipe: Any, value: bool, device: str, parts: Parts) -> Any:
     if device != "cuda":
         return None
     # Picks the fastest convolution kernels per shape, once per new size.
@@ -33,41 +38,44 @@ def _cudnn_benchmark(pipe: Any, value: bool, device: str) -> Any:
     return value
 
 
-def _attention(pipe: Any, value: str, device: str) -> Any:
+def _attention(pipe: Any, value: str, device: str, parts: Parts) -> Any:
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     processor = AttnProcessor2_0() if value == "sdpa" else AttnProcessor()
-    pipe.unet.set_attn_processor(processor)
-    pipe.vae.set_attn_processor(processor)
+    for part in sorted(parts):
+        getattr(pipe, part).set_attn_processor(processor)
     return value
 
 
-def _fuse_qkv(pipe: Any, value: bool, device: str) -> Any:
+def _fuse_qkv(pipe: Any, value: bool, device: str, parts: Parts) -> Any:
     if value:
-        pipe.fuse_qkv_projections(unet=True, vae=True)
+        for part in sorted(parts):
+            getattr(pipe, part).fuse_qkv_projections()
     return value
 
 
-def _channels_last(pipe: Any, value: bool, device: str) -> Any:
+def _channels_last(pipe: Any, value: bool, device: str, parts: Parts) -> Any:
     if value:
-        pipe.unet.to(memory_format=torch.channels_last)
-        pipe.vae.to(memory_format=torch.channels_last)
+        for part in sorted(parts):
+            getattr(pipe, part).to(memory_format=torch.channels_last)
     return value
 
 
-def _compile(pipe: Any, value: str, device: str) -> Any:
+def _compile(pipe: Any, value: str, device: str, parts: Parts) -> Any:
     if value == "off":
         return value
     # The UNet runs every step, the VAE decoder once per image: both are worth it.
-    pipe.unet = torch.compile(pipe.unet, mode=value)
-    pipe.vae.decode = torch.compile(pipe.vae.decode, mode=value)
+    if "unet" in parts:
+        pipe.unet = torch.compile(pipe.unet, mode=value)
+    if "vae" in parts:
+        pipe.vae.decode = torch.compile(pipe.vae.decode, mode=value)
     return value
 
 
 @dataclass(frozen=True)
 class Switch:
     key: str
-    apply: Callable[[Any, Any, str], Any]
+    apply: Callable[[Any, Any, str, Parts], Any]
 
 
 # In this order: attention processors before fusing (fusing replaces them),
@@ -82,11 +90,11 @@ SWITCHES: tuple[Switch, ...] = (
 )
 
 
-def apply(pipe: Any, settings: Settings, device: str) -> dict[str, Any]:
-    """Apply every switch; returns ``{name: value}`` for those that apply here."""
+def apply(pipe: Any, settings: Settings, device: str, parts: Parts = frozenset({"unet", "vae"})) -> dict[str, Any]:
+    """Apply every switch to ``parts`` of ``pipe``; returns ``{name: value}`` for those that apply here."""
     done: dict[str, Any] = {}
     for switch in SWITCHES:
-        result = switch.apply(pipe, settings[switch.key], device)
+        result = switch.apply(pipe, settings[switch.key], device, parts)
         if result is not None:
             done[switch.key.removeprefix("perf.")] = result
     return done

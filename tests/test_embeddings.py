@@ -160,8 +160,9 @@ def test_models_lists_the_model_and_embeddings_without_torch(folder: Path, tmp_p
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[:3] == ["model", "  NAME         KIND     HASH", "  tiny-random  builtin  -"]
-    assert lines[3] == f"embeddings ({folder})"
-    assert lines[4].split() == ["NAME", "VECTORS", "HASH"]
+    assert lines[3:7] == ["models", "  none", "vae", "  none"]  # no models_dir or vae_dir here
+    assert lines[7] == f"embeddings ({folder})"
+    assert lines[8].split() == ["NAME", "VECTORS", "HASH"]
     assert f"  glow      3        {items['glow']['hash']}" in lines
     assert any(line.startswith("  sd15only  2 ") and "unusable: holds vectors of width 768" in line for line in lines)
     assert any(line.startswith("  badhands  -") and "read (weights-only) when the daemon loads it" in line

@@ -168,7 +168,9 @@ def test_switching_samplers_does_not_carry_options_over(tmp_path: Path, monkeypa
     monkeypatch.chdir(tmp_path)
     renderer = DiffusersRenderer(load_settings(env={"SBRENDER_DEVICE": "cpu"}))
     # Only the scheduler slot of a pipeline is used here; loading one is the e2e tests' job.
-    renderer.pipe = SimpleNamespace(scheduler=sd15_scheduler())
+    scheduler = sd15_scheduler()
+    renderer.current = SimpleNamespace(pipe=SimpleNamespace(scheduler=scheduler), schedulers={},
+                                       base_scheduler_config=scheduler.config)
     for name, schedule in (("DPM++ 2M SDE", "Karras"), ("DPM++ 2M", "Uniform"), ("Euler", "Automatic"),
                            ("DPM++ 2M", "Karras"), ("DPM++ 2M", "Exponential")):
         described = renderer._use_sampler(name, schedule)

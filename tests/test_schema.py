@@ -12,7 +12,28 @@ import pytest
 
 from sbrender.jobs import BadJob, Rules, json_schema, parse_entries
 
+def _png() -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (9, 99, 199)).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+PNG = _png()
+
 CASES: list[tuple[Any, bool]] = [
+    ({"prompt": "a", "init_image": PNG, "denoising_strength": 0.6, "resize_mode": 2}, True),
+    ({"prompt": "a", "init_image": PNG, "strength": 1}, True),
+    ({"defaults": {"init_image": PNG}, "jobs": [{"prompt": "a", "strength": 0.3}, {"prompt": "b"}]}, True),
+    ({"prompt": "a", "init_image": PNG, "denoising_strength": 1.5}, False),
+    ({"prompt": "a", "init_image": PNG, "resize_mode": 3}, False),
+    ({"prompt": "a", "init_image": ""}, False),
+    ({"prompt": "a", "denoising_strength": 0.5}, False),
+    ({"prompt": "a", "resize_mode": 1}, False),
     ({"prompt": "a cat"}, True),
     ({"prompt": "a cat", "steps": 20, "cfg_scale": 5, "width": 512, "height": 768, "seed": -1, "count": 2,
       "sampler": "Euler a", "priority": 3, "metadata": {"pk": 1}, "negative_prompt": None}, True),
