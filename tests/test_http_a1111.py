@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +21,7 @@ from PIL import Image
 
 from conftest import DaemonProcess, Spool, daemon_env, wait_for
 from http_helpers import ServeProcess
+from sbrender.models import BUILTINS, ensure_builtin
 
 pytestmark = pytest.mark.xdist_group("http-a1111")
 
@@ -35,7 +37,11 @@ class Live:
 @pytest.fixture(scope="module")
 def live(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     spool = Spool(tmp_path_factory.mktemp("http-a1111"))
-    env = daemon_env(model_cache, SBRENDER_TEST_FAULTS="slow-block=slow,slow-full=slow")
+    # A second model to switch to: a diffusers folder (the tiny-random weights) in models_dir.
+    models_dir = spool.root / "models"
+    shutil.copytree(ensure_builtin(BUILTINS["tiny-random"], model_cache), models_dir / "painted")
+    env = daemon_env(model_cache, SBRENDER_TEST_FAULTS="slow-block=slow,slow-full=slow",
+                     SBRENDER_MODELS_DIR=str(models_dir))
     daemon = DaemonProcess(spool, env)
     server = ServeProcess(spool, env).wait_ready()
     limited = ServeProcess(spool, {**env, "SBRENDER_SERVE_MAX_QUEUE": "1"}).wait_ready()
@@ -69,7 +75,7 @@ def test_webuiapi_txt2img_batches_one_image_per_seed_in_order(live: Live) -> Non
 
 def test_webuiapi_discovery_and_options(live: Live) -> None:
     api = webuiapi.WebUIApi(baseurl=live.api)
-    assert api.util_get_model_names() == ["tiny-random"]
+    assert api.util_get_model_names() == ["painted", "tiny-random"]
     assert api.util_get_current_model() == "tiny-random"
     api.util_set_model("tiny-random")  # the same model: accepted, nothing changes
     assert api.get_options()["sd_model_checkpoint"] == "tiny-random"
@@ -85,7 +91,6 @@ def test_webuiapi_discovery_and_options(live: Live) -> None:
     assert "libtorch" not in maps and "libc10" not in maps
 
 
-@pytest.mark.xfail(strict=True, reason="needs issue 12 field init_image")
 def test_webuiapi_img2img(live: Live) -> None:
     api = webuiapi.WebUIApi(baseurl=live.api)
     source = Image.new("RGB", (64, 64), (200, 40, 40))
@@ -95,7 +100,24 @@ def test_webuiapi_img2img(live: Live) -> None:
     assert result.parameters["init_images"] is None  # not sent back, as A1111
 
 
-@pytest.mark.xfail(strict=True, reason="needs issue 12 field vae")
+def test_webuiapi_switches_models_as_a1111_does(live: Live) -> None:
+    api = webuiapi.WebUIApi(baseurl=live.api)
+    try:
+        api.util_set_model("painted")
+        assert api.util_get_current_model() == "painted"
+        result = api.txt2img(prompt="a lighthouse", seed=21, **SMALL)
+        assert result.info["sd_model_name"] == "painted" and "Model: painted" in result.info["infotexts"][0]
+    finally:
+        api.util_set_model("tiny-random")
+    assert api.get_options()["sd_model_checkpoint"] == "tiny-random"
+    # One request's override_settings pick a model for that request only.
+    r = httpx.post(f"{live.api}/txt2img", json={"prompt": "x", "seed": 1, **SMALL,
+                                                "override_settings": {"sd_model_checkpoint": "painted [0123abcd]"}},
+                   timeout=120)
+    assert r.status_code == 200 and json.loads(r.json()["info"])["sd_model_name"] == "painted"
+    assert api.get_options()["sd_model_checkpoint"] == "tiny-random"
+
+
 def test_sd_vae_override_is_passed_on(live: Live) -> None:
     r = httpx.post(f"{live.api}/txt2img", json={"prompt": "own vae", "override_settings": {"sd_vae": "None"},
                                                 **SMALL}, timeout=120)
@@ -141,7 +163,8 @@ def test_open_webui_sequence(live: Live) -> None:
     with httpx.Client(base_url=live.api, headers=headers, timeout=None) as web:
         assert web.get("/options").is_success  # verify_url
         models = web.get("/sd-models").json()  # get_models
-        assert [(m["title"], m["model_name"]) for m in models] == [("tiny-random", "tiny-random")]
+        assert [(m["title"], m["model_name"]) for m in models] == [("tiny-random", "tiny-random"),
+                                                                   ("painted", "painted")]
         options = web.get("/options").json()  # set_image_model: the same model, nothing posted
         assert options["sd_model_checkpoint"] == models[0]["title"]
         echoed = web.post("/options", json={**options, "sd_model_checkpoint": models[0]["title"]})

@@ -16,14 +16,13 @@ import asyncio
 import base64
 import json
 import time
-from pathlib import Path
 from typing import Any, Optional, Union
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
-from .. import __version__, embeddings, loras, samplers
+from .. import __version__, checkpoints, embeddings, loras, samplers
 from ..client import RUNNING
 from ..config import Settings
 from ..errors import JobError
@@ -37,7 +36,6 @@ EMPTY_LISTS = ("upscalers", "latent-upscale-modes", "hypernetworks", "face-resto
                "prompt-styles", "script-info", "extensions")
 NULL_POSTS = ("refresh-checkpoints", "refresh-loras", "refresh-vae", "refresh-embeddings", "unload-checkpoint",
               "reload-checkpoint")
-OPTION_KEYS = ("sd_model_checkpoint", "sd_vae", "CLIP_stop_at_last_layers")  # what POST options may change
 
 
 class Txt2Img(BaseModel):
@@ -77,40 +75,44 @@ class Img2Img(Txt2Img):
 class Options:
     """The few A1111 options that mean something here: which model and VAE new
     jobs use, and Clip skip. Global, as in A1111 (Open WebUI and SillyTavern set
-    the model this way before generating)."""
+    the model this way before generating). Models and VAEs are named as in jobs
+    (``checkpoints``: the configured model, then ``models_dir`` and ``vae_dir``)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.checkpoint = default_model_name(settings)
-        self.vae = str(settings.values.get("vae", "Automatic"))
+        self.models = checkpoints.model_catalog(settings.models_dir, settings.model)
+        self.vaes = checkpoints.vae_catalog(settings.vae_dir)
+        self.default_model = checkpoints.default_names(settings.model)[-1]  # the name its images carry
+        self.checkpoint = self.default_model
+        self.vae: str = settings["vae"]
         self.clip_skip: int = settings["defaults.clip_skip"]
 
+    def model(self, title: str) -> str | None:
+        """The job's ``model`` for an A1111 title or model name ("name [hash]" too);
+        None for the configured model. Raises ``JobError`` for an unknown or unusable one."""
+        found = self.models.find(title)
+        if found is None or found.problem:
+            known = ", ".join(c["title"] for c in self.checkpoints())
+            raise JobError(f"model '{title}' not found; known models: {known}", field="sd_model_checkpoint")
+        return None if found.kind == "default" else found.name
 
-def default_model_name(settings: Settings) -> str:
-    model = settings.model
-    path = Path(model)
-    return path.stem if path.is_absolute() else model
+    def vae_name(self, name: str) -> str:
+        found = self.vaes.find(name)
+        if found is None or found.problem:
+            known = ", ".join(["Automatic", "None", *(v["model_name"] for v in self.vae_files())])
+            raise JobError(f"VAE '{name}' not found; known: {known}", field="sd_vae")
+        return found.name
 
+    def checkpoints(self) -> list[dict[str, Any]]:
+        """A1111's sd-models: the configured model, then the usable ones of ``models_dir``.
+        ``filename`` is the name, never a path on this host; no hash (a checkpoint's
+        would be read whole here: `sbrender models` shows them)."""
+        names = [self.default_model, *(e.name for e in self.models.entries() if not e.problem)]
+        return [{"title": n, "model_name": n, "hash": None, "sha256": None, "filename": n, "config": None}
+                for n in dict.fromkeys(names)]
 
-def checkpoints(settings: Settings) -> list[dict[str, Any]]:
-    """The configured model, then the checkpoints and diffusers folders of
-    ``models_dir`` (issue 12's setting, where present), A1111's way. ``filename``
-    is a name, never a path on this host."""
-    names = [default_model_name(settings)]
-    folder = settings.values.get("models_dir")
-    if folder and Path(folder).is_dir():
-        for path in sorted(Path(folder).iterdir()):
-            if path.suffix == ".safetensors" or (path / "model_index.json").is_file():
-                names.append(path.stem if path.is_file() else path.name)
-    seen: dict[str, None] = dict.fromkeys(names)
-    return [{"title": n, "model_name": n, "hash": None, "sha256": None, "filename": n, "config": None} for n in seen]
-
-
-def vaes(settings: Settings) -> list[dict[str, Any]]:
-    folder = settings.values.get("vae_dir")
-    if not folder or not Path(folder).is_dir():
-        return []
-    return [{"model_name": p.stem, "filename": p.stem} for p in sorted(Path(folder).glob("*.safetensors"))]
+    def vae_files(self) -> list[dict[str, Any]]:
+        return [{"model_name": e.name, "filename": e.name} for e in self.vaes.entries() if not e.problem]
 
 
 def _seed(value: int | str | None) -> int | None:
@@ -154,24 +156,15 @@ def to_job(body: Txt2Img, options: Options) -> dict[str, Any]:
         "seed": _seed(body.seed), "count": count, "sampler": sampler, "scheduler": schedule,
         "clip_skip": overrides.get("CLIP_stop_at_last_layers") or options.clip_skip,
     }
-    model = overrides.get("sd_model_checkpoint") or options.checkpoint
-    if model != default_model_name(settings):
-        job["model"] = _model_name(str(model), settings)
-    vae = overrides.get("sd_vae") or options.vae
-    if vae != settings.values.get("vae", "Automatic"):
+    model = options.model(str(overrides.get("sd_model_checkpoint") or options.checkpoint))
+    if model is not None:
+        job["model"] = model
+    vae = options.vae_name(str(overrides.get("sd_vae") or options.vae))
+    if vae != settings["vae"]:
         job["vae"] = vae
     if isinstance(body, Img2Img):
         job.update(_img2img_fields(body))
     return job
-
-
-def _model_name(title: str, settings: Settings) -> str:
-    """A checkpoint by A1111 title or model name ("name [hash]" -> name)."""
-    name = title.split(" [")[0].strip()
-    known = [c["model_name"] for c in checkpoints(settings)]
-    if name not in known:
-        raise JobError(f"model '{title}' not found; known models: {', '.join(known)}", field="sd_model_checkpoint")
-    return name
 
 
 def _img2img_fields(body: Img2Img) -> dict[str, Any]:
@@ -316,9 +309,9 @@ async def set_options(request: Request) -> Any:
         return _error(422, "invalid_json", "the body must be a JSON object of options")
     try:
         if body.get("sd_model_checkpoint") is not None:
-            options.checkpoint = _model_name(str(body["sd_model_checkpoint"]), options.settings)
+            options.checkpoint = options.model(str(body["sd_model_checkpoint"])) or options.default_model
         if body.get("sd_vae") is not None:
-            options.vae = str(body["sd_vae"])
+            options.vae = options.vae_name(str(body["sd_vae"]))
         if body.get("CLIP_stop_at_last_layers") is not None:
             options.clip_skip = int(body["CLIP_stop_at_last_layers"])
     except (JobError, ValueError, TypeError) as err:
@@ -328,12 +321,12 @@ async def set_options(request: Request) -> Any:
 
 @router.get("/sd-models")
 async def sd_models(request: Request) -> list[dict[str, Any]]:
-    return await asyncio.to_thread(checkpoints, request.app.state.front.settings)
+    return await asyncio.to_thread(request.app.state.a1111.checkpoints)
 
 
 @router.get("/sd-vae")
 async def sd_vae(request: Request) -> list[dict[str, Any]]:
-    return await asyncio.to_thread(vaes, request.app.state.front.settings)
+    return await asyncio.to_thread(request.app.state.a1111.vae_files)
 
 
 @router.get("/samplers")
