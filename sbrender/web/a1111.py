@@ -218,7 +218,8 @@ async def _render(body: Txt2Img, request: Request) -> Any:
     front: Front = request.app.state.front
     options: Options = request.app.state.a1111
     try:
-        job = to_job(body, options)
+        # In a thread: an init image is decoded and checked, the model catalog may be read.
+        job = await asyncio.to_thread(to_job, body, options)
         job_id = await front.submit(job, caller=caller_of(request), api="a1111")
     except JobError as err:
         status = 404 if err.message.startswith("Init image not found") else 422
@@ -231,8 +232,13 @@ async def _render(body: Txt2Img, request: Request) -> Any:
         error = result.get("error") or {}
         return _error(500, str(error.get("type", "failed")), str(error.get("message", "the job failed")))
     pngs = await front.read_images(result)
-    infotexts = [text_chunks(png).get("parameters", "") for png in pngs]
-    images = [base64.b64encode(png).decode("ascii") for png in pngs] if body.send_images is not False else []
+
+    def encode() -> tuple[list[str], list[str]]:
+        infotexts = [text_chunks(png).get("parameters", "") for png in pngs]
+        return [base64.b64encode(png).decode("ascii") for png in pngs] if body.send_images is not False else [], \
+            infotexts
+
+    images, infotexts = await asyncio.to_thread(encode)
     return {"images": images, "parameters": _echo(body), "info": _info(result, infotexts, body.batch_size or 1)}
 
 

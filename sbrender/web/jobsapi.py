@@ -91,7 +91,7 @@ async def create_job(request: Request, payload: dict[str, Any] = Body(  # noqa: 
         return problem(422, "invalid_job", "id must be a string", field="id")
     rules = front.client.rules
     try:
-        built = build_job(job_id or "check", fields, rules)
+        built = await asyncio.to_thread(build_job, job_id or "check", fields, rules)  # an init image is decoded
     except JobError as err:
         return problem(422, err.kind, str(err), field=err.field)
     wanted = {"params": built.params(), "metadata": built.metadata}
