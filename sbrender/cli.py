@@ -112,6 +112,36 @@ def run(config_file: str | None, once: bool, **flags: Any) -> None:
 
 
 @main.command()
+@folder_options
+@click.option("--host", help="Address to listen on (default 127.0.0.1; another needs serve.token) "
+                             "[SBRENDER_SERVE_HOST].")
+@click.option("--port", type=int, help="TCP port (default 7860; 0: any free one) [SBRENDER_SERVE_PORT].")
+@click.option("--log-format", type=click.Choice(["auto", "console", "json"]), help="[SBRENDER_LOG_FORMAT]")
+@_errors_exit
+def serve(config_file: str | None, **flags: Any) -> None:
+    """Serve the HTTP API (the old /generate, A1111's /sdapi/v1, /v1/jobs) over the queue.
+
+    Torch-free: run it on the web host; it talks to the daemons through the queue only.
+    Needs the serve extra (pip install 'sbrender[serve]').
+    """
+    keys = {"host": "serve.host", "port": "serve.port", "log_format": "log.format"}
+    settings = _settings(config_file, **{keys.get(k, k): v for k, v in flags.items()})
+    from . import logs
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+
+        from .web import server
+    except ImportError as err:
+        _fail(f"sbrender serve needs FastAPI and uvicorn ({err}); install the serve extra: "
+              "pip install 'sbrender[serve]'", EXIT_CONFIG)
+    server.check(settings)
+    logs.configure(settings["log.format"], settings["log.level"])
+    sys.exit(server.serve(settings))
+
+
+@main.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False),
               help="Config file: model, device, dtype and perf.* are read from it as for `run`.")
 @click.option("--model", help="Model to time (default: the configured one) [SBRENDER_MODEL].")

@@ -238,6 +238,23 @@ SETTINGS: tuple[Setting, ...] = (
             "full rescan of the inbox every this many seconds (events can be lost)"),
     Setting("watch.settle_seconds", 1.0, _number(float, 0.0, 3600.0),
             "a file seen without a close or rename event is read once unchanged this long"),
+    Setting("serve.host", "127.0.0.1", _text,
+            "`sbrender serve`: address to listen on; anything but loopback needs serve.token"),
+    Setting("serve.port", 7860, _number(int, 0, 65_535), "`sbrender serve`: TCP port (7860, A1111's; 0: any free one)"),
+    Setting("serve.token", "", _any_text,
+            "`sbrender serve`: the API token (Authorization: Bearer TOKEN, or Basic with TOKEN as the password); "
+            "required when serve.host is not loopback"),
+    Setting("serve.max_body_bytes", 32 * 1_048_576, _number(int, 1024, 1 << 30),
+            "`sbrender serve`: largest request body (img2img images come base64 in the JSON)"),
+    Setting("serve.max_queue", 256, _number(int, 1, 1_000_000),
+            "`sbrender serve`: most unfinished jobs it submitted; more get 429 with Retry-After"),
+    Setting("serve.sync_timeout_seconds", 3600.0, _number(float, 1.0, 86_400.0),
+            "`sbrender serve`: how long /generate and A1111's txt2img/img2img wait for their images (then 504; "
+            "the job goes on)"),
+    Setting("serve.allowed_hosts", "", _any_text,
+            "`sbrender serve`: more Host names to answer, comma-separated (loopback names always; * for any)"),
+    Setting("serve.allowed_origins", "", _any_text,
+            "`sbrender serve`: web origins allowed to call it cross-site (CORS), comma-separated; empty: none"),
     Setting("log.format", "auto", _choice("auto", "console", "json"), "auto: console on a terminal, JSON lines otherwise"),
     Setting("log.level", "info", _choice("debug", "info", "warning", "error"), "lowest level logged"),
 )

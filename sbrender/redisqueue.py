@@ -374,6 +374,22 @@ class RedisQueue:
             return None
         return json.loads(result)
 
+    def look(self, job_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Many jobs at once, in one round trip (the HTTP front's watcher): each
+        job's ``state``, ``step`` and ``steps`` while running, and ``result`` once finished."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in job_ids:
+            pipe.hmget(job_key(job_id), "state", "step", "steps", "result")
+        out: dict[str, dict[str, Any]] = {}
+        for job_id, (state, step, steps, result) in zip(job_ids, self._call(pipe.execute)):
+            item: dict[str, Any] = {"state": state or "unknown"}
+            if state in FINISHED and result is not None:
+                item["result"] = json.loads(result)
+            elif state == "running" and steps:
+                item.update(step=int(step or 0), steps=int(steps))
+            out[job_id] = item
+        return out
+
     def progress(self, job_id: str) -> dict[str, Any]:
         """The job's state; while running, its step and steps too."""
         state, step, steps = self._call(self.redis.hmget, job_key(job_id), "state", "step", "steps")
