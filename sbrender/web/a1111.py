@@ -80,8 +80,8 @@ class Options:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.models = checkpoints.model_catalog(settings.models_dir, settings.model)
-        self.vaes = checkpoints.vae_catalog(settings.vae_dir)
+        self.models = checkpoints.models_of(settings)
+        self.vaes = checkpoints.vaes_of(settings)
         self.default_model = checkpoints.default_names(settings.model)[-1]  # the name its images carry
         self.checkpoint = self.default_model
         self.vae: str = settings["vae"]
