@@ -48,6 +48,7 @@ class Held:
     eid: str
     job_id: str
     entry: Entry
+    spec: str  # the document the entry was parsed from
     take: Take | None = None  # set once started
 
 
@@ -241,7 +242,8 @@ class RedisBroker:
         job_id = fields.get("id", "")
         if job_id in self._held:
             return None
-        held = Held(key, eid, job_id, _entry(job_id, fields.get("spec", "").encode(), self.rules))
+        spec = fields.get("spec", "")
+        held = Held(key, eid, job_id, _entry(job_id, spec.encode(), self.rules), spec)
         self._held[job_id] = held
         self._ready.append(held)
         self._ready.sort(key=_order)
@@ -324,10 +326,15 @@ class RedisBroker:
             return None
         spec, token, queued_at, crashes = reply
         data = str(spec).encode()
-        delivery = Delivery(str(token), f"{held.job_id}.json", data, (_entry(held.job_id, data, self.rules),),
-                            float(queued_at), {held.job_id: int(crashes)} if int(crashes) else {})
+        # The job's document as started; parsed again only when it is not the one fetched.
+        entry = held.entry if spec == held.spec else _entry(held.job_id, data, self.rules)
+        delivery = Delivery(str(token), f"{held.job_id}.json", data, (entry,), float(queued_at),
+                            {held.job_id: int(crashes)} if int(crashes) else {})
         held.take = Take(delivery, 0)
         return held.take
+
+    def rendering(self, ids: list[str]) -> None:
+        pass  # a crash is counted by the server when another daemon takes the job over
 
     def progress(self, ids: list[str], step: int, steps: int) -> None:
         """Step i of N into each held job's hash, for `Client.progress`; only when it changed."""
