@@ -149,6 +149,9 @@ class FileBroker:
                 log.info("removed stale temp file", file=str(path))
         for owner in owners.keys() - {""}:
             self.spool.forget_owner(owner)
+        for owner in self.spool.gone_owners():
+            if owner not in owners:
+                self.spool.drop_marks(owner)  # a daemon that died with nothing claimed: its marks are moot
 
     def _was_rendering(self, owner: str) -> list[str]:
         """The jobs a gone daemon was rendering: its marks, or, for a version

@@ -177,15 +177,17 @@ class Spool:
         claimed straight into state/work/). Never a live peer's."""
         for info in self._list(self.works):
             yield "", info
+        for owner in self.gone_owners():
+            for info in self._list(self.works / owner):
+                yield owner, info
+
+    def gone_owners(self) -> list[str]:
+        """The daemons with a work folder here that are gone (never this one)."""
         try:
             owners = [e.name for e in os.scandir(self.works) if e.is_dir(follow_symlinks=False)]
         except FileNotFoundError:
-            return
-        for owner in owners:
-            if owner == self.owner or peers.is_alive(owner, self.status_path(owner)):
-                continue
-            for info in self._list(self.works / owner):
-                yield owner, info
+            return []
+        return [o for o in owners if o != self.owner and not peers.is_alive(o, self.status_path(o))]
 
     def forget_owner(self, owner: str) -> bool:
         """Remove a gone (or stopping) daemon's work folder, its rendering marks
@@ -193,12 +195,7 @@ class Spool:
         claimed files: they stay, with the status file that names their owner,
         for recovery."""
         folder = self.works / owner
-        for name in _names(folder):
-            if name.startswith((MARK_PREFIX, SPARE_PREFIX)):
-                try:
-                    os.unlink(folder / name)
-                except FileNotFoundError:
-                    pass
+        self.drop_marks(owner)
         try:
             os.rmdir(folder)
         except FileNotFoundError:
@@ -239,6 +236,16 @@ class Spool:
 
     def _mark(self, slot: int, job_id: str | None) -> Path:
         return self.work / (f"{SPARE_PREFIX}{slot}" if job_id is None else f"{MARK_PREFIX}{job_id}")
+
+    def drop_marks(self, owner: str) -> None:
+        """Remove the marks and spares of ``owner`` (gone, or stopping)."""
+        folder = self.works / owner
+        for name in _names(folder):
+            if name.startswith((MARK_PREFIX, SPARE_PREFIX)):
+                try:
+                    os.unlink(folder / name)
+                except FileNotFoundError:
+                    pass
 
     def rendering(self, owner: str) -> list[str] | None:
         """The jobs the daemon ``owner`` marked as rendering; None when its folder

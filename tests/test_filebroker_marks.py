@@ -75,3 +75,16 @@ def test_marks_name_the_jobs_rendering_and_recovery_counts_them(tmp_path: Path) 
         assert not dead.work.exists(), "the dead daemon's folder, marks and spares are gone"
     finally:
         live.close()
+
+
+def test_the_marks_of_a_daemon_that_died_with_nothing_claimed_are_removed(tmp_path: Path) -> None:
+    dead = Spool(tmp_path / "inbox", tmp_path / "outbox", tmp_path / "state",
+                 owner=f"{_host_part()}-{os.getpid()}-1")
+    dead.prepare()
+    dead.move_mark(0, None, "cat")  # its job finished and was archived; then it died
+    live = broker(tmp_path)
+    live.open()
+    try:
+        assert [p for p in dead.work.iterdir()] == [], "no mark left behind to be taken for a claimed file"
+    finally:
+        live.close()
