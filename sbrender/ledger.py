@@ -17,7 +17,8 @@ if the name exists, so a crash never leaves an empty or half-written one, and
 reserving costs one system call and no file data to flush. The folder's fsync,
 which makes a reservation survive a power cut, may be left to the caller
 (``sync=False``): the daemon's writer makes it with the result's group, before the
-result is published. Reservations written as plain files by earlier versions
+result is published. A reservation lost to a power cut before then had no
+result either, and is made again when its file is recovered. Reservations written as plain files by earlier versions
 are read as before. Only a taker-over removes one, and only under the ledger's
 lock (``flock`` on ``state/ids/.lock``, released by the kernel when a holder
 dies), after checking again that it is still the stale one: a fresh reservation
