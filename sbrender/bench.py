@@ -164,9 +164,12 @@ class DaemonRun:
         return out["value"]
 
     def submit(self, job: Job) -> tuple[str, float]:
-        """One job through ``Client.submit`` (validate, temp file, fsync, rename)."""
+        """One job through ``Client.submit`` (validate, temp file, fsync, rename);
+        its id and the time the call began. Not the time it returned: a daemon
+        may start the render before the submit's last fsync is back."""
+        submitted = time.time()
         job_id = self.client.submit(job.prompt, job_id=job.id, **_fields(job))
-        return job_id, time.time()
+        return job_id, submitted
 
     def queue_all(self, jobs: list[Job]) -> list[str]:
         """Many jobs, through ``Client.submit``, before the daemon starts: a queue

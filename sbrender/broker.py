@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from .jobs import Entry, Job
@@ -58,6 +59,9 @@ class Reservation:
     result_id: str | None  # None: this very delivery published it already (before a restart)
     prior_status: str | None = None  # then, its status
     held_by: str | None = None  # the id belongs to another document: named here, result_id is ``<id>.dupN``
+    # Folders to fsync before the result is published: the reservation is visible
+    # at once and made durable with the result's group, off the render's path.
+    sync_before_publish: tuple[Path, ...] = ()
 
 
 # Entries with equal keys may share one pipeline call; None renders alone. The
@@ -92,6 +96,12 @@ class Broker(Protocol):
 
     def take_cancelled(self, ids: set[str]) -> list[Take]:
         """Queued entries with these ids, taken out of turn to be cancelled."""
+
+    def rendering(self, ids: list[str]) -> None:
+        """The renderer's call of these ids starts now (empty: nothing renders; a
+        call's ids stand until the next call or this). On the render's path, so
+        it must be cheap: for a broker that counts a crash against the jobs a
+        dead daemon was rendering."""
 
     def progress(self, ids: list[str], step: int, steps: int) -> None:
         """The render of these ids is at ``step`` of ``steps``: for a broker that

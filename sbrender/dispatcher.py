@@ -51,6 +51,7 @@ class Slot:
     picked: float  # time.time() when taken
     started: float
     seed: int = 0
+    sync: tuple[Path, ...] = ()  # folders to fsync before its result is published (the reservation's)
 
     @property
     def job(self) -> Job:
@@ -102,6 +103,7 @@ class Dispatcher:
                 return True
             takes = self.broker.take(self.batch_size, self.batch_key)
             if not takes:
+                self.broker.rendering([])  # nothing renders now (a job's mark stays until here)
                 return False
             slots = self._prepare(takes, cancelled)
             if slots:
@@ -156,7 +158,8 @@ class Dispatcher:
             entry = BadJob(entry.id, error, entry.priority, delivery.source)
         input_rec = results.input_record(delivery.source, delivery.data, delivery.token, take.index,
                                          len(delivery.entries))
-        return Slot(take, entry, reservation.result_id, input_rec, picked, time.time())
+        return Slot(take, entry, reservation.result_id, input_rec, picked, time.time(),
+                    sync=reservation.sync_before_publish)
 
     def _refusal(self, slot: Slot, cancelled: set[str]) -> SbrenderError | None:
         entry = slot.entry
@@ -227,6 +230,7 @@ class Dispatcher:
         self.interrupt.clear()
         self._step = (0, items[0][0].steps)
         self._running = frozenset(ids)
+        self.broker.rendering(ids)
         self._rendering.set()
         self.lock.release()
         try:
@@ -341,7 +345,7 @@ class Dispatcher:
         """To the writer, unless the broker no longer holds the entry for this
         daemon (another took it over): then nothing of it is written here."""
         if self.broker.may_publish(slot.take):
-            self.writer.put(draft, slot)
+            self.writer.put(draft, slot, slot.sync)
         else:
             log.warning("job taken over by another daemon; its result is not published here",
                         job_id=slot.entry.id)

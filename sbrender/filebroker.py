@@ -48,6 +48,8 @@ class FileBroker:
         self._solo: set[str] = set()  # ids of a batch that was rendering when a daemon died
         self._blocked: dict[str, float] = {}  # names whose claim failed: not before this time
         self._held: dict[str, Candidate] = {}  # claim token -> the claimed file's candidate
+        self._cancels: set[str] = set()  # the cancel requests last seen
+        self._marks: list[str | None] = []  # per mark slot, the job it names (None: a spare)
 
     @property
     def owner(self) -> str:
@@ -119,9 +121,7 @@ class FileBroker:
         owners: dict[str, list[str]] = {}
         for owner, info in list(self.spool.orphans()):
             if owner not in owners:
-                status = peers.read_status(self.spool.status_path(owner)) or {}
-                current = status.get("current") or {} if status.get("state") == "rendering" else {}
-                owners[owner] = [str(i) for i in current.get("batch") or [current.get("job")] if i]
+                owners[owner] = self._was_rendering(owner)
             path = self.spool.adopt(info)
             adopted = FileInfo.of(path) if path is not None else None
             if adopted is None:
@@ -149,6 +149,19 @@ class FileBroker:
                 log.info("removed stale temp file", file=str(path))
         for owner in owners.keys() - {""}:
             self.spool.forget_owner(owner)
+        for owner in self.spool.gone_owners():
+            if owner not in owners:
+                self.spool.drop_marks(owner)  # a daemon that died with nothing claimed: its marks are moot
+
+    def _was_rendering(self, owner: str) -> list[str]:
+        """The jobs a gone daemon was rendering: its marks, or, for a version
+        before marks, the job in its status file."""
+        marked = self.spool.rendering(owner) if owner else None
+        if marked is not None:
+            return marked
+        status = peers.read_status(self.spool.status_path(owner)) or {}
+        current = status.get("current") or {} if status.get("state") == "rendering" else {}
+        return [str(i) for i in current.get("batch") or [current.get("job")] if i]
 
     # --- taking work -------------------------------------------------------------------
 
@@ -221,6 +234,7 @@ class FileBroker:
                 self.spool.clear_cancel(job_id)
             else:
                 out.add(job_id)
+        self._cancels = out
         return out
 
     # --- results ---------------------------------------------------------------------
@@ -230,22 +244,43 @@ class FileBroker:
         file, ``<id>.dupN``. None when this file's own result is already there
         (published before a restart)."""
         token, job_id = take.delivery.token, take.entry.id
+        sync = (self.spool.ids,)  # the writer syncs the ledger with the result's group
         existing = read_json(self.spool.result_path(job_id))
         if existing is not None and existing.get("input", {}).get("claim") == token:
             return Reservation(None, existing.get("status"))
-        if existing is None and self.spool.reserve(job_id, token):
-            return Reservation(job_id)
+        if existing is None and self.spool.reserve(job_id, token, sync=False):
+            return Reservation(job_id, sync_before_publish=sync)
         n = 1
         while True:
             dup_id = f"{job_id}.dup{n}"
             other = read_json(self.spool.result_path(dup_id))
             if other is not None and other.get("input", {}).get("claim") == token:
                 return Reservation(None, other.get("status"))
-            if other is None and self.spool.reserve(dup_id, token):
+            if other is None and self.spool.reserve(dup_id, token, sync=False):
                 break
             n += 1
         holder = (existing or {}).get("input", {}).get("file", "another job file")
-        return Reservation(dup_id, held_by=holder)
+        return Reservation(dup_id, held_by=holder, sync_before_publish=sync)
+
+    def rendering(self, ids: list[str]) -> None:
+        """Marks in the work folder (``spool.MARK_PREFIX``), for recovery to count
+        a crash against these jobs; the status file, for people, is written off
+        the render's path. A job already marked keeps its mark."""
+        wanted = list(dict.fromkeys(ids))
+        slots = [job_id if job_id in wanted else None for job_id in self._marks]
+        for job_id in wanted:
+            if job_id not in slots:
+                free = slots.index(None) if None in slots else len(slots)
+                slots[free:free + 1] = [job_id]
+        try:
+            for k, new in enumerate(slots):
+                old = self._marks[k] if k < len(self._marks) else None
+                if new != old:
+                    self.spool.move_mark(k, old, new)
+        except OSError as err:
+            # The render goes on; a crash during it may not be counted against it.
+            log.warning("cannot mark the jobs being rendered", error=str(err))
+        self._marks = slots
 
     def progress(self, ids: list[str], step: int, steps: int) -> None:
         pass  # a daemon's progress is in its status file
@@ -254,7 +289,8 @@ class FileBroker:
         return True  # a claim is never taken away from a live daemon
 
     def done(self, take: Take, ok: bool, result: Mapping[str, Any] | None = None) -> None:
-        self.spool.clear_cancel(take.entry.id)
+        if take.entry.id in self._cancels:  # a request not seen yet is cleared by cancelled(), once the result is there
+            self.spool.clear_cancel(take.entry.id)
         cand = self._held.get(take.delivery.token)
         if cand is None or not self.queue.finish(cand, ok):
             return

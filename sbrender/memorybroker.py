@@ -120,6 +120,9 @@ class MemoryBroker:
                 n += 1
             return Reservation(f"{job_id}.dup{n}", held_by=holder.source)
 
+    def rendering(self, ids: list[str]) -> None:
+        pass
+
     def progress(self, ids: list[str], step: int, steps: int) -> None:
         pass
 

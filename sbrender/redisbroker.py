@@ -48,6 +48,7 @@ class Held:
     eid: str
     job_id: str
     entry: Entry
+    spec: str  # the document the entry was parsed from
     take: Take | None = None  # set once started
 
 
@@ -67,6 +68,7 @@ class RedisBroker:
         self.consumer = f"{owner_name()}-{secrets.token_hex(3)}"
         self.redis = rq.connect(self.url)
         self._fetch_script = self.redis.register_script(rq.FETCH)
+        self._fetch_start = self.redis.register_script(rq.FETCH_START)
         self._start = self.redis.register_script(rq.START)
         self._renew = self.redis.register_script(rq.RENEW)
         self._commit = self.redis.register_script(rq.COMMIT)
@@ -237,11 +239,34 @@ class RedisBroker:
             if fields:
                 self._hold(key, eid, fields)
 
+    def _fetch_first_started(self, keys: tuple[str, ...], count: int) -> None:
+        """As ``_fetch``, and the first entry fetched is started in the same round
+        trip (the usual case: nothing is held when the loop takes work)."""
+        reply = self._guard(None, self._fetch_start, keys=[*keys, rq.DLQ],
+                            args=[self.consumer, count, self.max_crashes])
+        if not reply:
+            return
+        key, entries, started = reply
+        for k, (eid, flat) in enumerate(entries):
+            fields = dict(zip(flat[::2], flat[1::2])) if flat else {}
+            held = self._hold(key, eid, fields) if fields else None
+            if k > 0:
+                continue
+            if held is None:
+                if started:  # an id this daemon already holds under another entry: not ours to run twice
+                    self._guard(None, self._give_back, keys=[rq.job_key(fields.get("id", "")), key],
+                                args=[eid, self.consumer])
+            elif started:
+                held.take = self._take_of(held, started)
+            else:
+                self._drop(held)
+
     def _hold(self, key: str, eid: str, fields: dict[str, str]) -> Held | None:
         job_id = fields.get("id", "")
         if job_id in self._held:
             return None
-        held = Held(key, eid, job_id, _entry(job_id, fields.get("spec", "").encode(), self.rules))
+        spec = fields.get("spec", "")
+        held = Held(key, eid, job_id, _entry(job_id, spec.encode(), self.rules), spec)
         self._held[job_id] = held
         self._ready.append(held)
         self._ready.sort(key=_order)
@@ -275,7 +300,7 @@ class RedisBroker:
         if self._down is not None:
             return []
         if not self._ready:
-            self._fetch(rq.STREAMS, max(max_images, 1))
+            self._fetch_first_started(rq.STREAMS, max(max_images, 1))
         takes: list[Take] = []
         want: Any = None
         images = 0
@@ -322,12 +347,21 @@ class RedisBroker:
         if not reply:
             self._drop(held)
             return None
-        spec, token, queued_at, crashes = reply
-        data = str(spec).encode()
-        delivery = Delivery(str(token), f"{held.job_id}.json", data, (_entry(held.job_id, data, self.rules),),
-                            float(queued_at), {held.job_id: int(crashes)} if int(crashes) else {})
-        held.take = Take(delivery, 0)
+        held.take = self._take_of(held, reply)
         return held.take
+
+    def _take_of(self, held: Held, started: list[Any]) -> Take:
+        """The take of ``held``, from the START script's reply."""
+        spec, token, queued_at, crashes = started
+        data = str(spec).encode()
+        # The job's document as started; parsed again only when it is not the one fetched.
+        entry = held.entry if spec == held.spec else _entry(held.job_id, data, self.rules)
+        delivery = Delivery(str(token), f"{held.job_id}.json", data, (entry,), float(queued_at),
+                            {held.job_id: int(crashes)} if int(crashes) else {})
+        return Take(delivery, 0)
+
+    def rendering(self, ids: list[str]) -> None:
+        pass  # a crash is counted by the server when another daemon takes the job over
 
     def progress(self, ids: list[str], step: int, steps: int) -> None:
         """Step i of N into each held job's hash, for `Client.progress`; only when it changed."""

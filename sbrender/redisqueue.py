@@ -174,33 +174,64 @@ end
 return false
 """
 
-# KEYS: job, stream, events, dlq. ARGV: entry id, consumer, max crashes, job id.
+# start(job, stream, events, dlq, entry id, consumer, max crashes, job id):
 # 0: not ours to start (moved, finished, taken over): it is acked away or left.
 # A job taken over from another daemon that was running it gets a crash counted.
-START = _OWNS + """
-local st = redis.call('HMGET', KEYS[1], 'state', 'stream', 'entry', 'owner')
-if not st[1] or st[2] ~= KEYS[2] or st[3] ~= ARGV[1]
-   or st[1] == 'succeeded' or st[1] == 'failed' or st[1] == 'cancelled' then
-  if owns(KEYS[2], ARGV[1], ARGV[2]) then
-    redis.call('XACK', KEYS[2], 'render', ARGV[1])
-    redis.call('XDEL', KEYS[2], ARGV[1])
+_START = _OWNS + """
+local function start(job, stream, events, dlq, eid, consumer, max_crashes, id)
+  local st = redis.call('HMGET', job, 'state', 'stream', 'entry', 'owner')
+  if not st[1] or st[2] ~= stream or st[3] ~= eid
+     or st[1] == 'succeeded' or st[1] == 'failed' or st[1] == 'cancelled' then
+    if owns(stream, eid, consumer) then
+      redis.call('XACK', stream, 'render', eid)
+      redis.call('XDEL', stream, eid)
+    end
+    return 0
   end
-  return 0
-end
-if not owns(KEYS[2], ARGV[1], ARGV[2]) then return 0 end
-local crashes = tonumber(redis.call('HGET', KEYS[1], 'crashes') or '0')
-if st[1] == 'running' and st[4] and st[4] ~= '' and st[4] ~= ARGV[2] then
-  crashes = redis.call('HINCRBY', KEYS[1], 'crashes', 1)
-  if crashes >= tonumber(ARGV[3]) then
-    redis.call('XADD', KEYS[4], '*', 'id', ARGV[4], 'crashes', crashes, 'last_owner', st[4])
+  if not owns(stream, eid, consumer) then return 0 end
+  local crashes = tonumber(redis.call('HGET', job, 'crashes') or '0')
+  if st[1] == 'running' and st[4] and st[4] ~= '' and st[4] ~= consumer then
+    crashes = redis.call('HINCRBY', job, 'crashes', 1)
+    if crashes >= tonumber(max_crashes) then
+      redis.call('XADD', dlq, '*', 'id', id, 'crashes', crashes, 'last_owner', st[4])
+    end
   end
+  redis.call('HSET', job, 'state', 'running', 'owner', consumer, 'step', 0)
+  redis.call('HINCRBY', job, 'attempts', 1)
+  redis.call('XADD', events, '*', 'type', 'running', 'owner', consumer)
+  local r = redis.call('HMGET', job, 'spec', 'token', 'queued_at')
+  return {r[1], r[2], r[3], crashes}
 end
-redis.call('HSET', KEYS[1], 'state', 'running', 'owner', ARGV[2], 'step', 0)
-redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('XADD', KEYS[3], '*', 'type', 'running', 'owner', ARGV[2])
-local r = redis.call('HMGET', KEYS[1], 'spec', 'token', 'queued_at')
-return {r[1], r[2], r[3], crashes}
 """
+
+# KEYS: job, stream, events, dlq. ARGV: entry id, consumer, max crashes, job id.
+START = _START + """
+return start(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
+"""
+
+# KEYS: streams, in the order to read them, then the dlq. ARGV: consumer, count,
+# max crashes. FETCH, then START of the first entry fetched, in one round trip:
+# {stream, entries, start's reply for the first}. The first entry's job and
+# events keys are made here from its id (they share the streams' hash tag).
+FETCH_START = _START + """
+for i = 1, #KEYS - 1 do
+  local key = KEYS[i]
+  local r = redis.call('XREADGROUP', 'GROUP', 'render', ARGV[1], 'COUNT', ARGV[2], 'STREAMS', key, '>')
+  if r then
+    local entries = r[1][2]
+    local first, id = entries[1], nil
+    for j = 1, #first[2], 2 do
+      if first[2][j] == 'id' then id = first[2][j + 1] end
+    end
+    local started = 0
+    if id then
+      started = start('%(job)s' .. id, key, '%(events)s' .. id, KEYS[#KEYS], first[1], ARGV[1], ARGV[3], id)
+    end
+    return {key, entries, started}
+  end
+end
+return false
+""" % {"job": job_key(""), "events": events_key("")}
 
 # KEYS: the streams of the held entries. ARGV: consumer, then one entry id per key.
 # Resets each owned entry's idle time (JUSTID: the delivery counter stays); 0 for

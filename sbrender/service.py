@@ -221,7 +221,9 @@ class Service:
             self._note_stop()  # at once: the render ends at this step, then the writes drain
             return
         batch = {"batch": job_ids} if len(job_ids) > 1 else {}
-        self._set_status("rendering", lazy=step > 0, job=job_ids[0], step=step, steps=steps, **batch)
+        # Lazy at the start too: written by the heartbeat thread, off the render's
+        # path; what a crash is counted against is the broker's (``rendering``).
+        self._set_status("rendering", lazy=True, job=job_ids[0], step=step, steps=steps, **batch)
         self.notifier.watchdog()  # the render progresses
 
     def _finished(self, slot: Slot, result: dict[str, Any]) -> None:

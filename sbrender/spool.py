@@ -3,7 +3,8 @@
     inbox/                 producers drop job files here (atomic rename recommended)
     state/cancel/<id>      a request to cancel a job (``sbrender cancel``)
     state/retried/         results moved aside by ``sbrender retry``
-    state/work/<owner>/    files a daemon has claimed (atomic rename out of the inbox)
+    state/work/<owner>/    files a daemon has claimed (atomic rename out of the inbox),
+                           and ``.rendering~<id>`` for each job it is rendering
     state/done/            archived input: every job in it succeeded
     state/failed/          archived input: at least one job in it failed
     state/daemons/         one status file per daemon, with its heartbeat
@@ -30,6 +31,15 @@ from . import ledger, peers
 from .errors import SpoolError
 from .ids import is_job_file_name
 from .outputs import temp_owner
+
+# A job being rendered is named in its daemon's work folder by an empty file,
+# ``.rendering~<id>``, renamed from the previous job's mark (or a spare,
+# ``.spare~<k>``) when its render starts: one rename per job and no file created,
+# where the status file written before each render cost a new inode. Recovery
+# counts a crash against the jobs a dead daemon's marks name. As the status file
+# did, a mark stays until the next render, or until the loop finds nothing to do.
+MARK_PREFIX = ".rendering~"
+SPARE_PREFIX = ".spare~"
 
 
 @dataclass(frozen=True)
@@ -167,22 +177,27 @@ class Spool:
         claimed straight into state/work/). Never a live peer's."""
         for info in self._list(self.works):
             yield "", info
-        try:
-            owners = [e.name for e in os.scandir(self.works) if e.is_dir(follow_symlinks=False)]
-        except FileNotFoundError:
-            return
-        for owner in owners:
-            if owner == self.owner or peers.is_alive(owner, self.status_path(owner)):
-                continue
+        for owner in self.gone_owners():
             for info in self._list(self.works / owner):
                 yield owner, info
 
-    def forget_owner(self, owner: str) -> bool:
-        """Remove a gone (or stopping) daemon's empty work folder and its status
-        file. False when the folder still holds claimed files: they stay, with
-        the status file that names their owner, for recovery."""
+    def gone_owners(self) -> list[str]:
+        """The daemons with a work folder here that are gone (never this one)."""
         try:
-            os.rmdir(self.works / owner)
+            owners = [e.name for e in os.scandir(self.works) if e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            return []
+        return [o for o in owners if o != self.owner and not peers.is_alive(o, self.status_path(o))]
+
+    def forget_owner(self, owner: str) -> bool:
+        """Remove a gone (or stopping) daemon's work folder, its rendering marks
+        and spares, and its status file. False when the folder still holds
+        claimed files: they stay, with the status file that names their owner,
+        for recovery."""
+        folder = self.works / owner
+        self.drop_marks(owner)
+        try:
+            os.rmdir(folder)
         except FileNotFoundError:
             pass
         except OSError:
@@ -204,6 +219,41 @@ class Spool:
         except FileNotFoundError:
             return None
         return target
+
+    # --- what is rendering ------------------------------------------------------------
+
+    def move_mark(self, slot: int, old: str | None, new: str | None) -> None:
+        """Rename this daemon's mark number ``slot`` from naming job ``old`` to
+        naming job ``new`` (None: a spare). Created when missing (the first
+        render, a bigger batch). Raises ``OSError``."""
+        source, target = self._mark(slot, old), self._mark(slot, new)
+        try:
+            os.rename(source, target)
+        except FileNotFoundError:
+            if new is not None:
+                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
+                                 0o644))
+
+    def _mark(self, slot: int, job_id: str | None) -> Path:
+        return self.work / (f"{SPARE_PREFIX}{slot}" if job_id is None else f"{MARK_PREFIX}{job_id}")
+
+    def drop_marks(self, owner: str) -> None:
+        """Remove the marks and spares of ``owner`` (gone, or stopping)."""
+        folder = self.works / owner
+        for name in _names(folder):
+            if name.startswith((MARK_PREFIX, SPARE_PREFIX)):
+                try:
+                    os.unlink(folder / name)
+                except FileNotFoundError:
+                    pass
+
+    def rendering(self, owner: str) -> list[str] | None:
+        """The jobs the daemon ``owner`` marked as rendering; None when its folder
+        has neither marks nor spares (a version before marks: ask its status file)."""
+        names = _names(self.works / owner)
+        if not any(name.startswith((MARK_PREFIX, SPARE_PREFIX)) for name in names):
+            return None
+        return [name[len(MARK_PREFIX):] for name in names if name.startswith(MARK_PREFIX)]
 
     # --- moves -------------------------------------------------------------------
 
@@ -238,11 +288,12 @@ class Spool:
 
     # --- ids and attempts ----------------------------------------------------------
 
-    def reserve(self, job_id: str, claim: str) -> bool:
+    def reserve(self, job_id: str, claim: str, *, sync: bool = True) -> bool:
         """Reserve ``job_id`` for the file with this claim token: True when it is ours
         (new, taken over from a stale reservation, or this very file's before a
-        crash); False when another file's live reservation holds it (ledger.py)."""
-        return self.ledger.reserve(job_id, claim)
+        crash); False when another file's live reservation holds it (ledger.py).
+        ``sync=False``: the caller fsyncs ``ids`` before the result is published."""
+        return self.ledger.reserve(job_id, claim, sync=sync)
 
     def count_attempt(self, claim: str, job_id: str) -> int:
         """One more daemon died while rendering this job of this file; the count."""
@@ -255,9 +306,16 @@ class Spool:
         return count
 
     def clear_attempts(self, claim: str) -> None:
-        for path in self.attempts.glob(f"{claim}-*"):
+        # A listing, not a glob: asked once per finished file, and the folder is
+        # nearly always empty (a glob compiled a new pattern each time).
+        prefix = f"{claim}-"
+        try:
+            names = [name for name in os.listdir(self.attempts) if name.startswith(prefix)]
+        except FileNotFoundError:
+            return
+        for name in names:
             try:
-                os.unlink(path)
+                os.unlink(self.attempts / name)
             except FileNotFoundError:
                 pass
 
@@ -315,3 +373,10 @@ class Spool:
         for name in sorted(names):
             if name.endswith(".json") and not name.startswith("."):
                 yield name[: -len(".json")], self.daemons / name
+
+
+def _names(folder: Path) -> list[str]:
+    try:
+        return os.listdir(folder)
+    except FileNotFoundError:
+        return []

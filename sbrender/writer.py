@@ -4,7 +4,8 @@ What piled up while it wrote is published together, with one flush per phase
 (``outputs.commit``), so a slow disk costs a flush per group, not per file.
 
 It receives data (a ``results.Draft``: the images and the result but for what
-the writes decide) and reports data: per job, the result as published (a
+the writes decide; and the folders to fsync before it is published, such as
+the id ledger's) and reports data: per job, the result as published (a
 success, or a failure when its images could not be written), or None when
 nothing could be published. What follows a publish (counting, archiving the
 input) is the dispatcher's, on its own thread. The hand-over queue is
@@ -26,7 +27,7 @@ from typing import Any, Generic, TypeVar
 import structlog
 
 from .errors import RenderError
-from .outputs import PublishedImage, Publication, commit, encode_png
+from .outputs import PublishedImage, Publication, commit, encode_png, fsync_dir
 from .results import Draft
 
 log = structlog.get_logger("sbrender")
@@ -46,17 +47,18 @@ class Writer(Generic[Tag]):
     def __init__(self, folder: Path, wake: threading.Event, depth: int = 8) -> None:
         self.folder = folder
         self.wake = wake
-        self._tasks: queue.Queue[tuple[Draft, Tag] | None] = queue.Queue(maxsize=depth)
+        self._tasks: queue.Queue[tuple[Draft, Tag, tuple[Path, ...]] | None] = queue.Queue(maxsize=depth)
         self._done: queue.SimpleQueue[Report[Tag]] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
-    def put(self, draft: Draft, tag: Tag) -> None:
-        """Publish ``draft`` on the writer thread; its ``Report`` comes back through
+    def put(self, draft: Draft, tag: Tag, sync_first: tuple[Path, ...] = ()) -> None:
+        """Publish ``draft`` on the writer thread, after an fsync of each folder of
+        ``sync_first`` (once per group); its ``Report`` comes back through
         ``completed()`` with ``tag``."""
         if self._thread is None or not self._thread.is_alive():
             self._thread = threading.Thread(target=self._run, name="sbrender-writer", daemon=True)
             self._thread.start()
-        self._tasks.put((draft, tag))
+        self._tasks.put((draft, tag, sync_first))
 
     def _run(self) -> None:
         stop = False
@@ -70,14 +72,16 @@ class Writer(Generic[Tag]):
             if group[-1] is None:
                 stop = True
             items = [item for item in group if item is not None]
+            unsynced = _unsynced(items)
+            ready = [item for k, item in enumerate(items) if k not in unsynced]
             try:
-                pubs = [_publication(draft) for draft, _ in items]
-                published = commit(self.folder, pubs) if pubs else []
+                pubs = [_publication(draft) for draft, _, _ in ready]
+                published = iter(commit(self.folder, pubs) if pubs else [])
             except BaseException:  # noqa: BLE001 - these results lost, not the writer
                 log.exception("unexpected error while publishing results; their files stay claimed")
-                published = [None] * len(items)
-            for (_, tag), result in zip(items, published):
-                self._done.put(Report(tag, result))
+                published = iter([None] * len(ready))
+            for k, (_, tag, _) in enumerate(items):
+                self._done.put(Report(tag, None if k in unsynced else next(published)))
             for _ in group:
                 self._tasks.task_done()
             self.wake.set()
@@ -103,6 +107,20 @@ class Writer(Generic[Tag]):
             self._tasks.put(None)
             self._thread.join()
         self._thread = None
+
+
+def _unsynced(items: list[tuple[Draft, Tag, tuple[Path, ...]]]) -> set[int]:
+    """fsync each folder the group's drafts ask for, once. The indices of the
+    drafts whose folder could not be synced: they are not published (their files
+    stay claimed, and are redone at the next start)."""
+    failed: set[Path] = set()
+    for folder in dict.fromkeys(folder for _, _, folders in items for folder in folders):
+        try:
+            fsync_dir(folder)
+        except OSError as err:
+            log.error("cannot sync folder; its results are not published", folder=str(folder), error=str(err))
+            failed.add(folder)
+    return {k for k, (_, _, folders) in enumerate(items) if failed.intersection(folders)}
 
 
 def _publication(draft: Draft) -> Publication:

@@ -50,12 +50,12 @@ def test_an_id_is_held_while_its_job_runs_or_has_a_result_then_is_free(spools: t
     archived(one, "cat.yaml")
     assert one.ledger.in_use("cat")
     assert not two.reserve("cat", second), "the id has a result: it is held"
-    assert (one.ids / "cat").read_text() == first
+    assert one.ledger.holder("cat") == first
 
     one.result_path("cat").unlink()  # a person clears the outbox
     assert not one.ledger.in_use("cat")
     assert two.reserve("cat", second)
-    assert (one.ids / "cat").read_text() == second
+    assert one.ledger.holder("cat") == second
     assert not one.reserve("cat", first), "the old file lost the id to the new one"
     assert [n for n in ids_folder(one) if n != ".lock"] == ["cat"]  # no temp file, nothing left aside
 
@@ -80,7 +80,7 @@ def test_an_empty_reservation_is_stale(spools: tuple[Spool, Spool]) -> None:
     (one.ids / "cat").write_bytes(b"")
     token = claimed(one, "cat.yaml")
     assert one.reserve("cat", token)
-    assert (one.ids / "cat").read_text() == token
+    assert one.ledger.holder("cat") == token
 
 
 def test_a_stale_reservation_taken_over_meanwhile_is_not_taken_twice(spools: tuple[Spool, Spool],
@@ -96,13 +96,13 @@ def test_a_stale_reservation_taken_over_meanwhile_is_not_taken_twice(spools: tup
 
     def two_first(job_id: str, token: str) -> bool:
         live = is_live(job_id, token)
-        if token == old and not (two.ids / "cat").read_text() == theirs:
+        if token == old and not two.ledger.holder("cat") == theirs:
             assert two.reserve("cat", theirs)  # two wins between one's look and one's move
         return live
 
     monkeypatch.setattr(one.ledger, "is_live", two_first)
     assert not one.reserve("cat", mine)
-    assert (one.ids / "cat").read_text() == theirs
+    assert one.ledger.holder("cat") == theirs
 
 
 @pytest.mark.parametrize("attempt", range(20))
@@ -126,7 +126,7 @@ def test_two_daemons_racing_for_a_stale_id_one_wins(spools: tuple[Spool, Spool],
         t.join()
     winners = [s for s, ok in won.items() if ok]
     assert len(winners) == 1, won
-    assert (one.ids / "cat").read_text() == tokens[winners[0]]
+    assert one.ledger.holder("cat") == tokens[winners[0]]
 
 
 def test_release_gives_back_only_the_reservation_asked_for(spools: tuple[Spool, Spool]) -> None:
@@ -134,7 +134,24 @@ def test_release_gives_back_only_the_reservation_asked_for(spools: tuple[Spool, 
     first = claimed(one, "cat.yaml")
     assert one.reserve("cat", first)
     assert not one.ledger.release("cat", "1-2")
-    assert (one.ids / "cat").read_text() == first
+    assert one.ledger.holder("cat") == first
     assert one.ledger.release("cat", first)
-    assert not (one.ids / "cat").exists()
+    assert not os.path.lexists(one.ids / "cat")
     assert not one.ledger.release("dog", first)
+
+
+def test_a_reservation_is_one_link_holding_the_token_and_a_plain_file_of_earlier_versions_counts(
+        spools: tuple[Spool, Spool]) -> None:
+    one, two = spools
+    token = claimed(one, "cat.yaml")
+    assert one.reserve("cat", token, sync=False)
+    assert os.readlink(one.ids / "cat") == token  # created whole in one call: nothing to flush, no temp file
+    assert [n for n in ids_folder(one) if n != ".lock"] == ["cat"]
+    older = claimed(one, "dog.yaml", "prompt: a dog\n")
+    (one.ids / "dog").write_text(older)  # as versions before this one wrote it
+    assert one.ledger.holder("dog") == older
+    mine = claimed(two, "dog.json", "prompt: another dog\n")
+    assert not two.reserve("dog", mine), "an earlier version's live reservation holds the id"
+    archived(one, "dog.yaml")
+    assert two.reserve("dog", mine), "and once stale, it is taken over"
+    assert os.readlink(one.ids / "dog") == mine

@@ -94,6 +94,8 @@ def run(n: int, stop_after: int, root: Path) -> dict[str, Any]:
     renderer = Flat()
     daemon = Service(settings, renderer)
 
+    stop_after = min(stop_after, n)  # a smaller queue: stop when it is done
+
     def watch() -> None:
         while len(renderer.done) < stop_after and not daemon.should_exit.is_set():
             time.sleep(0.01)
@@ -128,7 +130,8 @@ def main() -> None:
         args.report.write_text(json.dumps(report, indent=2) + "\n")
     print(f"per job, first 100 jobs: {small['per_job_ms_first_100']['median']} ms with 100 queued, "
           f"{large['per_job_ms_first_100']['median']} ms with {args.jobs} queued "
-          f"(ratio {report['per_job_ratio_large/small']})")
+          f"(ratio {report['per_job_ratio_large/small']}); means, the writer's back-pressure included: "
+          f"{small['per_job_ms_first_100']['mean']} ms and {large['per_job_ms_first_100']['mean']} ms")
     print(f"with {args.jobs} queued: `sbrender jobs --json` {large.get('jobs_cli_s')} s, "
           f"`sbrender status --json` {large.get('status_cli_s')} s")
     print(f"RSS after 100 jobs {large['rss_mib'].get('100')} MiB, after 1000 {large['rss_mib'].get('1000')} MiB "
