@@ -289,14 +289,19 @@ class Client:
             time.sleep(poll_s)
 
     def daemons(self) -> list[dict[str, Any]]:
-        """The status files of the daemons serving this spool (``state/daemons/``),
-        each with ``alive`` added."""
+        """The daemons serving this queue, each with ``alive`` added: on Redis, every
+        host's, as their keys in Redis say (alive while the server keeps the key: a
+        heartbeat renews it), then this host's status files that Redis does not
+        list; on the file spool, the status files of ``state/daemons/``."""
         from .peers import is_alive
 
         out = []
+        if self.queue is not None:
+            out = [{**status, "alive": True} for status in self.queue.daemons()]
+        listed = {status.get("owner") for status in out}
         for owner, path in self.spool.status_files():
             status = read_json(path)
-            if status is not None:
+            if status is not None and owner not in listed:
                 status["alive"] = is_alive(owner, self.spool.status_path(owner))
                 out.append(status)
         return out

@@ -38,6 +38,7 @@ from .results import FAILED, SUCCEEDED
 log = structlog.get_logger("sbrender")
 
 COUNT_EVERY_S = 1.0  # how often the queued count (for status and metrics) is read
+STATUS_EVERY_S = 1.0  # a rendering daemon's step goes to Redis at most this often
 
 
 @dataclass
@@ -67,6 +68,8 @@ class RedisBroker:
         self.wake = wake
         self.consumer = f"{owner_name()}-{secrets.token_hex(3)}"
         self.redis = rq.connect(self.url)
+        self._status_redis: Any = None  # publish_status's own connection (the heartbeat thread's)
+        self._status_sent: tuple[Any, float] = (None, 0.0)
         self._fetch_script = self.redis.register_script(rq.FETCH)
         self._fetch_start = self.redis.register_script(rq.FETCH_START)
         self._start = self.redis.register_script(rq.START)
@@ -120,7 +123,30 @@ class RedisBroker:
             self._release(held)
         self._ready.clear()
         self.forwarder.close()
+        if self._status_redis is not None:
+            self._status_redis.close()
         return not self._held
+
+    def publish_status(self, data: dict[str, Any]) -> None:
+        """The daemon's status, for `sbrender status` on any host: a key that expires
+        ``DAEMON_TTL_S`` after the last heartbeat (the server's clock says who is
+        alive), removed at a clean stop. Called by the status file's writer thread,
+        on its own connection with a short timeout; steps at most once a second;
+        nothing while the server is known to be down."""
+        if self._down is not None:
+            return
+        now = time.monotonic()
+        state = data.get("state")
+        if state == self._status_sent[0] and now - self._status_sent[1] < STATUS_EVERY_S and state != "stopped":
+            return
+        if self._status_redis is None:
+            self._status_redis = rq.connect(self.url, timeout=1.0)
+        key = rq.daemon_key(self.consumer)
+        if state == "stopped":
+            self._status_redis.delete(key)
+        else:
+            self._status_redis.set(key, json.dumps({**data, "consumer": self.consumer}), ex=rq.DAEMON_TTL_S)
+        self._status_sent = (state, now)
 
     def describe(self) -> dict[str, str]:
         return {"queue": rq.redacted(self.url), "consumer": self.consumer, "lease_s": f"{self.lease_s:g}",

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from .errors import ConfigError, QueueUnavailable
+from .errors import QueueUnavailable
 
 PREFIX = "{sbr}:"
 GROUP = "render"
@@ -58,6 +58,15 @@ def job_key(job_id: str) -> str:
 
 def events_key(job_id: str) -> str:
     return f"{PREFIX}ev:{job_id}"
+
+
+def daemon_key(consumer: str) -> str:
+    return f"{PREFIX}daemon:{consumer}"
+
+
+# A daemon's status lives this long after its last write (the heartbeat writes every
+# status.HEARTBEAT_S): the server's clock says which daemons are alive, on every host.
+DAEMON_TTL_S = 20
 
 
 def band(priority: int) -> str:
@@ -94,14 +103,15 @@ def redacted(url: str) -> str:
     return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")).geturl()
 
 
-def connect(url: str, *, blocking: bool = False) -> Any:
+def connect(url: str, *, blocking: bool = False, timeout: float = 5.0) -> Any:
     """A client that never re-sends a command. ``blocking``: for reads that block
     up to ``BLOCK_S`` (its socket waits longer than that)."""
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    return redis.Redis.from_url(url, socket_timeout=BLOCK_S + 5 if blocking else 5.0, socket_connect_timeout=2.0,
+    return redis.Redis.from_url(url, socket_timeout=BLOCK_S + 5 if blocking else timeout,
+                                socket_connect_timeout=min(2.0, timeout),
                                 retry=Retry(NoBackoff(), 0), retry_on_timeout=False, decode_responses=True)
 
 
@@ -434,6 +444,13 @@ class RedisQueue:
         if state is None:
             return None
         return {"state": state, "job": json.loads(spec), "queued_at": float(queued_at or 0)}
+
+    def daemons(self) -> list[dict[str, Any]]:
+        """The status of every daemon alive on the queue, on any host: each one's key
+        expires ``DAEMON_TTL_S`` after its last heartbeat (SCAN: O(all keys))."""
+        keys = self._call(lambda: sorted(self.redis.scan_iter(match=daemon_key("*"), count=1000)))
+        values = self._call(self.redis.mget, keys) if keys else []
+        return [json.loads(value) for value in values if value]
 
     def jobs(self) -> list[dict[str, Any]]:
         """Every job's id, state, document, queue time and result (SCAN: O(all jobs))."""

@@ -55,7 +55,8 @@ class Service:
         self.notifier = Notifier()
         self.metrics = _metrics(settings, self.owner)
         self.status = StatusFile(Spool(settings.inbox, settings.outbox, settings.state).status_path(self.owner),
-                                 self.owner, model=settings.model, started_at=results.iso(time.time()))
+                                 self.owner, mirror=getattr(self.broker, "publish_status", None),
+                                 model=settings.model, started_at=results.iso(time.time()))
         self.counts = {results.SUCCEEDED: 0, results.FAILED: 0, results.CANCELLED: 0}
         self.description: dict[str, Any] = {}
         self.dispatcher: Dispatcher | None = None

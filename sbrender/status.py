@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -31,7 +32,8 @@ HEARTBEAT_S = 5.0
 
 
 class StatusFile:
-    def __init__(self, path: Path, owner: str, **fixed: Any) -> None:
+    def __init__(self, path: Path, owner: str, mirror: Callable[[dict[str, Any]], None] | None = None,
+                 **fixed: Any) -> None:
         self.folder = path.parent
         self.name = path.name
         self.fixed = {"owner": owner, "pid": os.getpid(), "proc_start": peers.process_start(os.getpid()),
@@ -41,6 +43,9 @@ class StatusFile:
         self._lock = threading.Lock()
         self._dirty = threading.Event()  # a step to write, for the heartbeat thread
         self._thread: threading.Thread | None = None
+        # Where else the status goes each time it is written (a Redis queue: seen from every
+        # host); called in the writing thread, its failures only logged.
+        self.mirror = mirror
 
     def update(self, state: str, *, force: bool = False, current: dict[str, Any] | None = None,
                **fields: Any) -> bool:
@@ -70,6 +75,11 @@ class StatusFile:
                 self._written = time.time()
             except SpoolError as err:
                 log.warning("cannot write status file", error=str(err))
+            if self.mirror is not None:
+                try:
+                    self.mirror(self.data)
+                except Exception as err:  # noqa: BLE001 - the status is a report: it never stops the daemon
+                    log.debug("cannot publish the status", error=str(err))
 
     def start_heartbeat(self, stop: threading.Event, on_beat: Any = None) -> threading.Thread:
         """Keep the heartbeat fresh until ``stop`` is set, whatever the main thread

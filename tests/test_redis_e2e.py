@@ -91,6 +91,31 @@ def test_two_daemons_share_the_queue_and_publish_each_job_once(
     assert first.renderer.calls and second.renderer.calls, "both daemons took jobs"
 
 
+def test_status_lists_the_daemons_of_every_host_as_the_server_keeps_them(
+        daemons: Callable[..., Daemon], redis_server: RedisServer, tmp_path: Path) -> None:
+    """Each daemon's status is a key that expires DAEMON_TTL_S after its last
+    heartbeat (the server's clock says who is alive, whatever the hosts' clocks and
+    names); `sbrender status` on a third host, with no daemon of its own, lists both;
+    a clean stop removes its key at once."""
+    first, second = daemons(), daemons()
+    server = redis_server.client()
+    keys = wait_for(lambda: sorted(server.scan_iter(match=rq.daemon_key("*"))) if len(
+        list(server.scan_iter(match=rq.daemon_key("*")))) == 2 else None, message="the daemons never published")
+    assert all(0 < server.ttl(key) <= rq.DAEMON_TTL_S for key in keys)
+    elsewhere = tmp_path / "web-host"
+    env = {"SBRENDER_QUEUE": redis_server.url, "SBRENDER_INBOX": str(elsewhere / "inbox"),
+           "SBRENDER_OUTBOX": str(elsewhere / "outbox"), "SBRENDER_STATE": str(elsewhere / "state")}
+    shown = CliRunner().invoke(main, ["status", "--json"], env=env)
+    assert shown.exit_code == 0, shown.output
+    listed = json.loads(shown.output)
+    assert listed["healthy"] is True
+    assert sorted(d["consumer"] for d in listed["daemons"]) == sorted(
+        d.service.broker.consumer for d in (first, second))
+    assert {d["health"] for d in listed["daemons"]} == {"ok"} and {d["state"] for d in listed["daemons"]} == {"idle"}
+    second.stop()
+    assert [d["consumer"] for d in client_of(redis_server, first.outbox).daemons()] == [first.service.broker.consumer]
+
+
 def test_a_running_job_cancelled_through_the_client_stops_and_the_next_renders(
         daemons: Callable[..., Daemon], redis_server: RedisServer) -> None:
     renderer = ScriptedRenderer(endless={"long"})
