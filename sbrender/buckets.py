@@ -107,10 +107,12 @@ def _own(output: Any) -> Any:
 class Router:
     """One compiled method and its uncompiled original; see the module's docstring."""
 
-    def __init__(self, name: str, eager: Callable[..., Any], compiled: Callable[..., Any]) -> None:
+    def __init__(self, name: str, eager: Callable[..., Any], compiled: Callable[..., Any],
+                 prepare: Prepare | None = None) -> None:
         self.name = name
         self.eager = eager
         self.compiled = compiled
+        self.prepare = prepare  # puts a call's arguments in one form before its signature is taken
         self.sizes: dict[Signature, set[int]] = {}
         self.sealed = False
         self.calls: Counter[str] = Counter()  # compiled, split, eager
@@ -132,6 +134,8 @@ class Router:
         self.sealed = True
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.prepare is not None:
+            args, kwargs = self.prepare(args, kwargs)
         rows, sig = signature(args, kwargs)
         if not self.sealed:
             if rows is not None:
@@ -179,13 +183,37 @@ class Router:
             log.warning(f"compiled {self.name}: {message}", **facts)
 
 
-def install(owner: Any, attribute: str, name: str, compile_fn: Callable[[Callable[..., Any]], Callable[..., Any]]
-            ) -> Router:
+def float_timestep(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The UNet's timestep (its second argument) as a float32 tensor: samplers give
+    it as int64 (DPM++), float32 (Euler, Karras sigmas) or a number, and each form
+    would need its own graph. The same values: the UNet's timestep embedding takes
+    ``timesteps.float()`` first."""
+    if "timestep" in kwargs:
+        value, where = kwargs["timestep"], "kwargs"
+    elif len(args) > 1:
+        value, where = args[1], "args"
+    else:
+        return args, kwargs
+    if isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+        return args, kwargs
+    sample = args[0] if args else kwargs.get("sample")
+    device = sample.device if isinstance(sample, torch.Tensor) else None
+    value = torch.as_tensor(value, device=device).to(torch.float32)
+    if where == "kwargs":
+        return args, {**kwargs, "timestep": value}
+    return (args[0], value, *args[2:]), kwargs
+
+
+Prepare = Callable[[tuple[Any, ...], dict[str, Any]], tuple[tuple[Any, ...], dict[str, Any]]]
+
+
+def install(owner: Any, attribute: str, name: str, compile_fn: Callable[[Callable[..., Any]], Callable[..., Any]],
+            prepare: Prepare | None = None) -> Router:
     """Replace ``owner.<attribute>`` (a bound method) by a router over it and its
     compiled form. The module itself stays what it was: LoRAs, diffusers and
     ``MaskedUnet`` see the real UNet."""
     eager = getattr(owner, attribute)
-    router = Router(name, eager, compile_fn(eager))
+    router = Router(name, eager, compile_fn(eager), prepare)
     setattr(owner, attribute, router)
     return router
 

@@ -75,9 +75,16 @@ class RenderError(SbrenderError):
 
 
 class ModelError(SbrenderError):
-    """The model cannot be found or loaded; the daemon does not start."""
+    """The model cannot be found or loaded: the daemon does not start, or (a job's
+    own model) that job fails. ``lasting``: the file itself is at fault (its format,
+    its architecture), so loading it again before it changes is pointless; False
+    for what may pass (memory, I/O)."""
 
     kind = "model"
+
+    def __init__(self, message: str, *, hint: str | None = None, lasting: bool = True) -> None:
+        super().__init__(message, hint=hint)
+        self.lasting = lasting
 
 
 class SpoolError(SbrenderError):

@@ -46,6 +46,7 @@ class WarmModel:
     schedulers: dict[tuple[str, str], Any] = field(default_factory=dict)
     base_scheduler_config: Any = None
     img2img: Any = None  # the img2img pipeline over the same modules, built when first asked
+    vae_config_key: str | None = None  # its VAE's config, digested: VAE files are loaded per config
     embeddings: Any = None  # embeddings.Catalog, on this text encoder's device
     embedding_names: Any = None
     embeddings_stamp: tuple[Any, ...] = ()

@@ -485,7 +485,8 @@ def load_pipeline(ref: ModelRef, *, dtype: Any, offline: bool, safety_checker: b
             raise ModelError(f"cannot load model {ref.location} from the Hugging Face hub or cache "
                              f"({where}): {first_line(err)}", hint=how) from None
         raise ModelError(f"cannot load model from {ref.location}: {first_line(err)}",
-                         hint="check that the folder holds a complete Stable Diffusion pipeline") from None
+                         hint="check that the folder holds a complete Stable Diffusion pipeline",
+                         lasting=not isinstance(err, OSError)) from None
 
 
 def _load_checkpoint(ref: ModelRef, dtype: Any, extra: dict[str, Any], given: dict[str, Any]) -> Any:
@@ -504,8 +505,12 @@ def _load_checkpoint(ref: ModelRef, dtype: Any, extra: dict[str, Any], given: di
                                                         torch_dtype=dtype, **extra)
     except OSError as err:
         raise ModelError(f"cannot load checkpoint {ref.location} with the configs in {ref.config}: "
-                         f"{first_line(err)}", hint=CONFIG_HINT) from None
+                         f"{first_line(err)}", hint=CONFIG_HINT, lasting=False) from None
+    except MemoryError as err:
+        raise _out_of_memory(ref, err) from None
     except (ValueError, RuntimeError, KeyError, TypeError, SingleFileComponentError) as err:
+        if "allocate" in str(err) or "out of memory" in str(err).lower():
+            raise _out_of_memory(ref, err) from None
         # Weights of another architecture: diffusers' errors vary by where the shapes part.
         # A weight the checkpoint lacks is left unallocated ("meta") and fails when moved.
         # Only diffusers' first sentence: the rest advises loading with random weights.
@@ -519,6 +524,12 @@ def _load_checkpoint(ref: ModelRef, dtype: Any, extra: dict[str, Any], given: di
         raise ModelError(f"checkpoint {ref.location} does not fit the configs in {ref.config}: it lacks "
                          f"{len(missing)} weight(s) they need, such as {missing[0]}", hint=ARCH_HINT)
     return pipe
+
+
+def _out_of_memory(ref: ModelRef, err: BaseException) -> ModelError:
+    return ModelError(f"not enough memory to load {ref.location}: {first_line(err) or type(err).__name__}",
+                      hint="free memory (models.keep_loaded, other processes) and submit the job again",
+                      lasting=False)
 
 
 def _safety_checker(ref: ModelRef, dtype: Any) -> Any:

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from . import (__version__, adapters, checkpoints, conditioning, editing, embeddings, faults, initimage, loras,
                modelpool, models, prompts, samplers, speedups)
 from .config import Settings
-from .errors import JobError, ModelError, RenderError, ShutdownRequested, first_line
+from .errors import JobError, ModelError, RenderError, SbrenderError, ShutdownRequested, first_line
 from .jobs import Job
 from .promptcache import PromptCache
 from .renderer import RenderOutput, StepCallback, call_key, only
@@ -82,6 +82,7 @@ class DiffusersRenderer:
         self.models = checkpoints.models_of(settings)
         self.vaes = checkpoints.vaes_of(settings)
         self._broken: dict[tuple[Any, ...], ModelError] = {}  # a file that failed to load, until it changes
+        self._sha256s: dict[tuple[Any, ...], str] = {}  # VAE files' hashes by path, size and time
         self._loras: loras.Catalog | None = None  # loras_dir, scanned when a job first names a LoRA
         # (prompt text, positive, denoiser calls, clip skip, embeddings, text encoder and its LoRAs) -> its encoding
         self._prompts: PromptCache[tuple[conditioning.Scheduled, list[str]]] = PromptCache(
@@ -173,15 +174,15 @@ class DiffusersRenderer:
                 ref = dataclasses.replace(ref, name=key)
             known = {part: modelpool.part_digest(ref, part, self.dtype, self.settings.cache)
                      for part in modelpool.SHARED_PARTS}
-        except ModelError as err:
-            self._broken[stamp] = err
-            raise
-        start = time.perf_counter()
-        donors = {part: donor for part, digest in known.items() if digest and (donor := self.pool.shared(part, digest))}
-        try:
+            start = time.perf_counter()
+            donors = {part: donor for part, digest in known.items()
+                      if digest and (donor := self.pool.shared(part, digest))}
             pipe = self._load_pipeline(ref, donors, offline)
         except ModelError as err:
-            self._broken[stamp] = err
+            # A file that is not a model of this architecture is not read again until it changes;
+            # a lack of memory, an I/O error or the configured model may do better next time.
+            if entry.path is not None and err.lasting:
+                self._broken[stamp] = err
             raise
         # A part loaded from another file or layout than a warm model's, with the same weights:
         # the warm module replaces it (the copy just loaded is dropped before it reaches the device).
@@ -209,25 +210,49 @@ class DiffusersRenderer:
                                     stamp=stamp, shared=tuple(sorted(donors)),
                                     base_scheduler_config=pipe.scheduler.config)
         self._load_embeddings(model)
+        if self.settings["perf.compile"] != "off":
+            self._warm_up_new(model)
         gone = self.pool.add(model)
         if self.current is not None and self.current.name not in self.pool.warm:
             self.current = None
         if gone:
-            gc.collect()
-            if self.device == "cuda":
-                torch.cuda.empty_cache()
+            self._release()
         model.load_s = time.perf_counter() - start
         if self._started:  # the first load, at start, is the service's to log
             log.info("model loaded", model=self._shown(key), source=ref.kind, seconds=round(model.load_s, 3),
                      shared=list(model.shared), evicted=[self._shown(name) for name in gone],
                      warm=[self._shown(name) for name in self.pool.warm])
-        if self.settings["perf.compile"] != "off":
-            previous, self.current = self.current, model
-            try:
-                self.warm_up(key)
-            finally:
-                self.current = previous
         return model
+
+    def _warm_up_new(self, model: modelpool.WarmModel) -> None:
+        """Compile a model just loaded before it joins the pool (and before any model
+        leaves for it): a warm-up that fails leaves the pool as it was. Its routers are
+        sealed by the warm-up, so its jobs never compile on the render's path."""
+        previous = self.current
+        if previous is not None:
+            previous.adapters.use([])  # a text encoder they share encodes the warm-up without its LoRAs
+        self.pool.warm[model.name] = model  # reachable by the warm-up's renders; nothing leaves yet
+        self.current = model
+        failed = True
+        try:
+            self.warm_up(model.name)
+            failed = False
+        except (SbrenderError, RuntimeError) as err:
+            raise ModelError(f"cannot compile model {self._shown(model.name)}: {first_line(err)}",
+                             hint="perf.compile warms every model up at its load; lower perf.batch_size or "
+                                  "models.keep_loaded if the device runs out of memory", lasting=False) from err
+        finally:
+            del self.pool.warm[model.name]  # joins for good in pool.add, which makes room for it
+            self.current = previous
+            if failed:
+                model.adapters.use([])
+                self._release()
+
+    def _release(self) -> None:
+        """Give the memory of models that left back to the device."""
+        gc.collect()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
 
     def _load_pipeline(self, ref: models.ModelRef, donors: dict[str, modelpool.WarmModel], offline: bool) -> Any:
         """The pipeline read from its files (on the CPU), the donors' parts given. Raises ``ModelError``."""
@@ -238,21 +263,29 @@ class DiffusersRenderer:
         return pipe
 
     def _on_device(self, pipe: Any, donors: dict[str, modelpool.WarmModel]) -> Any:
-        """The pipeline on the device. Out of device memory: the least recently used
-        models leave and it is tried once more. On the CPU, the weights are copied out
-        of the files they were read from (safetensors maps them: a file truncated
-        under a running daemon would kill it with SIGBUS)."""
-        try:
-            pipe = pipe.to(self.device)
-        except torch.cuda.OutOfMemoryError:
-            gone = self.pool.make_room()
-            log.warning("out of device memory loading a model; the least recently used left",
-                        evicted=[self._shown(name) for name in gone])
-            if self.current is not None and self.current.name in gone:
-                self.current = None
-            gc.collect()
-            torch.cuda.empty_cache()
-            pipe = pipe.to(self.device)
+        """The pipeline on the device. Out of device memory: warm models leave, least
+        recently used first (not the ones it shares parts with), one at a time until it
+        fits; a ``ModelError`` when none is left to go. On the CPU, the weights are
+        copied out of the files they were read from (safetensors maps them: a file
+        truncated under a running daemon would kill it with SIGBUS)."""
+        while True:
+            try:
+                pipe = pipe.to(self.device)
+                break
+            except torch.cuda.OutOfMemoryError as err:
+                keep = {donor.name for donor in donors.values()}
+                victim = next((name for name in self.pool.warm if name not in keep), None)
+                if victim is None:
+                    pipe.to("cpu")
+                    self._release()
+                    raise ModelError(f"not enough device memory to load this model ({first_line(err)})",
+                                     hint="lower models.keep_loaded, or use a smaller dtype") from None
+                self.pool.drop(victim)
+                log.warning("out of device memory loading a model; a warm model left",
+                            evicted=self._shown(victim))
+                if self.current is not None and self.current.name == victim:
+                    self.current = None
+                self._release()
         if self.device == "cpu":
             for part in ("unet", "vae", "text_encoder"):
                 if part not in donors:
@@ -287,8 +320,13 @@ class DiffusersRenderer:
 
         d = self.settings.section("defaults")
         started, before = time.perf_counter(), speedups.warm_up_started()
-        for count in speedups.warm_up_counts(self.settings):
-            job = Job(id="warm-up", prompt="warm-up", negative_prompt="", steps=2, guidance_scale=d["guidance_scale"],
+        # Each batch size at the default CFG (two UNet rows per image), and one image at CFG 1
+        # (one row: LCM and turbo jobs), so that any number of rows splits into compiled ones.
+        counts = [(count, d["guidance_scale"]) for count in speedups.warm_up_counts(self.settings)]
+        if d["guidance_scale"] > 1:
+            counts.append((1, 1.0))
+        for count, cfg in counts:
+            job = Job(id="warm-up", prompt="warm-up", negative_prompt="", steps=2, guidance_scale=cfg,
                       width=d["width"], height=d["height"], seed=None, count=count, sampler=d["sampler"], priority=0,
                       scheduler=d["scheduler"], model=model, vae=checkpoints.NONE)
             self.render(job, list(range(count)))
@@ -325,8 +363,17 @@ class DiffusersRenderer:
             self.pipe.vae = vae
         if entry is None or entry.path is None:
             return {}
-        sha256 = models.file_sha256(entry.path, self.settings.cache)
+        sha256 = self._file_sha256(entry.path)
         return {"name": entry.path.name, "hash": sha256[:10], "sha256": sha256}
+
+    def _file_sha256(self, path: Path) -> str:
+        """A VAE file's sha256 by its path, size and time, kept here: asked at every
+        job that uses it (the cache file holds it across restarts, but reading it is
+        not free)."""
+        stamp = _stamp(path)
+        if stamp not in self._sha256s:
+            self._sha256s[stamp] = models.file_sha256(path, self.settings.cache)
+        return self._sha256s[stamp]
 
     def _vae_entry(self, model: modelpool.WarmModel, choice: str) -> checkpoints.Entry | None:
         if choice == checkpoints.NONE:
@@ -343,9 +390,11 @@ class DiffusersRenderer:
     def _vae_module(self, model: modelpool.WarmModel, entry: checkpoints.Entry) -> Any:
         """A VAE file loaded with the model's VAE config, once per file and config."""
         assert entry.path is not None
-        config = json.dumps({k: v for k, v in model.own_vae.config.items() if not k.startswith("_")},
-                            sort_keys=True, default=str)
-        key = f"{models.file_sha256(entry.path, self.settings.cache)}:{hashlib.sha256(config.encode()).hexdigest()}"
+        if model.vae_config_key is None:
+            config = json.dumps({k: v for k, v in model.own_vae.config.items() if not k.startswith("_")},
+                                sort_keys=True, default=str)
+            model.vae_config_key = hashlib.sha256(config.encode()).hexdigest()
+        key = f"{self._file_sha256(entry.path)}:{model.vae_config_key}"
         vae = self.pool.vae(key)
         if vae is not None:
             return vae

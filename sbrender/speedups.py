@@ -78,7 +78,7 @@ def _compile(pipe: Any, value: str, device: str, parts: Parts) -> Any:
         return torch.compile(method, mode=value, dynamic=False)
 
     if "unet" in parts:
-        buckets.install(pipe.unet, "forward", "unet", compile_fn)
+        buckets.install(pipe.unet, "forward", "unet", compile_fn, buckets.float_timestep)
     if "vae" in parts:
         router = buckets.install(pipe.vae, "decode", "vae decode", compile_fn)
         if "unet" not in parts:  # a VAE file, loaded for a job: no warm-up of its own
@@ -178,8 +178,9 @@ def warmed_up(pipe: Any, settings: Settings, device: str, before: Mapping[str, i
     warm = not compilecache.compiled_anything(before, after)
     saved: dict[str, Any] = {}
     cache = compilecache.folder(settings["perf.compile_cache"], settings.cache, device)
-    # Only into caches of ours: a folder that could not be used left torch on its default.
-    if cache is not None and os.environ.get("TORCHINDUCTOR_CACHE_DIR") == str(cache.path / "inductor"):
+    # Only into caches of ours (a folder that could not be used left torch on its default),
+    # and only when this warm-up compiled something (a model loaded later, of a known shape, did not).
+    if not warm and cache is not None and os.environ.get("TORCHINDUCTOR_CACHE_DIR") == str(cache.path / "inductor"):
         try:
             saved = cache.save_bundle({"compile": settings["perf.compile"], "batch_sizes": sizes, "rows": rows})
         except CompileCacheError as err:

@@ -416,3 +416,63 @@ def test_a_daemon_on_the_cpu_survives_its_model_file_cut_short(
 
     pixels = [Image.open(spool.outbox / r["images"][0]["file"]).tobytes() for r in (before, after)]
     assert pixels[0] == pixels[1]  # the weights loaded at start, whatever became of the file
+
+
+def test_a_model_whose_warm_up_fails_leaves_the_pool_as_it_was(
+        shelf: Shelf, model_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With perf.compile, a model loaded for a job is warmed up (compiled) before it
+    joins the pool and before any warm model leaves for it: a warm-up that fails
+    fails that job with a ModelError and evicts nothing. (The warm-up itself is
+    stood in for here: compiling on this CPU takes minutes; test_speed compiles.)"""
+    from sbrender.errors import RenderError
+    from sbrender.pipeline import DiffusersRenderer
+
+    def warm_up(self: Any, model: str = "") -> None:
+        if model == "merge":
+            raise RenderError("out of GPU memory rendering 2 image(s) of 512x512")
+
+    monkeypatch.setattr(DiffusersRenderer, "warm_up", warm_up)
+    import torch
+
+    monkeypatch.setattr(torch, "compile", lambda method, **options: method)  # routers, but nothing compiled
+    renderer = _renderer(shelf, model_cache, tmp_path, **{"models.keep_loaded": 2, "perf.compile": "default"})
+    rules = Rules.from_settings(renderer.settings)
+    renderer.render(_job(rules, model="base"), [5])
+    with pytest.raises(ModelError, match=r"cannot compile model merge: out of GPU memory"):
+        renderer.render(_job(rules, model="merge"), [5])
+    assert list(renderer.pool.warm) == ["", "base"]
+    monkeypatch.setattr(DiffusersRenderer, "warm_up", lambda self, model="": None)
+    assert renderer.render(_job(rules, model="merge"), [5]).model["name"] == "merge"  # tried again: not "broken"
+    assert list(renderer.pool.warm) == ["base", "merge"]
+
+
+def test_out_of_device_memory_sends_warm_models_away_one_at_a_time(
+        shelf: Shelf, model_cache: Path, tmp_path: Path) -> None:
+    """A CUDA out-of-memory at the move to the device: the least recently used warm
+    model that shares nothing with the new one leaves, and the move is tried again,
+    until it fits or nothing is left to go (then a ModelError, not a crash). CUDA
+    cannot run here: the pipeline's ``to`` is stood in for."""
+    import torch
+
+    renderer = _renderer(shelf, model_cache, tmp_path, **{"models.keep_loaded": 4})
+    rules = Rules.from_settings(renderer.settings)
+    for name in ("base", "folder"):
+        renderer.render(_job(rules, model=name), [5])
+
+    class Pipe:
+        def __init__(self, fails: int) -> None:
+            self.fails = fails
+
+        def to(self, device: str) -> "Pipe":
+            if device != "cpu" and self.fails:
+                self.fails -= 1
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20 MiB")
+            return self
+
+    renderer.device = "cuda"
+    donors = {"vae": renderer.pool.warm["base"]}  # the new model shares base's VAE: base stays
+    renderer._on_device(Pipe(fails=2), donors)
+    assert list(renderer.pool.warm) == ["base"]  # "" then folder left, least recently used first
+    with pytest.raises(ModelError, match="not enough device memory to load this model"):
+        renderer._on_device(Pipe(fails=5), donors)
+    assert list(renderer.pool.warm) == ["base"]

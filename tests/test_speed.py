@@ -111,6 +111,12 @@ def test_compiled_pipeline_warms_up_at_load_and_renders(model_cache: Path) -> No
     assert [o.images[0].size for o in outs] == [(64, 64)] * 3
     unet, vae = buckets.routers(renderer.pipe.unet, renderer.pipe.vae)
     assert unet.calls["split"] == 2 and vae.calls["split"] == 1, "each of the 2 steps, and the decode"
+    # Euler's timesteps are float32 where DPM++'s are int64; CFG 1 gives one UNet row per image
+    # (LCM, turbo): both through the warm-up's graphs too.
+    eager = unet.calls["eager"]
+    renderer.render(dataclasses.replace(_job(4, steps=2), sampler="Euler"), [4])
+    renderer.render(dataclasses.replace(_job(5, steps=2), guidance_scale=1.0), [5])
+    assert unet.calls["eager"] == eager
     assert compilecache.counters() == before
 
 
