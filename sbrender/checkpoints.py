@@ -163,7 +163,7 @@ class Catalog:
         if name in self.fixed:
             return self.fixed[name]
         title = _TITLE.fullmatch(name)
-        candidates = [name, *([title["name"]] if title and title["name"] not in self.fixed else [])]
+        candidates = [name, *([title["name"]] if title else [])]
         candidates += [c[: -len(SUFFIX)] for c in candidates if c.lower().endswith(SUFFIX)]
         for attempt in (1, 2):
             for candidate in candidates:

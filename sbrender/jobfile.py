@@ -103,15 +103,31 @@ def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode)
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 
 
+MAX_YAML_DEPTH = 100
+_OPENING = (yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken, yaml.FlowMappingStartToken,
+            yaml.FlowSequenceStartToken)
+_CLOSING = (yaml.BlockEndToken, yaml.FlowMappingEndToken, yaml.FlowSequenceEndToken)
+
+
 def parse_yaml(text: str) -> Any:
     try:
         # The C scanner where there is one: the pure-Python one is quadratic in flow
         # nesting, and 1 MB of "[" would hold the daemon for hours.
+        depth = 0
         for token in yaml.scan(text, Loader=_StrictLoader):
             if isinstance(token, (yaml.AnchorToken, yaml.AliasToken)):
                 line = token.start_mark.line + 1
                 raise JobError(f"YAML anchors and aliases are not allowed (line {line})",
                                hint="write each value out in full")
+            # Counted here, not left to a RecursionError in the constructor: how deep that
+            # goes depends on the interpreter's recursion limit, which libraries raise.
+            if isinstance(token, _OPENING):
+                depth += 1
+                if depth > MAX_YAML_DEPTH:
+                    raise JobError("YAML is nested too deeply",
+                                   hint=f"a job file nests at most {MAX_YAML_DEPTH} mappings and lists")
+            elif isinstance(token, _CLOSING):
+                depth -= 1
         return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.constructor.ConstructorError as err:
         mark = f" (line {err.problem_mark.line + 1})" if err.problem_mark else ""

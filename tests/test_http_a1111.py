@@ -40,7 +40,8 @@ def live(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     # A second model to switch to: a diffusers folder (the tiny-random weights) in models_dir.
     models_dir = spool.root / "models"
     shutil.copytree(ensure_builtin(BUILTINS["tiny-random"], model_cache), models_dir / "painted")
-    env = daemon_env(model_cache, SBRENDER_TEST_FAULTS="slow-block=slow,slow-full=slow",
+    together = ",".join(f"slow-together-{k}=slow" for k in range(20))
+    env = daemon_env(model_cache, SBRENDER_TEST_FAULTS=f"slow-block=slow,slow-full=slow,{together}",
                      SBRENDER_MODELS_DIR=str(models_dir))
     daemon = DaemonProcess(spool, env)
     server = ServeProcess(spool, env).wait_ready()
@@ -235,6 +236,30 @@ def test_interrupt_stops_only_the_callers_own_job(live: Live) -> None:
 
 def _queue(live: Live) -> int:
     return int(httpx.get(f"{live.api}/progress").json()["queue"])
+
+
+def test_queue_limit_holds_for_requests_arriving_together(live: Live) -> None:
+    """20 requests at once to a front with serve.max_queue 1: one is queued, 19 get
+    429 (a place is taken before the submit is awaited, not after)."""
+    import asyncio
+
+    url = live.limited.url
+
+    async def burst() -> list[int]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            answers = await asyncio.gather(*(client.post(f"{url}/v1/jobs", json={
+                "id": f"slow-together-{k}", "prompt": "all at once", "steps": 5}) for k in range(20)))
+        return [a.status_code for a in answers]
+
+    codes = asyncio.run(burst())
+    try:
+        assert sorted(codes) == [202] + [429] * 19, codes
+    finally:
+        accepted = [f"slow-together-{k}" for k, code in enumerate(codes) if code == 202]
+        for job_id in accepted:
+            httpx.delete(f"{url}/v1/jobs/{job_id}")
+        for job_id in accepted:
+            wait_for(lambda job_id=job_id: httpx.get(f"{url}/v1/jobs/{job_id}").json()["status"] == "cancelled", 120)
 
 
 def test_queue_limit_answers_429_with_retry_after(live: Live) -> None:

@@ -283,7 +283,7 @@ def test_token_is_required_off_loopback(live: Live, model_cache: Path, tmp_path:
     spool = Spool(tmp_path / "spool")
     refused = run_serve(spool, daemon_env(model_cache), "--host", "0.0.0.0")
     assert refused.returncode == 2 and "serve.token" in refused.stderr
-    env = daemon_env(model_cache, SBRENDER_SERVE_TOKEN="s3cret-token",
+    env = daemon_env(model_cache, SBRENDER_SERVE_TOKEN="s3cret-token-for-tests",
                      SBRENDER_SERVE_ALLOWED_ORIGINS="https://app.example")
     server = ServeProcess(spool, env, "--host", "127.0.0.1").wait_ready()
     try:
@@ -296,14 +296,14 @@ def test_token_is_required_off_loopback(live: Live, model_cache: Path, tmp_path:
         # SillyTavern's empty credentials ('Basic ', trimmed as fetch sends it)
         a1111 = httpx.get(f"{url}/sdapi/v1/options", headers={"Authorization": "Basic"})
         assert a1111.status_code == 401 and a1111.headers["www-authenticate"].startswith("Basic")
-        basic = base64.b64encode(b"webui:s3cret-token").decode()
+        basic = base64.b64encode(b"webui:s3cret-token-for-tests").decode()
         assert httpx.get(f"{url}/sdapi/v1/options", headers={"Authorization": f"Basic {basic}"}).status_code == 200
         # No daemon serves this spool: the old server's answer while its model loaded, nothing queued.
-        unloaded = httpx.post(f"{url}/generate", json={"prompt": "x"}, headers={"Authorization": "Bearer s3cret-token"})
+        unloaded = httpx.post(f"{url}/generate", json={"prompt": "x"}, headers={"Authorization": "Bearer s3cret-token-for-tests"})
         assert unloaded.status_code == 503 and unloaded.json()["error"] == "ServiceUnavailable"
         assert not list(spool.inbox.glob("*.json"))
         # A queued job whose file is removed by hand: its waiter is told, its place is freed.
-        auth = {"Authorization": "Bearer s3cret-token"}
+        auth = {"Authorization": "Bearer s3cret-token-for-tests"}
         with ThreadPoolExecutor(1) as pool:
             waiting = pool.submit(httpx.post, f"{url}/v1/jobs", json={"id": "removed-by-hand", "prompt": "x"},
                                   headers={**auth, "Prefer": "wait=60"}, timeout=90)
@@ -324,7 +324,7 @@ def test_token_is_required_off_loopback(live: Live, model_cache: Path, tmp_path:
         assert listed.status_code == 200 and listed.headers["access-control-allow-origin"] == "https://app.example"
         other = httpx.get(f"{url}/v1/jobs", headers={**auth, "Origin": "https://other.example"})
         assert other.status_code == 403 and "access-control-allow-origin" not in other.headers
-        bearer = httpx.get(f"{url}/v1/jobs", headers={"Authorization": "Bearer s3cret-token"})
+        bearer = httpx.get(f"{url}/v1/jobs", headers={"Authorization": "Bearer s3cret-token-for-tests"})
         assert bearer.status_code == 200
         assert httpx.get(f"{url}/v1/jobs").status_code == 401
     finally:

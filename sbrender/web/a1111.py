@@ -148,6 +148,9 @@ def to_job(body: Txt2Img, options: Options) -> dict[str, Any]:
         raise JobError(f"script {body.script_name!r} not found: sbrender runs no A1111 scripts", field="script_name")
     overrides = body.override_settings or {}
     sampler, schedule = _sampler(body, settings)
+    for name, value in (("batch_size", body.batch_size), ("n_iter", body.n_iter)):
+        if value is not None and value < 1:
+            raise JobError(f"{name} must be at least 1, not {value}", field=name)
     count = (body.batch_size or 1) * (body.n_iter or 1)
     job: dict[str, Any] = {
         "prompt": body.prompt if body.prompt is not None else "",

@@ -59,6 +59,7 @@ class Front:
         self.max_queue: int = settings["serve.max_queue"]
         self.sync_timeout: float = settings["serve.sync_timeout_seconds"]
         self._health: tuple[float, list[dict[str, Any]]] | None = None
+        self._submitting = 0  # submits under way: they hold a place in serve.max_queue
 
     async def start(self) -> None:
         self.watcher.start()
@@ -77,11 +78,17 @@ class Front:
 
     async def submit(self, fields: dict[str, Any], *, caller: str, api: str, job_id: str | None = None) -> str:
         """Check and enqueue a job (``JobError`` for bad input, ``QueueFull``)."""
-        if self.watcher.outstanding() >= self.max_queue:
-            raise QueueFull(f"{self.watcher.outstanding()} jobs from this server are unfinished, the most "
-                            f"serve.max_queue allows", hint=f"retry in {RETRY_AFTER_S} s")
-        submitted = await asyncio.to_thread(self.client.submit, job_id=job_id, **fields)
-        self.watcher.track(submitted, caller, api)
+        # A place is taken before the submit is awaited: requests arriving together
+        # cannot all pass the check while the first ones are still being written.
+        if self.watcher.outstanding() + self._submitting >= self.max_queue:
+            raise QueueFull(f"{self.watcher.outstanding() + self._submitting} jobs from this server are "
+                            "unfinished, the most serve.max_queue allows", hint=f"retry in {RETRY_AFTER_S} s")
+        self._submitting += 1
+        try:
+            submitted = await asyncio.to_thread(self.client.submit, job_id=job_id, **fields)
+            self.watcher.track(submitted, caller, api)
+        finally:
+            self._submitting -= 1
         return submitted
 
     async def result_for(self, request: Request, job_id: str, timeout: float | None = None) -> dict[str, Any]:

@@ -23,13 +23,25 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+MIN_TOKEN_CHARS = 16
+
+
 def check(settings: Settings) -> None:
-    """Refuse to listen beyond this host without a token."""
-    host = settings["serve.host"]
-    if not is_loopback(host) and not settings["serve.token"]:
+    """Refuse to listen beyond this host without a real token (not blank, not
+    short, no spaces around it), and to serve a file spool whose inbox is not there."""
+    host, token = settings["serve.host"], settings["serve.token"]
+    if token and (token != token.strip() or len(token) < MIN_TOKEN_CHARS):
+        raise ConfigError(f"serve.token must be at least {MIN_TOKEN_CHARS} characters with no spaces around it",
+                          hint="set serve.token (SBRENDER_SERVE_TOKEN) to a long random secret: "
+                               "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'")
+    if not is_loopback(host) and not token:
         raise ConfigError(f"serve.host {host} is reachable from other hosts, and serve.token is not set",
                           hint="set serve.token (SBRENDER_SERVE_TOKEN) to a long random secret, "
                                "or listen on 127.0.0.1")
+    if settings["queue"] == "files" and not settings.inbox.is_dir():
+        raise ConfigError(f"the inbox {settings.inbox} does not exist: there is no queue to serve",
+                          hint="start `sbrender run` once (it makes the spool folders), or set inbox "
+                               "(SBRENDER_INBOX) to the daemon's")
 
 
 def bind(host: str, port: int) -> socket.socket:
