@@ -142,6 +142,17 @@ def sbrender(*args: str, env: dict[str, str], cwd: Path, timeout: float = 300,
     return proc
 
 
+def log_lines(path: Path) -> list[dict[str, Any]]:
+    """A process's JSON log, a dict per line; a line that is not JSON as {"event": line, "raw": True}."""
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            out.append({"event": line, "raw": True})
+    return out
+
+
 class DaemonProcess:
     """A real `sbrender run` subprocess, its log parsed as JSON lines."""
 
@@ -155,13 +166,7 @@ class DaemonProcess:
         self.owner = owner_name(pid=self.proc.pid)
 
     def lines(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                out.append({"event": line, "raw": True})
-        return out
+        return log_lines(self.log_path)
 
     def events(self, name: str) -> list[dict[str, Any]]:
         return [line for line in self.lines() if line.get("event") == name]

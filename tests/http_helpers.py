@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from conftest import Spool, wait_for
+from conftest import Spool, log_lines, wait_for
 
 SERVE_READY_S = 60.0
 
@@ -26,13 +25,7 @@ class ServeProcess:
         self.url = ""
 
     def lines(self) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_path.read_text().splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                out.append({"event": line, "raw": True})
-        return out
+        return log_lines(self.log_path)
 
     def wait_ready(self) -> ServeProcess:
         def serving() -> str:
