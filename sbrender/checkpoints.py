@@ -141,11 +141,7 @@ class Catalog:
         """A file as it is now: checked again when its size or time changed."""
         if path.is_dir():
             return Entry(name, path, "folder")
-        try:
-            info = path.stat()
-            key: tuple[object, ...] = (path, info.st_size, info.st_mtime_ns)
-        except OSError:
-            key = (path,)
+        key = models.file_stamp(path)
         if key not in self._checked:
             self._checked[key] = _problem(path, self._check)
         return Entry(name, path, "vae" if self.what == "VAE" else "checkpoint", self._checked[key])

@@ -28,7 +28,7 @@ from typing import Any
 
 from . import prompts, stfile
 from .errors import JobError
-from .models import cached_sha256
+from .models import cached_sha256, file_stamp
 
 SUFFIX = ".safetensors"
 PICKLE_SUFFIXES = (".pt", ".ckpt")  # what A1111 also lists as LoRAs
@@ -107,11 +107,7 @@ class Catalog:
     def _file(self, path: Path) -> LoraFile:
         """The file as it is now: described again when its size or modification time
         changed (a file replaced in place has another hash, alias or problem)."""
-        try:
-            info = path.stat()
-            key: tuple[Any, ...] = (path, info.st_size, info.st_mtime_ns)
-        except OSError:
-            key = (path,)
+        key = file_stamp(path)
         if key not in self._described:
             self._described[key] = _describe(path)
         return self._described[key]

@@ -418,6 +418,16 @@ def cached_sha256(path: Path, cache: Path, kind: str = "sha256",
     return cached_digest(path, cache, kind, compute)
 
 
+def file_stamp(path: Path) -> tuple[Any, ...]:
+    """A file as it is now (path, size, modification time): what it was loaded or
+    checked as is done again when this changes; just the path when it cannot be read."""
+    try:
+        info = path.stat()
+    except OSError:
+        return (str(path),)
+    return (str(path), info.st_size, info.st_mtime_ns)
+
+
 def cached_digest(path: Path, cache: Path, kind: str, compute: Callable[[Path], str] | None) -> str:
     """``compute(path)``, kept in ``cache/model-hashes.json`` under ``kind`` while the
     file's path, size and modification time stay the same; without ``compute``,

@@ -651,10 +651,4 @@ class DiffusersRenderer:
 
 def _stamp(path: Path | None) -> tuple[Any, ...]:
     """A model file or folder as it is now: a load that failed is tried again once it changed."""
-    if path is None:
-        return ("default",)
-    try:
-        info = path.stat()
-        return (str(path), info.st_size, info.st_mtime_ns)
-    except OSError:
-        return (str(path),)
+    return ("default",) if path is None else models.file_stamp(path)
