@@ -196,6 +196,7 @@ class FileBroker:
                     if popped:
                         self.queue.defer(pick)
                     continue
+                self.watcher.forget(cand.name)  # out of the inbox: what its events said is moot
                 info = FileInfo.of(path) if path is not None else None
                 if info is None:
                     self.queue.drop(cand)  # taken away before we got to it

@@ -241,7 +241,7 @@ def test_cli_submit_wait_jobs_show(live: tuple[Spool, DaemonProcess], model_cach
 
 def test_file_renamed_in_from_another_folder(live: tuple[Spool, DaemonProcess]) -> None:
     """A web app writing into a sibling folder on the same volume, then renaming
-    into the inbox (watchdog reports that as a creation, not a move)."""
+    into the inbox (inotify reports it as IN_MOVED_TO, with no IN_MOVED_FROM seen)."""
     spool, _ = live
     staging = spool.root / "staging"
     staging.mkdir(exist_ok=True)

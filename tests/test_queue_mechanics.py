@@ -102,11 +102,10 @@ def test_flood_of_5000_files_all_rendered_none_twice(running: tuple[Service, Sol
 def test_dead_watcher_is_restarted(running: tuple[Service, SolidRenderer, Path]) -> None:
     daemon, renderer, root = running
     watcher = daemon.broker.watcher
-    observer = watcher._observer
-    observer.stop()  # what an exception in watchdog's thread leaves behind
-    observer.join()
+    events = watcher._events
+    events.stop()  # what a failed read or an exception in the reader thread leaves behind
     deadline = time.monotonic() + 30
-    while watcher._observer is observer or not watcher.alive():
+    while watcher._events is events or not watcher.alive():
         assert time.monotonic() < deadline, "the dead watcher was not replaced"
         time.sleep(0.05)
     (root / "inbox" / ".after.json.tmp").write_text(json.dumps({"prompt": "after the restart"}))
