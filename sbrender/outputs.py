@@ -171,17 +171,20 @@ def commit(folder: Path, pubs: list[Publication]) -> list[dict[str, Any] | None]
     start = time.perf_counter()
     temps: list[list[tuple[Path, Path]]] = [[] for _ in pubs]
     errors: dict[int, SbrenderError] = {}
+    # A phase of one file is fsynced through the fd it was written with: no reopening
+    # (each system call hands the GIL to the render thread and back).
+    alone = sum(len(pub.files) for pub in pubs) == 1
     for i, pub in enumerate(pubs):
         try:
             for name, data in pub.files:
                 _check_name(name)
                 temps[i].append((folder / temp_name(name), folder / name))
-                write_synced(temps[i][-1][0], data, durable=False)
+                write_synced(temps[i][-1][0], data, durable=alone)
         except (OSError, SpoolError) as err:
             errors[i] = err if isinstance(err, SpoolError) else _write_error(folder / pub.files[0][0], err)
     written = [temp for i, pairs in enumerate(temps) if i not in errors for temp, _ in pairs]
     try:
-        if written:
+        if written and not alone:
             flush(folder, written)
     except OSError as err:
         for i, pub in enumerate(pubs):
@@ -194,8 +197,8 @@ def commit(folder: Path, pubs: list[Publication]) -> list[dict[str, Any] | None]
                     os.replace(temp, final)  # over a planted symlink, never through it
         except OSError as err:
             errors[i] = _write_error(final, err)
-    for pairs in temps:
-        for temp, _ in pairs:
+    for i in errors:  # the rest were renamed into place
+        for temp, _ in temps[i]:
             _unlink(temp)
     seconds = time.perf_counter() - start
     results = [pub.fail(errors[i]) if i in errors else pub.finish(seconds) for i, pub in enumerate(pubs)]
@@ -206,16 +209,19 @@ def commit(folder: Path, pubs: list[Publication]) -> list[dict[str, Any] | None]
         temp = folder / temp_name(pub.json_name)
         try:
             _check_name(pub.json_name)
-            write_synced(temp, text.encode("utf-8"), durable=False)
+            write_synced(temp, text.encode("utf-8"), durable=len(pubs) == 1)
             staged.append((i, temp, folder / pub.json_name))
         except (OSError, SpoolError):
             _unlink(temp)
+    renamed: set[Path] = set()
     try:
         if staged:
-            flush(folder, [temp for _, temp, _ in staged])
+            if len(pubs) > 1:
+                flush(folder, [temp for _, temp, _ in staged])
             for i, temp, final in staged:
                 try:
                     os.replace(temp, final)
+                    renamed.add(temp)
                     out[i] = results[i]
                 except OSError:
                     pass  # this job's result stays unpublished (None)
@@ -226,7 +232,8 @@ def commit(folder: Path, pubs: list[Publication]) -> list[dict[str, Any] | None]
         return [None] * len(pubs)
     finally:
         for _, temp, _ in staged:
-            _unlink(temp)
+            if temp not in renamed:
+                _unlink(temp)
     return out
 
 
