@@ -15,6 +15,7 @@ loaded, against one denoising step.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import statistics
 import tempfile
@@ -29,6 +30,8 @@ from .config import Settings
 from .jobs import Job
 from .results import parse_iso
 
+FEEDER_POLL_S = 0.5  # how often the bench's own waiter looks for results
+
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
@@ -42,9 +45,13 @@ class Plan:
     rounds: int = 4  # plain loop and daemon taking turns to go first: an even count balances drift
     sampler: str = "DPM++ 2M Karras"
     guidance_scale: float = 7.0
+    # Each round's prompts are new to the daemon: its prompt cache must not make a
+    # repeated round look faster than the plain loop, which encodes every prompt.
+    take: int = 0
 
     def job(self, k: int) -> Job:
-        return Job(id=f"bench-{k:05d}", prompt=f"a lighthouse on a cliff at dusk, study {k}", negative_prompt="",
+        prompt = f"a lighthouse on a cliff at dusk, study {k}" + (f", take {self.take}" if self.take else "")
+        return Job(id=f"bench-{k:05d}", prompt=prompt, negative_prompt="",
                    steps=self.steps, guidance_scale=self.guidance_scale, width=self.width, height=self.height,
                    seed=1000 + k, count=1, sampler=self.sampler, priority=0)
 
@@ -198,9 +205,10 @@ class DaemonRun:
                 # The result's own clock (ms), so that polling gently costs no precision.
                 result["_seen"] = parse_iso(result["timings"]["finished_at"])
                 results[job_id] = result
-            # The daemon shares this process (and, on a CPU, the render's cores): poll as
-            # Client.wait does; each result carries its own finish time to the ms.
-            time.sleep(0.1)
+            # The daemon shares this process, where a real client does not: each look
+            # takes the GIL from the render thread. Poll gently; each result carries
+            # its own finish time to the ms.
+            time.sleep(FEEDER_POLL_S)
         bad = [r["id"] for r in results.values() if r["status"] != "succeeded"]
         if bad:
             raise RuntimeError(f"bench jobs failed: {bad[:3]} ({results[bad[0]].get('error')})")
@@ -398,9 +406,12 @@ def run(settings: Settings, plan: Plan, timeout: float = 3600.0, spool_dir: Path
                                   "renderer": renderer.describe(), "device_name": _device_name(renderer),
                                   "spool": {"folder": str(root.parent), **disk_probe(root)},
                                   "plain": {}, "daemon": {}}
+        takes = itertools.count(1)
         for batch in batches:
             plain_s, daemon_runs = [], []
             for k in range(plan.rounds):
+                round_plan = dataclasses.replace(plan, take=next(takes))
+                jobs = [round_plan.job(j) for j in range(plan.jobs)]
                 # The two sides take turns to go first (plain, daemon | daemon, plain | ...)
                 # and count as their means: a machine that drifts (clocks, neighbours)
                 # then biases neither. The latency phase runs in the last round only.
@@ -409,8 +420,8 @@ def run(settings: Settings, plan: Plan, timeout: float = 3600.0, spool_dir: Path
                     if side == "plain":
                         plain_s.append(plain_loop(renderer, jobs, batch, root / f"plain-{batch}-{k}"))
                         continue
-                    round_plan = plan if k == plan.rounds - 1 else dataclasses.replace(plan, latency_jobs=0)
-                    daemon_runs.append(daemon_phase(settings, renderer, round_plan, batch,
+                    daemon_plan = round_plan if k == plan.rounds - 1 else dataclasses.replace(round_plan, latency_jobs=0)
+                    daemon_runs.append(daemon_phase(settings, renderer, daemon_plan, batch,
                                                     root / f"daemon-{batch}-{k}", timeout))
             report["plain"][str(batch)] = _mean_row(plan.jobs, plain_s)
             report["daemon"][str(batch)] = _daemon_row(batch, plan.jobs, daemon_runs, plain_s)

@@ -27,7 +27,7 @@ from .results import iso
 log = structlog.get_logger("sbrender")
 
 MIN_INTERVAL_S = 1.0
-STEP_WRITE_S = 0.1  # step updates are written at most this often
+STEP_WRITE_S = 0.25  # step updates are written at most this often (each write takes the GIL)
 HEARTBEAT_S = 5.0
 
 
