@@ -64,7 +64,7 @@ class FileBroker:
         self._identity = self.spool.identity()
         self._recover()
         self.watcher.start()
-        self.queue.full_scan()
+        self._full_scan()
         self._next_scan = time.monotonic() + self.rescan_s
 
     def close(self) -> bool:
@@ -80,7 +80,7 @@ class FileBroker:
         problems = self.spool.identity_problems(self._identity)
         if not problems and self._problems:
             self.watcher.restart()  # the folders are back: watch them again, look at everything
-            self.queue.full_scan()
+            self._full_scan()
         self._problems = problems
         return problems
 
@@ -92,12 +92,18 @@ class FileBroker:
             self.watcher.restart()
             self._next_scan = 0.0
         now = time.monotonic()
-        if now >= self._next_scan:
+        if now >= self._next_scan or self.watcher.events_lost():
             self._recover()
-            self.queue.full_scan()
+            self._full_scan()
             self._next_scan = now + self.rescan_s
         else:
             self.queue.refresh(self.watcher.drain())
+
+    def _full_scan(self) -> None:
+        """Every inbox file looked at; the watcher's hints of names gone pruned."""
+        self.watcher.events_lost()  # this scan is the look a loss asked for; one during it asks again
+        since = time.monotonic()
+        self.watcher.retain(self.queue.full_scan(), since)
 
     def wait_s(self, most: float) -> float:
         wait = min(most, self._next_scan - time.monotonic())

@@ -107,9 +107,14 @@ class FolderEvents:
             os.close(fd)
             raise err
         self._fd = fd
-        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
-        self._thread = threading.Thread(target=self._run, name="sbrender-inotify", daemon=True)
-        self._thread.start()
+        try:
+            self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+            self._thread = threading.Thread(target=self._run, name="sbrender-inotify", daemon=True)
+            self._thread.start()
+        except BaseException as err:
+            self._thread = None
+            self.stop()  # no descriptor left behind
+            raise OSError(errno.EAGAIN, f"cannot start the inotify reader: {err}") from err
 
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()

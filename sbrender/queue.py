@@ -92,9 +92,10 @@ class JobQueue:
         self._put(cand)
         return cand
 
-    def full_scan(self) -> None:
+    def full_scan(self) -> set[str]:
         """Look at every inbox file: the folder is the truth, events are only hints.
-        Entries deferred since the last scan are back in their places."""
+        Entries deferred since the last scan are back in their places. The names
+        seen."""
         deferred, self._deferred = self._deferred, []
         for pick in deferred:
             self.requeue(pick)
@@ -106,6 +107,7 @@ class JobQueue:
         for name, cand in list(self.candidates.items()):
             if not cand.claimed and name not in seen:
                 self._forget(name)
+        return seen
 
     def refresh(self, names: Iterable[str]) -> None:
         """Look again at some inbox names (from events, or still settling)."""

@@ -17,8 +17,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
 from . import inotify
 from .ids import is_job_file_name
+
+log = structlog.get_logger("sbrender")
 
 # A file seen created but never written (a hard link, or a writer slow to start):
 # the first write of a real writer follows the creation within microseconds;
@@ -48,6 +52,7 @@ class Hints:
         self._lock = threading.Lock()
         self._seen: dict[str, Seen] = {}
         self._dirty: set[str] = set()
+        self._lost = False  # events were lost: every name must be looked at
 
     def set(self, name: str, hint: Hint) -> None:
         with self._lock:
@@ -70,9 +75,25 @@ class Hints:
         with self._lock:
             self._seen.pop(name, None)
 
-    def clear(self) -> None:
+    def lost(self) -> None:
+        """Events were lost (a queue overflow, a gap in watching): no hint can be
+        trusted, and names no event will mention wait for a full scan."""
         with self._lock:
             self._seen.clear()
+            self._lost = True
+
+    def take_lost(self) -> bool:
+        """Whether events were lost since the last call."""
+        with self._lock:
+            lost, self._lost = self._lost, False
+            return lost
+
+    def retain(self, names: set[str], since: float) -> None:
+        """Keep only the hints of ``names`` (the folder's listing, begun at
+        ``since``) and those newer than the listing: a name that left the inbox by
+        a rename we do not watch (a peer's claim, a user's ``mv``) leaves no event."""
+        with self._lock:
+            self._seen = {name: seen for name, seen in self._seen.items() if name in names or seen.at >= since}
 
     def get(self, name: str) -> Seen | None:
         with self._lock:
@@ -109,7 +130,7 @@ def _record(hints: Hints, events: list[tuple[int, str]]) -> None:
     daemon, `sbrender jobs`) open files too."""
     for mask, name in events:
         if mask & inotify.IN_Q_OVERFLOW:
-            hints.clear()  # events were lost: every file waits out its settle time, as at start
+            hints.lost()  # every file waits out its settle time, as at start, and is looked at
             continue
         if mask & inotify.IN_ISDIR or not is_job_file_name(name):
             continue
@@ -137,12 +158,15 @@ class InboxWatcher:
         (not Linux, no inotify on the filesystem, or its watch limit reached)."""
         if self.mode == "polling":
             return
+        self.hints.lost()  # events before now (a restart's gap) are not known
         events = inotify.FolderEvents(self.folder, MASK, self._on_events)
         try:
             events.start()
-        except OSError:
+        except OSError as err:
             if self.mode == "inotify":
                 raise
+            log.warning("cannot watch the inbox with inotify; polling it", folder=str(self.folder), error=str(err),
+                        hint="raise fs.inotify.max_user_watches / max_user_instances, or set watch.mode: polling")
             return
         self._events = events
 
@@ -173,3 +197,10 @@ class InboxWatcher:
 
     def drain(self) -> set[str]:
         return self.hints.drain()
+
+    def events_lost(self) -> bool:
+        """Whether a full scan is due because events were lost (or watching restarted)."""
+        return self.hints.take_lost()
+
+    def retain(self, names: set[str], since: float) -> None:
+        self.hints.retain(names, since)

@@ -98,3 +98,48 @@ def test_a_folder_that_cannot_be_watched_raises(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(OSError):
         inotify.FolderEvents(tmp_path / "file", MASK, Recorder()).start()  # IN_ONLYDIR
+
+
+def test_a_restart_or_lost_events_trust_no_old_hint_and_ask_for_a_full_scan(tmp_path: Path) -> None:
+    """A name claimed by a peer (renamed out: no event) keeps no COMPLETE hint across
+    a gap in watching, where a new file of that name may be half-written."""
+    watcher = InboxWatcher(tmp_path, "inotify", threading.Event())
+    watcher.start()
+    try:
+        assert watcher.events_lost(), "a start asks for a full scan"
+        assert not watcher.events_lost()
+        (tmp_path / ".t").write_text("prompt: a")
+        os.rename(tmp_path / ".t", tmp_path / "job0.json")
+        wait_for(lambda: (s := watcher.hint("job0.json")) is not None and s.hint is Hint.COMPLETE)
+        watcher.restart()
+        assert watcher.hint("job0.json") is None
+        assert watcher.events_lost()
+    finally:
+        watcher.stop()
+
+
+def test_an_inotify_queue_overflow_drops_every_hint_and_asks_for_a_full_scan(tmp_path: Path) -> None:
+    from sbrender.watcher import Hints, _record
+
+    hints = Hints()
+    _record(hints, [(inotify.IN_CLOSE_WRITE, "a.json")])
+    assert hints.get("a.json") is not None and not hints.take_lost()
+    _record(hints, [(inotify.IN_Q_OVERFLOW, "")])
+    assert hints.get("a.json") is None
+    assert hints.take_lost() and not hints.take_lost()
+
+
+def test_hints_of_names_gone_from_the_folder_are_pruned_by_a_scan(tmp_path: Path) -> None:
+    import time
+
+    from sbrender.watcher import Hints
+
+    hints = Hints()
+    for k in range(3):
+        hints.set(f"gone-{k}.json", Hint.COMPLETE)
+    hints.set("here.json", Hint.COMPLETE)
+    listing_began = time.monotonic()
+    hints.set("new.json", Hint.CREATED)  # an event after the listing began: kept
+    hints.retain({"here.json"}, listing_began)
+    assert [name for name in ("gone-0.json", "gone-1.json", "gone-2.json") if hints.get(name)] == []
+    assert hints.get("here.json") is not None and hints.get("new.json") is not None
