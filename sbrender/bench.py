@@ -2,7 +2,7 @@
 
 One process, one loaded model, one run: (a) the loop every user could write
 (``pipe(...)`` then ``image.save(...)``, model already loaded), batched too when
-asked; (b) the real ``Daemon`` (watcher, queue, claims, writer thread, result
+asked; (b) the real ``Daemon`` (watcher, queue, claims, writer process, result
 JSONs, fsyncs) in the main thread, as ``sbrender run`` runs it, fed from another
 thread into a fresh spool, sharing the warm pipeline so both sides use the same
 weights, kernels and compiled graphs. Each side runs ``rounds`` times, the two

@@ -1,5 +1,5 @@
 """The dispatcher: take entries from the broker, render them, hand the results
-to the writer thread, and tell the broker what was published.
+to the writer process, and tell the broker what was published.
 
 It knows no files and no signals. The render runs in the calling thread
 (compiled graphs are per thread); while it runs, a housekeeper thread does
@@ -72,6 +72,7 @@ class Dispatcher:
         self.renderer = renderer
         self.batch_key = getattr(renderer, "batch_key", call_key)  # a renderer that says nothing: the usual key
         self.writer: Writer[Slot] = Writer(outbox, wake)
+        self.writer.start()  # its process starts while the queue is read, not with the first result
         self.stop = stop
         self.batch_size = batch_size
         self.max_crashes = max_crashes
