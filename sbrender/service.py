@@ -32,7 +32,7 @@ from .notify import Notifier
 from .peers import owner_name
 from .renderer import Renderer
 from .spool import Spool
-from .status import StatusFile
+from .status import StatusFile, describe
 
 log = structlog.get_logger("sbrender")
 
@@ -55,7 +55,8 @@ class Service:
         self.notifier = Notifier()
         self.metrics = _metrics(settings, self.owner)
         self.status = StatusFile(Spool(settings.inbox, settings.outbox, settings.state).status_path(self.owner),
-                                 self.owner, mirror=getattr(self.broker, "publish_status", None),
+                                 self.owner, mirrors=(getattr(self.broker, "publish_status", None),
+                                                      self._tell_systemd),
                                  model=settings.model, started_at=results.iso(time.time()))
         self.counts = {results.SUCCEEDED: 0, results.FAILED: 0, results.CANCELLED: 0}
         self.description: dict[str, Any] = {}
@@ -221,10 +222,13 @@ class Service:
         if self.should_exit.is_set():
             self._note_stop()  # at once: the render ends at this step, then the writes drain
             return
-        batch = {"batch": job_ids} if len(job_ids) > 1 else {}
-        # Lazy at the start too: written by the heartbeat thread, off the render's
-        # path; what a crash is counted against is the broker's (``rendering``).
-        self._set_status("rendering", lazy=True, job=job_ids[0], step=step, steps=steps, **batch)
+        if step == 0:
+            batch = {"batch": job_ids} if len(job_ids) > 1 else {}
+            # Lazy at the start too: written by the heartbeat thread, off the render's
+            # path; what a crash is counted against is the broker's (``rendering``).
+            self._set_status("rendering", lazy=True, job=job_ids[0], step=step, steps=steps, **batch)
+        else:
+            self.status.step(step, steps, self.broker.pending())
         self.notifier.watchdog()  # the render progresses
 
     def _finished(self, slot: Slot, result: dict[str, Any]) -> None:
@@ -245,11 +249,13 @@ class Service:
     def _set_status(self, state: str, *, lazy: bool = False, **current: Any) -> None:
         """Record the state; ``lazy``: a step or an idle turn, written when it
         changed or the heartbeat is due, else at once."""
-        updated = self.status.update(state, force=not lazy, current=current or None,
-                                     device=self.description.get("device"), queued=self.broker.pending(),
-                                     **self.counts)
-        if updated and self.notifier.enabled:  # at every step: no text made for no one
-            self.notifier.status(self.status.text())
+        self.status.update(state, force=not lazy, current=current or None, device=self.description.get("device"),
+                           queued=self.broker.pending(), **self.counts)
+
+    def _tell_systemd(self, status: dict[str, Any]) -> None:
+        """STATUS= for ``systemctl status``, as the status file is written."""
+        if self.notifier.enabled:
+            self.notifier.status(describe(status))
 
     def _write_metrics(self, force: bool) -> None:
         now = time.monotonic()

@@ -32,7 +32,7 @@ HEARTBEAT_S = 5.0
 
 
 class StatusFile:
-    def __init__(self, path: Path, owner: str, mirror: Callable[[dict[str, Any]], None] | None = None,
+    def __init__(self, path: Path, owner: str, mirrors: tuple[Callable[[dict[str, Any]], None] | None, ...] = (),
                  **fixed: Any) -> None:
         self.folder = path.parent
         self.name = path.name
@@ -40,44 +40,69 @@ class StatusFile:
                       "host": peers.hostname(), **fixed}
         self.data: dict[str, Any] = {}
         self._written = 0.0
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one write at a time
+        self._data_lock = threading.Lock()  # ``data`` is replaced by two threads; never held across a write
+        self._step: tuple[int, int, int, float] | None = None  # (step, steps, queued, when): not yet in ``data``
         self._dirty = threading.Event()  # a step to write, for the heartbeat thread
         self._thread: threading.Thread | None = None
         # Where else the status goes each time it is written (a Redis queue: seen from every
-        # host); called in the writing thread, its failures only logged.
-        self.mirror = mirror
+        # host; systemd's STATUS=); called in the writing thread, their failures only logged.
+        self.mirrors = [m for m in mirrors if m is not None]
 
     def update(self, state: str, *, force: bool = False, current: dict[str, Any] | None = None,
                **fields: Any) -> bool:
         """Record the state; written when anything in it changed (a new step, too),
         else at most once a second. True when it was written."""
         now = time.time()
-        changed = state != self.data.get("state") or current != self.data.get("current")
-        if not (force or changed or now - self._written >= MIN_INTERVAL_S):
-            return False
-        # progress_at comes only from here (the main thread); the heartbeat thread
-        # refreshes "heartbeat" alone, so a hung loop shows as stalled.
-        stamp = iso(now)
-        self.data = {**self.fixed, "state": state, "current": current, **fields, "heartbeat": stamp,
-                     "progress_at": stamp}
-        if force or state != "rendering" or self._thread is None or not self._thread.is_alive():
-            self._write()
-        else:
-            # A new step: written by the status thread, so that a render thread
-            # bound by kernel launches never waits on a file system call.
-            self._dirty.set()
+        with self._data_lock:
+            changed = state != self.data.get("state") or current != self.data.get("current")
+            if not (force or changed or now - self._written >= MIN_INTERVAL_S):
+                return False
+            # progress_at comes only from the main thread (here and ``step``); the
+            # heartbeat thread refreshes "heartbeat" alone, so a hung loop shows as stalled.
+            stamp = iso(now)
+            self.data = {**self.fixed, "state": state, "current": current, **fields, "heartbeat": stamp,
+                         "progress_at": stamp}
+            self._step = None
+        self._later_or_now(force or state != "rendering")
         return True
+
+    def step(self, step: int, steps: int, queued: int) -> None:
+        """The current render's next denoising step: the cheap path, taken at every
+        step (a dict and a timestamp per step were 1 % of a render). The heartbeat
+        thread folds in the latest when it writes."""
+        self._step = (step, steps, queued, time.time())
+        self._later_or_now(False)
+
+    def _later_or_now(self, now: bool) -> None:
+        if now or self._thread is None or not self._thread.is_alive():
+            self._write()
+        elif not self._dirty.is_set():
+            # Written by the heartbeat thread, so that a render thread bound by
+            # kernel launches never waits on a file system call.
+            self._dirty.set()
+
+    def _snapshot(self) -> dict[str, Any]:
+        """``data`` with the latest step folded in."""
+        with self._data_lock:
+            pending, self._step = self._step, None
+            if pending is not None and self.data.get("state") == "rendering":
+                step, steps, queued, at = pending
+                self.data = {**self.data, "current": {**(self.data.get("current") or {}), "step": step, "steps": steps},
+                             "queued": queued, "heartbeat": iso(time.time()), "progress_at": iso(at)}
+            return self.data
 
     def _write(self) -> None:
         with self._lock:
+            data = self._snapshot()
             try:
-                write_json(self.folder, self.name, self.data, durable=False)
+                write_json(self.folder, self.name, data, durable=False)
                 self._written = time.time()
             except SpoolError as err:
                 log.warning("cannot write status file", error=str(err))
-            if self.mirror is not None:
+            for mirror in self.mirrors:
                 try:
-                    self.mirror(self.data)
+                    mirror(data)
                 except Exception as err:  # noqa: BLE001 - the status is a report: it never stops the daemon
                     log.debug("cannot publish the status", error=str(err))
 
@@ -100,7 +125,8 @@ class StatusFile:
                 if on_beat is not None:
                     on_beat(self.data.get("state"))
                 if self.data and time.time() - self._written >= HEARTBEAT_S:
-                    self.data = {**self.data, "heartbeat": iso(time.time())}
+                    with self._data_lock:
+                        self.data = {**self.data, "heartbeat": iso(time.time())}
                     self._write()
 
         def stopper() -> None:
