@@ -67,12 +67,11 @@ class Dispatcher:
     def __init__(self, broker: Broker, renderer: Renderer, *, outbox: Path, wake: threading.Event,
                  stop: threading.Event, batch_size: int, max_crashes: int, description: dict[str, Any],
                  model_load_s: float, progress: Progress,
-                 finished: Callable[[Slot, dict[str, Any]], None]) -> None:
+                 finished: Callable[[Slot, dict[str, Any]], None], writer: Writer[Slot] | None = None) -> None:
         self.broker = broker
         self.renderer = renderer
         self.batch_key = getattr(renderer, "batch_key", call_key)  # a renderer that says nothing: the usual key
-        self.writer: Writer[Slot] = Writer(outbox, wake)
-        self.writer.start()  # its process starts while the queue is read, not with the first result
+        self.writer: Writer[Slot] = writer if writer is not None else Writer(outbox, wake)
         self.stop = stop
         self.batch_size = batch_size
         self.max_crashes = max_crashes

@@ -18,9 +18,9 @@ It lives and dies with its daemon:
   daemon's life (``spool.remove_stale_temps``).
 
 The pipe carries pickled ``(draft, sync_first)`` pairs from the daemon (a
-pickle of None for a draft that could not be handed over), and one list of
-results per group back, in order: each the result as published, or None when
-nothing could be published.
+pickle of None for a draft that could not be handed over), and back an empty
+list once started, then one list of results per group, in order: each the
+result as published, or None when nothing could be published.
 """
 
 from __future__ import annotations
@@ -138,6 +138,7 @@ def serve(folder: Path, inbox: Connection, outbox: Connection, depth: int) -> No
     the daemon closes the pipe."""
     frames: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
     threading.Thread(target=_receive, args=(inbox, frames), name="sbrender-publisher-pipe", daemon=True).start()
+    outbox.send([])  # hello: started, every import done
     done = False
     while not done:
         group = [frames.get()]

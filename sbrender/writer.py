@@ -94,6 +94,7 @@ class Writer(Generic[Tag]):
         self._done: deque[Report[Tag]] = deque()
         self._child: _Child | None = None
         self._reader: threading.Thread | None = None
+        self._ready = threading.Event()  # the running process said hello (or died)
 
     def start(self) -> None:
         """Spawn the writer process now, not with the first draft. One that cannot
@@ -104,6 +105,11 @@ class Writer(Generic[Tag]):
             except Exception as err:  # noqa: BLE001 - logged; put tries again
                 log.error("cannot start the writer process", error=f"{type(err).__name__}: {err}",
                           hint="check the process and memory limits")
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Wait until the writer process has started (its imports done), so that
+        its start-up takes no CPU from the first renders. False on timeout."""
+        return self._ready.wait(timeout)
 
     @property
     def pid(self) -> int | None:
@@ -146,6 +152,7 @@ class Writer(Generic[Tag]):
             return self._child
         spawned: list[_Child | BaseException] = []
         ready = threading.Event()
+        self._ready.clear()
         self._reader = threading.Thread(target=self._read, args=(spawned, ready), name="sbrender-writer",
                                         daemon=True)
         self._reader.start()
@@ -172,6 +179,8 @@ class Writer(Generic[Tag]):
         spawned.append(child)
         ready.set()
         try:
+            child.replies.recv()  # its hello: started
+            self._ready.set()
             while True:
                 results = child.replies.recv()
                 with self._cond:
@@ -181,6 +190,7 @@ class Writer(Generic[Tag]):
         except (EOFError, OSError):
             pass
         finally:
+            self._ready.set()  # no one waits for a dead one
             code = child.proc.wait()
             child.replies.close()
             with self._cond:
