@@ -2,7 +2,7 @@
 
 One process, one loaded model, one run: (a) the loop every user could write
 (``pipe(...)`` then ``image.save(...)``, model already loaded), batched too when
-asked; (b) the real ``Daemon`` (watcher, queue, claims, writer process, result
+asked; (b) the real ``Daemon`` (watcher, queue, claims, writer thread, result
 JSONs, fsyncs) in the main thread, as ``sbrender run`` runs it, fed from another
 thread into a fresh spool, sharing the warm pipeline so both sides use the same
 weights, kernels and compiled graphs. Each side runs ``rounds`` times, the two
@@ -139,15 +139,7 @@ class DaemonRun:
         self.daemon = Service(self.settings, Preloaded(renderer, lambda a, b, n: self.spans.append((a, b, n))))
         self.client = Client.from_settings(self.settings)
         self.error: BaseException | None = None
-
-    @property
-    def started(self) -> float:
-        """time.time() when the daemon was ready: its model (here preloaded) and its
-        writer process started, and its first look at the inbox done. The rounds
-        time a running daemon's throughput; a start is paid once per daemon, and
-        here once per round of a few dozen jobs, where the writer's start (0.25 s
-        of CPU on the second core) would be counted as a per-job cost."""
-        return self.daemon.ready_at
+        self.started = 0.0  # time.time() when the daemon was started
 
     def serve(self, feed: Callable[[DaemonRun], Any]) -> Any:
         """Run the daemon here until ``feed(self)``, in a thread, is done; its value."""
@@ -166,6 +158,7 @@ class DaemonRun:
         thread = threading.Thread(target=feeder, name="bench-feeder", daemon=True)
         thread.start()
         try:
+            self.started = time.time()
             self.daemon.run()
         except BaseException as err:
             self.error = err
@@ -252,8 +245,8 @@ def daemon_phase(settings: Settings, renderer: Any, plan: Plan, batch: int, root
 
     def feed(run: DaemonRun) -> dict[str, Any]:
         results = run.wait_all(ids, timeout)
-        # From the daemon's ready to the last result's finish time, stamped as its
-        # images are written.
+        # From the daemon's start (its scan of the full inbox included) to the last
+        # result's finish time, stamped as its images are written.
         elapsed = max(r["_seen"] for r in results.values()) - run.started
         spans = list(run.spans)
         return {"seconds": elapsed, "spans": spans,
@@ -486,10 +479,7 @@ def table(report: dict[str, Any]) -> str:
                          f"drop to result p50 {r['p50_ms']} ms")
     for batch, row in report["daemon"].items():
         if len(row.get("round_ratios", [])) > 1:  # how far single runs scatter on this machine
-            # The median of the paired rounds too: one round slowed by a neighbour moves the
-            # mean of a short run by more than the daemon's whole cost.
-            lines.append(f"daemon/plain by round, batch {batch}: " + " ".join(f"{r:.3f}" for r in row["round_ratios"])
-                         + f" (median {statistics.median(row['round_ratios']):.3f})")
+            lines.append(f"daemon/plain by round, batch {batch}: " + " ".join(f"{r:.3f}" for r in row["round_ratios"]))
     lines.append("ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in report["ratios"].items()))
     if report.get("lora"):
         lo = report["lora"]

@@ -1,5 +1,5 @@
 """The dispatcher: take entries from the broker, render them, hand the results
-to the writer process, and tell the broker what was published.
+to the writer thread, and tell the broker what was published.
 
 It knows no files and no signals. The render runs in the calling thread
 (compiled graphs are per thread); while it runs, a housekeeper thread does
@@ -67,11 +67,11 @@ class Dispatcher:
     def __init__(self, broker: Broker, renderer: Renderer, *, outbox: Path, wake: threading.Event,
                  stop: threading.Event, batch_size: int, max_crashes: int, description: dict[str, Any],
                  model_load_s: float, progress: Progress,
-                 finished: Callable[[Slot, dict[str, Any]], None], writer: Writer[Slot] | None = None) -> None:
+                 finished: Callable[[Slot, dict[str, Any]], None]) -> None:
         self.broker = broker
         self.renderer = renderer
         self.batch_key = getattr(renderer, "batch_key", call_key)  # a renderer that says nothing: the usual key
-        self.writer: Writer[Slot] = writer if writer is not None else Writer(outbox, wake)
+        self.writer: Writer[Slot] = Writer(outbox, wake)
         self.stop = stop
         self.batch_size = batch_size
         self.max_crashes = max_crashes

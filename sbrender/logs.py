@@ -11,14 +11,11 @@ from typing import Any
 import structlog
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
-_current = ("auto", "info")  # as configured: for a child process that logs beside us
 
 
 def configure(fmt: str = "auto", level: str = "info", stream: Any = None) -> None:
     stream = stream or sys.stderr
     use_console = fmt == "console" or (fmt == "auto" and stream.isatty())
-    global _current
-    _current = ("console" if use_console else "json", level)
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
@@ -47,8 +44,3 @@ def configure(fmt: str = "auto", level: str = "info", stream: Any = None) -> Non
         logging.getLogger(noisy).setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
     # watchdog logs an error for its own orderly stop; a dead watcher is caught by the daemon.
     logging.getLogger("watchdog").setLevel(logging.DEBUG if level == "debug" else logging.CRITICAL)
-
-
-def current() -> tuple[str, str]:
-    """The format (``console`` or ``json``; ``auto`` when never configured) and level in use."""
-    return _current

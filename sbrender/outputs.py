@@ -35,17 +35,6 @@ TEMP_SEP = "~"  # never in a job id, so the owner can be read back from a temp n
 _OWNER = owner_name()
 
 
-def write_as(owner: str) -> None:
-    """Name temp files as ``owner``'s: the writer process writes for its daemon,
-    whose life decides when a peer may remove them."""
-    global _OWNER
-    _OWNER = owner
-
-
-def writing_as() -> str:
-    return _OWNER
-
-
 def temp_name(name: str) -> str:
     """``.<name>~<owner>~<random>.tmp``: hidden, and says which daemon wrote it."""
     return f"{TEMP_PREFIX}{name}{TEMP_SEP}{_OWNER}{TEMP_SEP}{secrets.token_hex(4)}{TEMP_SUFFIX}"

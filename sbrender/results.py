@@ -99,7 +99,7 @@ class ImageToWrite:
 
 @dataclass(frozen=True)
 class Draft:
-    """A result on its way to the writer process, as data: the result JSON but
+    """A result on its way to the writer thread, as data: the result JSON but
     for what only the writes decide (the images' hashes, the write time, when
     it finished). ``result`` holds ``images`` and ``timings`` as placeholders."""
 

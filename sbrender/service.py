@@ -33,14 +33,12 @@ from .peers import owner_name
 from .renderer import Renderer
 from .spool import Spool
 from .status import StatusFile, describe
-from .writer import Writer
 
 log = structlog.get_logger("sbrender")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 LOAD_EXTEND_S = 30.0  # each heartbeat during the model load extends systemd's start timeout by this
 WRITING_POLL_S = 0.05  # results being written: look again this soon, to archive their inputs
-WRITER_START_S = 30.0  # the most READY waits for the writer process (it starts in about 0.25 s)
 
 
 class Service:
@@ -63,8 +61,6 @@ class Service:
         self.counts = {results.SUCCEEDED: 0, results.FAILED: 0, results.CANCELLED: 0}
         self.description: dict[str, Any] = {}
         self.dispatcher: Dispatcher | None = None
-        self.writer: Writer[Slot] | None = None
-        self.ready_at = 0.0  # time.time() when ready was set
         self._signals = 0
         self._stop_signal: int | None = None
         self._stop_noted = False
@@ -89,8 +85,6 @@ class Service:
                 self._note_stop()
                 if self.dispatcher is not None:
                     self.dispatcher.close()
-                elif self.writer is not None:  # the start failed after the writer's
-                    self.writer.stop()
                 if heartbeat is not None:
                     heartbeat.join()  # it writes no more: the status file's last word is ours
                 self._set_status("stopped")
@@ -103,9 +97,6 @@ class Service:
         return 0
 
     def _start(self) -> None:
-        # The writer process starts (imports) while the model loads.
-        self.writer = Writer(self.settings.outbox, self.wake)
-        self.writer.start()
         log.info("loading model", model=self.settings.model, device=self.settings["device"])
         model_load_s = self.renderer.load()
         self.description = self.renderer.describe()
@@ -116,12 +107,9 @@ class Service:
             self.broker, self.renderer, outbox=self.settings.outbox, wake=self.wake, stop=self.should_exit,
             batch_size=self.settings["perf.batch_size"], max_crashes=self.settings["limits.max_crashes"],
             description=self.description, model_load_s=model_load_s, progress=self._progress,
-            finished=self._finished, writer=self.writer)
+            finished=self._finished)
         self.broker.open()
-        if not self.writer.wait_ready(WRITER_START_S):
-            log.warning("the writer process is slow to start; results wait for it", seconds=WRITER_START_S)
         log.info("ready", **self.broker.describe(), queued=self.broker.pending())
-        self.ready_at = time.time()
         self.ready.set()
         self._set_status("idle")
         self.notifier.ready(self.status.text())

@@ -153,15 +153,6 @@ def log_lines(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def process_running(pid: int) -> bool:
-    """Alive and not a zombie (an orphan waits a moment for init to reap it)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
-
-
 class DaemonProcess:
     """A real `sbrender run` subprocess, its log parsed as JSON lines."""
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from conftest import DaemonProcess, Spool, daemon_env, process_running, sbrender, wait_for
+from conftest import DaemonProcess, Spool, daemon_env, sbrender, wait_for
 from sbrender.peers import owner_name
 
 
@@ -268,41 +268,6 @@ def test_three_daemons_share_a_spool_and_survive_a_kill(spool: Spool, model_cach
     assert recovered and recovered[0]["previous_owner"] == _owner_of(victim)
     assert not (spool.state / "work" / _owner_of(victim)).exists()
     assert sorted(p.name for p in (spool.state / "done").iterdir()) == sorted(f"{i}.yaml" for i in ids)
-
-
-def _children(pid: int) -> dict[int, str]:
-    """The live child processes of ``pid``, with their ``comm`` names."""
-    out = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            head, tail = stat.read_text().rsplit(")", 1)
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        state, ppid = tail.split()[:2]
-        if int(ppid) == pid and state != "Z":
-            out[int(stat.parent.name)] = head.split("(", 1)[1]
-    return out
-
-
-def test_results_are_written_by_a_torch_free_process_that_dies_with_its_daemon(spool: Spool,
-                                                                              model_cache: Path) -> None:
-    """The writer is a child process, so its work never takes the render's GIL.
-    It loads no torch (a slow start, and memory), and a daemon killed with
-    SIGKILL takes it along: nothing is published behind a dead daemon."""
-    daemon = DaemonProcess(spool, daemon_env(model_cache))
-    try:
-        daemon.wait_ready()
-        spool.drop("cat.yaml", "prompt: a cat\nseed: 3\n")
-        assert spool.result("cat")["status"] == "succeeded"
-        (writer, name), = _children(daemon.proc.pid).items()
-        assert name == "sbrender-writer"
-        maps = Path(f"/proc/{writer}/maps").read_text()
-        assert "torch" not in maps
-        assert "_imaging" in maps, "it is the one that encodes PNGs"
-        daemon.stop(signal.SIGKILL)
-        wait_for(lambda: not process_running(writer), message="the writer process outlived its daemon")
-    finally:
-        daemon.stop()
 
 
 def _owner_of(daemon: DaemonProcess) -> str:
