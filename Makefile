@@ -2,7 +2,7 @@
 #
 #   make run     # set up, then `sbrender run` with config/sbrender.yaml
 #   make test    # set up, then the whole test suite and examples/django's (CPU only; a fresh
-#                # clone's .ci/run on 2 cores, 1070 tests: about 13 min with setup (pytest 9); 19 beside
+#                # clone's .ci/run on 2 cores, 1072 tests: about 13 min with setup (pytest 9); 19 beside
 #                # two busy processes; redis-server installed by it)
 #
 # TORCH picks the PyTorch build. torch==2.13.0 from PyPI is the CUDA build on

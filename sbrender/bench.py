@@ -479,7 +479,10 @@ def table(report: dict[str, Any]) -> str:
                          f"drop to result p50 {r['p50_ms']} ms")
     for batch, row in report["daemon"].items():
         if len(row.get("round_ratios", [])) > 1:  # how far single runs scatter on this machine
-            lines.append(f"daemon/plain by round, batch {batch}: " + " ".join(f"{r:.3f}" for r in row["round_ratios"]))
+            # The median of the paired rounds too: one round slowed by a neighbour moves the
+            # mean of a short run by more than the daemon's whole cost.
+            lines.append(f"daemon/plain by round, batch {batch}: " + " ".join(f"{r:.3f}" for r in row["round_ratios"])
+                         + f" (median {statistics.median(row['round_ratios']):.3f})")
     lines.append("ratios: " + ", ".join(f"{k} {v:.3f}" for k, v in report["ratios"].items()))
     if report.get("lora"):
         lo = report["lora"]

@@ -88,8 +88,8 @@ def host(device: str) -> Host:
     python = ".".join(platform.python_version_tuple()[:2])
     if device == "cuda" and torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability(0)
-        return Host(torch.__version__, triton_version, python, torch.cuda.get_device_name(0), f"sm_{major}{minor}")
-    return Host(torch.__version__, triton_version, python, f"{device} {platform.machine()}", "")
+        return Host(str(torch.__version__), triton_version, python, torch.cuda.get_device_name(0), f"sm_{major}{minor}")
+    return Host(str(torch.__version__), triton_version, python, f"{device} {platform.machine()}", "")
 
 
 def root(setting: str, cache: Path) -> Path | None:

@@ -62,8 +62,8 @@ def library_versions() -> dict[str, str]:
     import diffusers
     import transformers
 
-    return {"sbrender": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "diffusers": diffusers.__version__, "transformers": transformers.__version__}
+    return {"sbrender": __version__, "python": platform.python_version(), "torch": str(torch.__version__),
+            "diffusers": str(diffusers.__version__), "transformers": str(transformers.__version__)}
 
 
 class DiffusersRenderer:
